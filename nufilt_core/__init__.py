@@ -1,0 +1,20 @@
+"""nufilt_core: the streaming continual-merge engine (NUFILT and its baselines)."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import CheckpointError, LineageError, NufiltError, SettingsError  # noqa: E402
+from .merge import MergeRequest, MergeResult, continual_merge, merge_step  # noqa: E402
+
+__all__ = [
+    "CheckpointError",
+    "LineageError",
+    "MergeRequest",
+    "MergeResult",
+    "NufiltError",
+    "SettingsError",
+    "__version__",
+    "continual_merge",
+    "merge_step",
+]

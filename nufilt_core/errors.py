@@ -1,0 +1,27 @@
+"""Errors the merge engine raises for bad input: each names the file and, where it can, the tensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class NufiltError(Exception):
+    """Base class for every error nufilt reports to a user (no traceback needed)."""
+
+
+class CheckpointError(NufiltError):
+    """A checkpoint (or merged model) that cannot be used: unreadable, incomplete or mismatched."""
+
+    def __init__(self, path: str | Path, message: str, tensor: str | None = None):
+        self.path = str(path)
+        self.tensor = tensor
+        where = f"{self.path}" + (f", tensor '{tensor}'" if tensor else "")
+        super().__init__(f"{where}: {message}")
+
+
+class LineageError(NufiltError):
+    """The previous merged model does not continue this chain (other base, other method, ...)."""
+
+
+class SettingsError(NufiltError):
+    """A method setting or option that is out of range or unknown."""

@@ -1,0 +1,263 @@
+"""One continual merge step: (base θ0, previous merged model, new checkpoint) → new merged model.
+
+Streaming: tensors are read, merged and written one at a time, so memory holds about one
+layer, not three models. Order of work:
+  1. open the three inputs (headers only) and read the previous lineage record;
+  2. pre-flight: names, shapes and dtypes against the base, then one streaming pass that hashes
+     every tensor and checks it is finite, and the lineage checks on those hashes;
+  3. the method's statistics passes, if it has any;
+  4. the merge pass into a hidden temporary sibling of the output, which is renamed into place
+     only when complete (weights, side files, lineage record, all fsynced).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from . import __version__
+from .checkpoint import Checkpoint
+from .devices import resolve_device
+from .errors import CheckpointError, LineageError, NufiltError, SettingsError
+from .lineage import CheckpointRef, LineageRecord
+from .methods import MergeMethod, StepContext, get_method
+from .safetensors_io import StreamingWriter, combine_digests
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+DEFAULT_METHOD = "nufilt"
+
+
+@dataclass
+class Progress:
+    phase: str  # "check", "statistics", "merge"
+    index: int  # 1-based
+    total: int
+    name: str  # tensor name, or the input being checked
+    elapsed: float  # seconds since the step started
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass
+class MergeRequest:
+    base: Path
+    checkpoint: Path
+    output: Path
+    previous: Path | None = None  # None: this is step 1
+    method: str | None = None  # None: the previous record's method, else nufilt
+    options: dict[str, Any] = field(default_factory=dict)  # explicit settings; the rest are inherited
+    seed: int | None = None  # None: the previous record's seed, else 0
+    device: str = "auto"
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    overwrite: bool = False
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    record: LineageRecord
+    seconds: dict[str, float]  # per phase
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def check_same_layout(base: Checkpoint, other: Checkpoint, role: str) -> None:
+    """Same tensor names, shapes and kind of dtype as the base; names the first offender."""
+    missing = [n for n in base.tensors if n not in other.tensors]
+    if missing:
+        raise CheckpointError(other.path, f"{role} lacks {len(missing)} tensor(s) the base has, "
+                              f"first '{missing[0]}'", tensor=missing[0])
+    extra = [n for n in other.tensors if n not in base.tensors]
+    if extra:
+        raise CheckpointError(other.path, f"{role} has {len(extra)} tensor(s) the base lacks, "
+                              f"first '{extra[0]}'", tensor=extra[0])
+    for name, b in base.tensors.items():
+        o = other.tensors[name]
+        if o.shape != b.shape:
+            raise CheckpointError(o.file, f"{role} has shape {list(o.shape)}, the base {list(b.shape)}", tensor=name)
+        if o.is_float != b.is_float or (not b.is_float and o.dtype != b.dtype):
+            raise CheckpointError(o.file, f"{role} has dtype {o.dtype}, the base {b.dtype}", tensor=name)
+
+
+def scan_and_hash(ckpt: Checkpoint, role: str, report: Callable[[str], None]) -> str:
+    """Hash every tensor and check floats are finite, in one streaming pass."""
+    digests = []
+    for info, tensor, digest in ckpt.scan():
+        if info.is_float and tensor.numel() and not bool(torch.isfinite(tensor.float()).all()):
+            bad = int((~torch.isfinite(tensor.float())).sum())
+            raise CheckpointError(info.file, f"{role} holds {bad} NaN/Inf value(s)", tensor=info.name)
+        digests.append(digest)
+        report(info.name)
+    return combine_digests(digests)
+
+
+def resolve_settings(method_cls: type[MergeMethod], inherited: dict[str, Any], options: dict[str, Any]):
+    try:
+        return method_cls.Settings(**{**inherited, **options})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise SettingsError(f"settings for method {method_cls.name}: {problems}") from None
+
+
+def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeResult:
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def report(phase: str, index: int, total: int, name: str) -> None:
+        if progress:
+            progress(Progress(phase, index, total, name, time.perf_counter() - t0))
+
+    output = Path(req.output)
+    if output.exists() and not req.overwrite:
+        raise NufiltError(f"{output}: already exists (pass --overwrite to replace it)")
+    device = resolve_device(req.device)
+    base = Checkpoint.open(req.base)
+    new = Checkpoint.open(req.checkpoint)
+    previous = Checkpoint.open(req.previous) if req.previous else None
+    prev_record = LineageRecord.read(Path(req.previous)) if req.previous else None
+
+    method_name = req.method or (prev_record.method if prev_record else DEFAULT_METHOD)
+    method_cls = get_method(method_name)
+    if prev_record and prev_record.method != method_name:
+        raise LineageError(f"{req.previous} was merged with method '{prev_record.method}'; a continual "
+                           f"run cannot switch to '{method_name}' (start again from step 1)")
+    settings = resolve_settings(method_cls, prev_record.settings if prev_record else {}, req.options)
+    seed = req.seed if req.seed is not None else (prev_record.seed if prev_record else 0)
+    step = prev_record.step + 1 if prev_record else 1
+
+    # pre-flight: everything that can fail does so before any heavy work
+    check_same_layout(base, new, "checkpoint")
+    if previous:
+        check_same_layout(base, previous, "previous merged model")
+    inputs = [("base", base), ("checkpoint", new)] + ([("previous", previous)] if previous else [])
+    total = sum(len(c.tensors) for _, c in inputs)
+    done = 0
+    hashes: dict[str, str] = {}
+    for role, ckpt in inputs:
+        def tick(name: str, role: str = role) -> None:
+            nonlocal done
+            done += 1
+            report("check", done, total, f"{role}: {name}")
+        hashes[role] = scan_and_hash(ckpt, role, tick)
+    if prev_record:
+        if prev_record.base.sha256 != hashes["base"]:
+            raise LineageError(f"{req.previous} descends from another base (sha256 {prev_record.base.sha256[:12]}…), "
+                               f"not {req.base} ({hashes['base'][:12]}…)")
+        if prev_record.model_sha256 != hashes["previous"]:
+            raise LineageError(f"{req.previous}: weights no longer match their lineage record "
+                               "(modified or corrupted after merging)")
+        for t, ref in enumerate(prev_record.checkpoints, 1):
+            if ref.sha256 == hashes["checkpoint"]:
+                raise LineageError(f"{req.checkpoint} was already merged at step {t} of {req.previous}")
+    seconds["check"] = time.perf_counter() - t0
+
+    ctx = StepContext(step=step, seed=seed, device=device, names=list(base.tensors),
+                      previous_state=prev_record.method_state if prev_record else {})
+    method = method_cls(settings, ctx)
+    prev_ckpt = previous or base  # θ_0^m = θ0
+    float_names = [n for n, i in base.tensors.items() if i.is_float]
+
+    def load(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        compute = torch.float64 if base.tensors[name].torch_dtype == torch.float64 else torch.float32
+        return tuple(c.read(name).to(device=device, dtype=compute) for c in (base, prev_ckpt, new))  # type: ignore[return-value]
+
+    t_stats = time.perf_counter()
+    with torch.no_grad():
+        for p in range(method.passes):
+            for i, name in enumerate(float_names, 1):
+                method.observe(p, name, *load(name))
+                report("statistics", i, len(float_names), name)
+            method.end_pass(p)
+    seconds["statistics"] = time.perf_counter() - t_stats
+
+    t_merge = time.perf_counter()
+    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        plan = [(n, i.dtype, i.shape) for n, i in base.tensors.items()]
+        writer = StreamingWriter(tmp, plan, req.max_shard_bytes)
+        with torch.no_grad():
+            for i, (name, info) in enumerate(base.tensors.items(), 1):
+                if info.is_float:
+                    merged = method.merge(name, *load(name))
+                    if not bool(torch.isfinite(merged).all()):
+                        raise NufiltError(f"method {method_name} produced NaN/Inf for tensor '{name}'")
+                    out = merged.to(device="cpu", dtype=info.torch_dtype)
+                else:  # integer/bool buffers are never merged
+                    out = base.read(name)
+                writer.write(name, out)
+                report("merge", i, len(plan), name)
+        model_sha = writer.close()
+        for side in new.side_files():
+            shutil.copy2(side, tmp / side.name)
+        seconds["merge"] = time.perf_counter() - t_merge
+        record = LineageRecord(
+            method=method_name, settings=settings.model_dump(mode="json"), seed=seed, step=step,
+            base=CheckpointRef(hashes["base"], str(req.base)),
+            checkpoints=[*(prev_record.checkpoints if prev_record else []),
+                         CheckpointRef(hashes["checkpoint"], str(req.checkpoint))],
+            model_sha256=model_sha, method_state=method.state(), summary=method.summary(),
+            tool=f"nufilt {__version__}", created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            device=str(device), duration_seconds=round(time.perf_counter() - t0, 3),
+            peak_rss_bytes=peak_rss_bytes())
+        record.write(tmp)
+        _fsync_dir(tmp)
+        if output.exists():  # --overwrite: move the old one aside first, so a crash keeps one of them
+            old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(output, old)
+            os.rename(tmp, output)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, output)
+        _fsync_dir(output.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MergeResult(output, record, seconds)
+
+
+def continual_merge(base: Path, checkpoints: Sequence[Path], output: Path, *, method: str = DEFAULT_METHOD,
+                    options: dict[str, Any] | None = None, seed: int = 0, device: str = "auto",
+                    progress: ProgressFn | None = None) -> MergeResult:
+    """Merge several checkpoints in order; intermediate models live in a temporary folder."""
+    if not checkpoints:
+        raise SettingsError("continual_merge needs at least one checkpoint")
+    work = output.parent / f".{output.name}.steps-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True)
+    try:
+        previous: Path | None = None
+        result = None
+        for t, ckpt in enumerate(checkpoints, 1):
+            target = output if t == len(checkpoints) else work / f"step-{t}"
+            req = MergeRequest(base=base, checkpoint=ckpt, output=target, previous=previous,
+                               method=method if t == 1 else None, options=(options or {}) if t == 1 else {},
+                               seed=seed, device=device)
+            result = merge_step(req, progress)
+            previous = target
+        assert result is not None
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,24 @@
+"""The method registry: one module per method, looked up by name."""
+
+from __future__ import annotations
+
+from ..errors import SettingsError
+from .base import MergeMethod, MethodSettings, StepContext
+from .magmax import MagMax
+from .nufilt import Nufilt
+from .task_arithmetic import TaskArithmetic
+from .weight_average import WeightAverage
+
+METHODS: dict[str, type[MergeMethod]] = {
+    m.name: m for m in (Nufilt, WeightAverage, TaskArithmetic, MagMax)
+}
+
+
+def get_method(name: str) -> type[MergeMethod]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise SettingsError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+
+
+__all__ = ["METHODS", "MergeMethod", "MethodSettings", "StepContext", "get_method"]

@@ -1,0 +1,159 @@
+"""NUFILT: null-space filtering + a data-free LoRA adapter, fused back (arXiv 2509.21413, Alg. 1).
+
+For each selected weight W [d_out, d_in]:
+  V̂p = top-r_p right singular vectors of τ_{≤t-1} = W^m_{t-1} − W_0   (non-zero ones only)
+  V̂t = top-r_v right singular vectors of τ_t = W_t − W_0
+  P  = I − V̂p V̂pᵀ, never materialised: τ P = τ − (τ V̂p) V̂pᵀ
+  A [r_l, d_in] = 0.02·randn (seeded per tensor and step), B [d_in, r_l] = 0
+  L(A, B) = ‖𝒯 − (M + τ_t B A) V̂‖²_F,  V̂ = [V̂t, V̂p], 𝒯 = [τ_t V̂t, τ_{≤t-1} V̂p], M = τ_{≤t-1} + τ_t P
+  Adam(lr) for `iters` steps, then W^m_t = W^m_{t-1} + τ_t (P + B A).
+
+Speed-ups that keep the numbers: 𝒯 − M V̂ is constant, so it is computed once; and when
+d_out > d_in the loss is evaluated through τ_t = Q R as ‖Qᵀ(𝒯 − M V̂) − R B A V̂‖² + const,
+which has the same gradients with d_in instead of d_out rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from ..linalg import adapter_seed, seeded_normal, top_right_singular_vectors
+from ..selection import Selection
+from .base import MergeMethod, MethodSettings, StepContext
+
+Policy = Literal["keep_base", "keep_previous", "average"]
+
+
+class NufiltSettings(MethodSettings):
+    null_rank: int = Field(128, ge=0, description="r_p: directions of earlier tasks filtered out")
+    lora_rank: int = Field(64, ge=0, description="r_l: adapter rank (0 = null-space filter only)")
+    task_rank: int = Field(8, ge=0, description="r_v: directions of the new task kept in the loss")
+    iters: int = Field(50, ge=0, description="Adam steps per matrix")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    lambda_new: float = Field(1.0, ge=0, description="λ1: weight of the new-task (plasticity) block")
+    lambda_old: float = Field(1.0, ge=0, description="λ2: weight of the earlier-task (stability) block")
+    null_space: bool = Field(True, description="apply the filter P (False: P = I, adapter only)")
+    include: tuple[str, ...] = Field((), description="regexes of tensors to filter (re.search)")
+    preset: str = Field("auto", description="auto, all-linear, clip, vit, bert, t5, llama")
+    policy: Policy = Field("keep_base", description="what other float tensors become")
+
+
+@dataclass
+class MatrixResult:
+    update: torch.Tensor  # τ_t (P + B A), to be added to the previous merged weight
+    v_prev: torch.Tensor  # V̂p [d_in, k_p]
+    v_new: torch.Tensor  # V̂t [d_in, k_t]
+    a: torch.Tensor  # [r_l, d_in]
+    b: torch.Tensor  # [d_in, r_l]
+    loss_before: float
+    loss_after: float
+
+
+def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.Tensor | None,
+                  s: NufiltSettings) -> MatrixResult:
+    """One NUFILT step on one weight matrix (all inputs on one device, fp32 or fp64)."""
+    d_out, d_in = tau_new.shape
+    v_prev = top_right_singular_vectors(tau_prev, s.null_rank)
+    v_new = top_right_singular_vectors(tau_new, s.task_rank)
+    v_filter = v_prev if s.null_space else v_prev[:, :0]  # ablation "adapter only": P = I
+    tau_vf = tau_new @ v_filter
+    filtered = tau_new - tau_vf @ v_filter.T  # τ_t P
+
+    v_hat = torch.cat([v_new, v_prev], dim=1)
+    # 𝒯 − M V̂ with M V̂ = τ_{≤t-1} V̂ + τ_t V̂ − (τ_t V̂p)(V̂pᵀ V̂); with the filter on, its V̂p
+    # block is 0 in exact arithmetic (P V̂p = 0): the adapter is only penalised there
+    tau_vhat = tau_new @ v_hat
+    target = torch.cat([tau_vhat[:, : v_new.shape[1]], tau_prev @ v_prev], dim=1)
+    residual = target - (tau_prev @ v_hat + tau_vhat - tau_vf @ (v_filter.T @ v_hat))
+    weights = torch.cat([residual.new_full((v_new.shape[1],), s.lambda_new),
+                         residual.new_full((v_prev.shape[1],), s.lambda_old)]).sqrt()
+    residual = residual * weights
+    v_weighted = v_hat * weights
+
+    r_l = 0 if a_init is None else a_init.shape[0]
+    a = a_init if a_init is not None else tau_new.new_zeros((0, d_in))
+    b = tau_new.new_zeros((d_in, r_l))
+    loss_before = float(residual.square().sum())
+    if r_l == 0 or s.iters == 0 or loss_before == 0.0 or v_hat.shape[1] == 0:
+        return MatrixResult(filtered, v_prev, v_new, a, b, loss_before, loss_before)
+
+    if d_out > d_in:  # optimise through R of τ_t = Q R: d_in rows instead of d_out
+        q, k = torch.linalg.qr(tau_new)
+        c = q.T @ residual
+        constant = float((residual - q @ c).square().sum())
+    else:
+        k, c, constant = tau_new, residual, 0.0
+
+    a = a.clone().requires_grad_(True)
+    b = b.clone().requires_grad_(True)
+    opt = torch.optim.Adam([a, b], lr=s.lr)
+
+    def loss_fn() -> torch.Tensor:
+        return (c - (k @ b) @ (a @ v_weighted)).square().sum()
+
+    with torch.enable_grad():
+        for _ in range(s.iters):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+    a, b = a.detach(), b.detach()
+    with torch.no_grad():
+        loss_after = float(loss_fn()) + constant
+    update = filtered + (tau_new @ b) @ a
+    return MatrixResult(update, v_prev, v_new, a, b, loss_before, loss_after)
+
+
+class Nufilt(MergeMethod):
+    name = "nufilt"
+    summary_line = "null-space filter + data-free LoRA adapter, fused (the paper's method)"
+    Settings = NufiltSettings
+
+    def __init__(self, settings: NufiltSettings, ctx: StepContext):
+        super().__init__(settings, ctx)
+        self.selection = Selection.resolve(ctx.names, settings.include, settings.preset)
+        self.filtered = 0
+        self.loss_before = 0.0
+        self.loss_after = 0.0
+        self.null_dims = 0
+
+    def is_filtered(self, name: str, shape: tuple[int, ...]) -> bool:
+        return self.selection.is_filtered(name, shape)
+
+    def merge(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        s: NufiltSettings = self.settings  # type: ignore[assignment]
+        if not self.is_filtered(name, tuple(base.shape)):
+            return self._policy(base, previous, new)
+        a_init = None
+        if s.lora_rank > 0:
+            a_init = seeded_normal((s.lora_rank, base.shape[1]), adapter_seed(self.ctx.seed, name, self.ctx.step))
+            a_init = (a_init * 0.02).to(device=base.device, dtype=base.dtype)
+        result = nufilt_matrix(previous - base, new - base, a_init, s)
+        self.filtered += 1
+        self.loss_before += result.loss_before
+        self.loss_after += result.loss_after
+        self.null_dims += result.v_prev.shape[1]
+        return previous + result.update
+
+    def _policy(self, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        policy = self.settings.policy  # type: ignore[attr-defined]
+        t = self.ctx.step
+        if policy == "keep_base":
+            return base
+        if policy == "keep_previous":  # θ_1^m = θ_1 (paper), then frozen
+            return new if t == 1 else previous
+        return previous * ((t - 1) / t) + new / t  # running average of the fine-tuned models
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "selection": self.selection.source,
+            "patterns": list(self.selection.patterns),
+            "filtered_tensors": self.filtered,
+            "null_space_dims": self.null_dims,
+            "adapter_loss_before": self.loss_before,
+            "adapter_loss_after": self.loss_after,
+        }

@@ -1,0 +1,272 @@
+"""Low-level safetensors access: header validation, one-tensor reads, streaming writes.
+
+Why not `safetensors.safe_open` for reading: it memory-maps whole files, and every page it
+touches stays in the process's resident set until the file is closed, so reading three 3 GB
+models tensor by tensor would show ~9 GB RSS. Reading each tensor with `preadv` into its own
+buffer keeps the resident set at the tensors we actually hold. Files we write are plain
+safetensors (checked against the `safetensors` library in the tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape and absolute byte range."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def is_float(self) -> bool:
+        return self.torch_dtype.is_floating_point
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check a safetensors header against the file's size.
+
+    Returns the tensors (in file order) and the `__metadata__` dict. Raises CheckpointError
+    naming the file and tensor when the header is unreadable or the file is truncated.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(path, f"file is {size} bytes, too short for a safetensors header")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise CheckpointError(
+                    path, f"header length {header_len} does not fit in a {size}-byte file "
+                    "(truncated or not a safetensors file)")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(path, f"header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    data_len = size - data_start
+    infos: list[TensorInfo] = []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(path, "malformed header entry", tensor=name) from e
+        if dtype not in DTYPES:
+            raise CheckpointError(path, f"unsupported dtype {dtype!r}", tensor=name)
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise CheckpointError(path, f"invalid shape {shape!r}", tensor=name)
+        expected = math.prod(shape) * DTYPES[dtype].itemsize
+        if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != expected or begin < 0:
+            raise CheckpointError(
+                path, f"byte range {begin}..{end} does not hold {dtype}{list(shape)} "
+                f"({expected} bytes)", tensor=name)
+        if end > data_len:
+            raise CheckpointError(
+                path, f"data ends at byte {end} but the file holds only {data_len} data bytes "
+                "(truncated file?)", tensor=name)
+        infos.append(TensorInfo(name, path, dtype, tuple(shape), data_start + begin, expected))
+    infos.sort(key=lambda i: i.start)
+    covered = 0
+    for info in infos:
+        if info.start - data_start < covered:
+            raise CheckpointError(path, "byte range overlaps the previous tensor", tensor=info.name)
+        covered = info.start - data_start + info.nbytes
+    if covered != data_len:
+        raise CheckpointError(
+            path, f"header describes {covered} data bytes but the file holds {data_len} "
+            "(truncated or padded file)")
+    return {i.name: i for i in infos}, {str(k): str(v) for k, v in metadata.items()}
+
+
+def read_raw(info: TensorInfo) -> bytearray:
+    """The tensor's bytes, read with one pread into a fresh buffer (no mmap)."""
+    buf = bytearray(info.nbytes)
+    if info.nbytes:
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            got = 0
+            view = memoryview(buf)
+            while got < info.nbytes:
+                n = os.preadv(fd, [view[got:]], info.start + got)
+                if n == 0:
+                    raise CheckpointError(info.file, "file ended while reading", tensor=info.name)
+                got += n
+        finally:
+            os.close(fd)
+    return buf
+
+
+def tensor_from_raw(info: TensorInfo, buf: bytearray) -> torch.Tensor:
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.torch_dtype)
+    return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(info.shape)
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    return tensor_from_raw(info, read_raw(info))
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of a CPU tensor, any dtype (bf16/fp8 included)."""
+    flat = t.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def tensor_digest(name: str, dtype: str, shape: Iterable[int], data: bytes | bytearray | memoryview) -> str:
+    """One line of a model's content hash: name, dtype, shape and sha256 of the bytes."""
+    return f"{name}\t{dtype}\t{list(shape)}\t{hashlib.sha256(data).hexdigest()}\n"
+
+
+def combine_digests(lines: Iterable[str]) -> str:
+    """A model's content hash: independent of file layout (sharding) and tensor order."""
+    h = hashlib.sha256()
+    for line in sorted(lines):
+        h.update(line.encode())
+    return h.hexdigest()
+
+
+@dataclass
+class _PlannedShard:
+    path: Path
+    names: list[str]
+    header: bytes
+
+
+class StreamingWriter:
+    """Writes tensors, in a fixed order known up front, into shards of bounded size.
+
+    Headers are written first (all names, shapes and dtypes are known before the merge), so
+    each tensor goes to disk as soon as it is computed and nothing accumulates in memory.
+    """
+
+    def __init__(self, directory: Path, plan: list[tuple[str, str, tuple[int, ...]]],
+                 max_shard_bytes: int, metadata: dict[str, str] | None = None):
+        self.directory = directory
+        self._expected = plan
+        self._next = 0
+        self._digests: list[str] = []
+        self._shards = self._plan_shards(plan, max_shard_bytes, metadata or {"format": "pt"})
+        self._shard_of = {n: i for i, s in enumerate(self._shards) for n in s.names}
+        self._open: tuple[int, object] | None = None
+        self.total_bytes = sum(math.prod(s) * DTYPES[d].itemsize for _, d, s in plan)
+
+    def _plan_shards(self, plan, max_shard_bytes, metadata) -> list[_PlannedShard]:
+        groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+        size = 0
+        for item in plan:
+            nbytes = math.prod(item[2]) * DTYPES[item[1]].itemsize
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(item)
+            size += nbytes
+        n = len(groups)
+        shards = []
+        for k, group in enumerate(groups, 1):
+            fname = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
+            header: dict[str, object] = {"__metadata__": metadata}
+            offset = 0
+            for name, dtype, shape in group:
+                nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+                header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # 8-byte alignment, as the safetensors library does
+            shards.append(_PlannedShard(self.directory / fname, [g[0] for g in group], raw))
+        return shards
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        exp_name, exp_dtype, exp_shape = self._expected[self._next]
+        if name != exp_name:
+            raise RuntimeError(f"writer expected tensor {exp_name!r} next, got {name!r}")
+        if DTYPE_NAMES[tensor.dtype] != exp_dtype or tuple(tensor.shape) != exp_shape:
+            raise RuntimeError(f"tensor {name!r}: expected {exp_dtype}{list(exp_shape)}, "
+                               f"got {DTYPE_NAMES[tensor.dtype]}{list(tensor.shape)}")
+        shard_index = self._shard_of[name]
+        if self._open is None or self._open[0] != shard_index:
+            self._close_current()
+            shard = self._shards[shard_index]
+            f = shard.path.open("wb")
+            f.write(struct.pack("<Q", len(shard.header)))
+            f.write(shard.header)
+            self._open = (shard_index, f)
+        data = tensor_bytes(tensor.cpu())
+        self._open[1].write(data)  # type: ignore[attr-defined]
+        self._digests.append(tensor_digest(name, exp_dtype, exp_shape, data))
+        self._next += 1
+
+    def _close_current(self) -> None:
+        if self._open is not None:
+            f = self._open[1]
+            f.flush()  # type: ignore[attr-defined]
+            os.fsync(f.fileno())  # type: ignore[attr-defined]
+            f.close()  # type: ignore[attr-defined]
+            self._open = None
+
+    def close(self) -> str:
+        """Finish the files (and the index when sharded); returns the content hash."""
+        if self._next != len(self._expected):
+            raise RuntimeError(f"writer closed after {self._next} of {len(self._expected)} tensors")
+        self._close_current()
+        for shard in self._shards:  # shards with no tensors cannot exist, but a model may be empty
+            if not shard.path.exists():
+                with shard.path.open("wb") as f:
+                    f.write(struct.pack("<Q", len(shard.header)) + shard.header)
+        if len(self._shards) > 1:
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": {n: s.path.name for s in self._shards for n in s.names},
+            }
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return combine_digests(self._digests)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import CheckpointError, LineageError, NufiltError, SettingsError  # noqa: E402
-from .merge import MergeRequest, MergeResult, continual_merge, merge_step  # noqa: E402
+from .errors import CheckpointError, LineageError, NufiltError, SettingsError
+from .merge import MergeRequest, MergeResult, continual_merge, merge_step
 
 __all__ = [
     "CheckpointError",

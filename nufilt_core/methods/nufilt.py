@@ -40,6 +40,9 @@ class NufiltSettings(MethodSettings):
     include: tuple[str, ...] = Field((), description="regexes of tensors to filter (re.search)")
     preset: str = Field("auto", description="auto, all-linear, clip, vit, bert, t5, llama")
     policy: Policy = Field("keep_base", description="what other float tensors become")
+    first_step: Literal["paper", "published_code"] = Field(
+        "paper", description="paper: θ_1^m = θ_1 (zero directions never filtered); published_code: filter the "
+        "first r_p input coordinates at step 1, as the authors' code does through the SVD of a zero matrix")
 
 
 @dataclass
@@ -58,6 +61,9 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
     """One NUFILT step on one weight matrix (all inputs on one device, fp32 or fp64)."""
     d_out, d_in = tau_new.shape
     v_prev = top_right_singular_vectors(tau_prev, s.null_rank)
+    if s.first_step == "published_code" and not bool(tau_prev.any()):
+        # the authors' code: SVD(0) returns V = I, so the first r_p input coordinates are "earlier directions"
+        v_prev = torch.eye(d_in, dtype=tau_new.dtype, device=tau_new.device)[:, : min(s.null_rank, d_out, d_in)]
     v_new = top_right_singular_vectors(tau_new, s.task_rank)
     v_filter = v_prev if s.null_space else v_prev[:, :0]  # ablation "adapter only": P = I
     tau_vf = tau_new @ v_filter

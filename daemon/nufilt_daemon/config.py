@@ -1,0 +1,179 @@
+"""Daemon settings: a TOML file (`--config FILE`) and `NUFILT_*` environment variables.
+
+Precedence, highest first: environment (`NUFILT_BASE_MODEL`, `NUFILT_FOLDER__SETTLE_SECONDS`,
+nested with `__`), then the TOML file, then the defaults below. Unknown keys, in the file or as
+`NUFILT_*` variables, are errors, so a typo never silently falls back to a default. Secrets are
+`SecretStr`: they print as `**********` in logs and `model_dump`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from nufilt_core.errors import NufiltError
+from nufilt_core.merge import DEFAULT_MAX_SHARD_BYTES
+
+ENV_PREFIX = "NUFILT_"
+NESTED_DELIMITER = "__"
+
+
+class ConfigError(NufiltError):
+    """The daemon's configuration is invalid (unknown key, wrong type, missing file)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FolderSettings(_Section):
+    enabled: bool = True
+    polling: bool = Field(False, description="PollingObserver instead of inotify (NFS/CIFS deliver no events)")
+    poll_interval_seconds: float = Field(1.0, gt=0, description="how often the PollingObserver looks")
+    rescan_interval_seconds: float = Field(30.0, gt=0, description="full rescan that catches missed events")
+    settle_seconds: float = Field(2.0, ge=0, description="sizes and mtimes unchanged this long before queueing")
+    incomplete_timeout_seconds: float = Field(
+        600.0, gt=0, description="an entry that stays unreadable this long is queued anyway, to be rejected")
+    after: Literal["move", "delete"] = Field(
+        "move", description="once journaled, move the inbox entry to WATCH_DIR/.processed/ or delete it")
+
+
+class Threshold(_Section):
+    min: float | None = None
+    max: float | None = None
+
+
+class GateSettings(_Section):
+    scores: bool = Field(True, description="compute the stability/plasticity surrogates (Eq. 13-14)")
+    null_rank: int | None = Field(None, ge=1, description="r_p for the scores; default: the method's, else 128")
+    task_rank: int | None = Field(None, ge=1, description="r_v for the scores; default: the method's, else 8")
+    check_untouched: bool = Field(True, description="tensors the policy leaves alone must be bit-identical")
+    command: list[str] | None = Field(
+        None, description="argv of a validation command; gets the candidate folder as last argument (and "
+        "NUFILT_CANDIDATE), prints a JSON object of numeric metrics")
+    command_timeout_seconds: float = Field(3600.0, gt=0)
+    thresholds: dict[str, Threshold] = Field(
+        default_factory=dict, description="metric name → {min, max}; a missing metric with a threshold rejects")
+
+
+class MlflowSettings(_Section):
+    tracking_uri: str | None = None  # None: MLflow off
+    source_model: str | None = None  # registered model to watch for new versions
+    target_model: str | None = None  # registered model to publish promoted merges to
+    poll_interval_seconds: float = 30.0
+    production_alias: str = "production"
+    previous_alias: str = "previous"
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int | None = None  # None: no webhook listener
+    webhook_secret: SecretStr | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER, extra="forbid", validate_default=True)
+    toml_file: ClassVar[Path | None] = None  # set by load_settings; read in settings_customise_sources
+
+    base_model: Path = Field(description="the pre-trained model θ0 every checkpoint was fine-tuned from")
+    watch_dir: Path = Field(Path("nufilt-inbox"), description="inbox the folder source watches")
+    store_dir: Path = Field(Path("nufilt-store"), description="versions/, production symlink, quarantine/")
+    state_dir: Path = Field(Path("nufilt-state"), description="journal.db, staged copies, downloads")
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(9180, ge=0, le=65535, description="None: no /metrics; 0: any free port")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    method: str = "nufilt"
+    method_settings: dict[str, Any] = Field(default_factory=dict, description="passed to the method, e.g. "
+                                            "{null_rank = 64}; unknown keys are rejected by the method")
+    seed: int = 0
+    max_shard_bytes: int = Field(DEFAULT_MAX_SHARD_BYTES, gt=0)
+    keep_versions: int = Field(5, ge=2, description="versions kept; production and its parent always are")
+    keep_quarantine: int = Field(10, ge=0, description="rejected candidates kept")
+    max_attempts: int = Field(3, ge=1, description="a job interrupted by this many daemon crashes fails")
+    merge_timeout_seconds: float | None = Field(None, gt=0)
+    shutdown_grace_seconds: float = Field(
+        10.0, ge=0, description="on SIGTERM, wait this long for a running merge before abandoning it")
+    loop_interval_seconds: float = Field(1.0, gt=0, description="supervisor tick: health, gauges, watchdog")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    folder: FolderSettings = FolderSettings()
+    gate: GateSettings = GateSettings()
+    mlflow: MlflowSettings = MlflowSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        m = self.mlflow
+        if m.tracking_uri and not (m.source_model or m.target_model):
+            raise ValueError("mlflow.tracking_uri is set but neither mlflow.source_model nor mlflow.target_model")
+        if m.webhook_port is not None and not m.tracking_uri:
+            raise ValueError("mlflow.webhook_port needs mlflow.tracking_uri")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_file))
+        return tuple(sources)
+
+    def redacted(self) -> dict[str, Any]:
+        """For logs: JSON-safe, secrets masked."""
+        return self.model_dump(mode="json")
+
+
+def unknown_env_keys(environ: dict[str, str] | None = None) -> list[str]:
+    """`NUFILT_*` variables that name no setting (pydantic-settings ignores those at the top level)."""
+    environ = dict(os.environ) if environ is None else environ
+    known = set(Settings.model_fields)
+    bad = []
+    for key in environ:
+        if not key.upper().startswith(ENV_PREFIX):
+            continue
+        field = key[len(ENV_PREFIX):].lower().split(NESTED_DELIMITER)[0]
+        if field not in known:
+            bad.append(key)
+    return sorted(bad)
+
+
+def format_validation_error(e: ValidationError, origin: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        elif err["type"] == "missing":
+            env = ENV_PREFIX + NESTED_DELIMITER.join(str(p) for p in err["loc"]).upper()
+            lines.append(f"  {loc}: required (set it in the file or as {env})")
+        else:
+            lines.append(f"  {loc}: {err['msg']}")
+    return f"invalid configuration ({origin}):\n" + "\n".join(lines)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read the TOML file (if any) and the environment; raise ConfigError naming every problem."""
+    origin = f"{config_file} and NUFILT_* environment" if config_file else "NUFILT_* environment"
+    if config_file is not None and not Path(config_file).is_file():
+        raise ConfigError(f"{config_file}: config file not found")
+    bad_env = unknown_env_keys()
+    if bad_env:
+        raise ConfigError(f"invalid configuration ({origin}):\n" + "\n".join(
+            f"  {k}: unknown environment variable (no such setting)" for k in bad_env))
+    # a subclass per call, so concurrent loads (tests) never share the class attribute
+    cls = type("Settings", (Settings,), {"toml_file": Path(config_file) if config_file else None})
+    try:
+        return cls(**overrides)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, origin)) from None
+    except (OSError, ValueError) as e:  # unreadable or malformed TOML
+        raise ConfigError(f"{config_file}: {e}") from None

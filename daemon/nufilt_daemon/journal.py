@@ -1,0 +1,340 @@
+"""The durable journal: one SQLite file (`STATE/journal.db`, WAL) that the daemon resumes from.
+
+Every job (one arriving checkpoint) moves queued → merging → validating → promoted | rejected |
+failed, and each transition is its own committed transaction, also logged in `transitions`.
+Arrivals whose content hash matches an earlier job are recorded as `duplicate` and never merged.
+Also here: production changes (promotions, rollbacks), the publishing outbox (work for MLflow
+that must survive restarts) and a small key/value table for sources' cursors.
+
+One connection per Journal, shared by the daemon's threads under a lock; other processes (the
+CLI) open their own, which WAL allows while the daemon writes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nufilt_core.errors import NufiltError
+
+JOURNAL_NAME = "journal.db"
+
+QUEUED, MERGING, VALIDATING = "queued", "merging", "validating"
+PROMOTED, REJECTED, FAILED, DUPLICATE = "promoted", "rejected", "failed", "duplicate"
+ACTIVE_STATES = (QUEUED, MERGING, VALIDATING)
+FINAL_STATES = (PROMOTED, REJECTED, FAILED, DUPLICATE)
+# Content already seen in one of these states is a duplicate; a failed job (crash, OOM, bad
+# config) may be retried by dropping the same checkpoint again.
+DUPLICATE_OF_STATES = (QUEUED, MERGING, VALIDATING, PROMOTED, REJECTED)
+ALLOWED = {
+    QUEUED: {MERGING, FAILED},
+    MERGING: {VALIDATING, REJECTED, FAILED, QUEUED},
+    VALIDATING: {PROMOTED, REJECTED, FAILED, QUEUED},
+}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    sha256 TEXT,                 -- content hash (layout-independent); NULL when unreadable
+    staged_path TEXT,            -- the daemon's own copy, removed once the job is final
+    state TEXT NOT NULL,
+    reason TEXT,
+    duplicate_of INTEGER REFERENCES jobs(id),
+    attempts INTEGER NOT NULL DEFAULT 0,   -- merges started (a crash mid-job leaves one used)
+    from_version INTEGER,        -- production version the merge started from (NULL: step 1)
+    version INTEGER,             -- store version once promoted
+    step INTEGER,                -- continual step of the candidate
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
+CREATE INDEX IF NOT EXISTS jobs_by_sha ON jobs(sha256);
+CREATE TABLE IF NOT EXISTS transitions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    reason TEXT,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS production_changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,          -- promote | rollback
+    from_version INTEGER,
+    to_version INTEGER NOT NULL,
+    job_id INTEGER,
+    reason TEXT,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,          -- publish | set_production
+    version INTEGER NOT NULL,    -- store version
+    state TEXT NOT NULL,         -- pending | done | skipped
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    registry_version TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class JournalError(NufiltError):
+    """The journal is missing, unreadable, or asked for a transition that is not allowed."""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    source: str
+    reference: str
+    sha256: str | None
+    staged_path: str | None
+    state: str
+    reason: str | None
+    duplicate_of: int | None
+    attempts: int
+    from_version: int | None
+    version: int | None
+    step: int | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class ProductionChange:
+    id: int
+    kind: str
+    from_version: int | None
+    to_version: int
+    job_id: int | None
+    reason: str | None
+    at: float
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    kind: str
+    version: int
+    state: str
+    attempts: int
+    last_error: str | None
+    registry_version: str | None
+    created_at: float
+    updated_at: float
+
+
+class Journal:
+    def __init__(self, path: Path, *, create: bool = True):
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise JournalError(f"{self.path}: no journal here (has the daemon run with this state_dir?)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a committed transition survives power loss
+            self._db.execute("PRAGMA foreign_keys=ON")
+            if create:
+                self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise JournalError(f"{self.path}: cannot open the journal ({e})") from e
+
+    @classmethod
+    def in_state_dir(cls, state_dir: Path, *, create: bool = True) -> Journal:
+        return cls(Path(state_dir) / JOURNAL_NAME, create=create)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One committed transaction; BEGIN IMMEDIATE so a writer never deadlocks on upgrade."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def add_job(self, source: str, reference: str, sha256: str | None, staged_path: str | None,
+                state: str = QUEUED, reason: str | None = None) -> Job:
+        """Record an arrival. A known content hash makes it a `duplicate` (its staged copy is then
+        the caller's to delete: the returned job has staged_path None)."""
+        now = time.time()
+        with self._tx() as db:
+            duplicate_of = None
+            if sha256 is not None:
+                marks = ",".join("?" * len(DUPLICATE_OF_STATES))
+                row = db.execute(f"SELECT id FROM jobs WHERE sha256 = ? AND state IN ({marks}) ORDER BY id LIMIT 1",
+                                 (sha256, *DUPLICATE_OF_STATES)).fetchone()
+                if row is not None:
+                    duplicate_of, state, staged_path = row["id"], DUPLICATE, None
+                    reason = f"same content as job {row['id']}"
+            final = now if state in FINAL_STATES else None
+            cur = db.execute(
+                "INSERT INTO jobs (source, reference, sha256, staged_path, state, reason, duplicate_of, "
+                "created_at, updated_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (source, reference, sha256, staged_path, state, reason, duplicate_of, now, now, final))
+            job_id = cur.lastrowid
+            db.execute("INSERT INTO transitions (job_id, from_state, to_state, reason, at) VALUES (?,?,?,?,?)",
+                       (job_id, None, state, reason, now))
+        return self.job(job_id)  # type: ignore[arg-type]
+
+    def transition(self, job_id: int, to_state: str, reason: str | None = None, **fields: Any) -> Job:
+        """Move a job to `to_state` (checked against the lifecycle), setting extra columns."""
+        allowed_fields = {"staged_path", "from_version", "version", "step", "attempts"}
+        unknown = set(fields) - allowed_fields
+        if unknown:
+            raise JournalError(f"transition cannot set {sorted(unknown)}")
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JournalError(f"no job {job_id}")
+            if to_state not in ALLOWED.get(row["state"], set()):
+                raise JournalError(f"job {job_id}: {row['state']} → {to_state} is not allowed")
+            cols = {**fields, "state": to_state, "reason": reason, "updated_at": now}
+            if to_state == MERGING:
+                cols["started_at"] = now
+            if to_state in FINAL_STATES:
+                cols["finished_at"] = now
+            sets = ", ".join(f"{k} = ?" for k in cols)
+            db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*cols.values(), job_id))
+            db.execute("INSERT INTO transitions (job_id, from_state, to_state, reason, at) VALUES (?,?,?,?,?)",
+                       (job_id, row["state"], to_state, reason, now))
+        return self.job(job_id)  # type: ignore[return-value]
+
+    def job(self, job_id: int) -> Job | None:
+        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return Job(**dict(rows[0])) if rows else None
+
+    def next_queued(self) -> Job | None:
+        rows = self._query("SELECT * FROM jobs WHERE state = ? ORDER BY id LIMIT 1", (QUEUED,))
+        return Job(**dict(rows[0])) if rows else None
+
+    def jobs(self, limit: int = 50, states: tuple[str, ...] | None = None) -> list[Job]:
+        """Most recent first."""
+        if states:
+            marks = ",".join("?" * len(states))
+            rows = self._query(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id DESC LIMIT ?",
+                               (*states, limit))
+        else:
+            rows = self._query("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+        return [Job(**dict(r)) for r in rows]
+
+    def in_flight(self) -> list[Job]:
+        return list(reversed(self.jobs(limit=1_000_000, states=(MERGING, VALIDATING))))
+
+    def counts(self) -> dict[str, int]:
+        rows = self._query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        out = dict.fromkeys((*ACTIVE_STATES, *FINAL_STATES), 0)
+        out.update({r["state"]: r["n"] for r in rows})
+        return out
+
+    def last_finished(self) -> Job | None:
+        rows = self._query("SELECT * FROM jobs WHERE state IN (?,?,?) ORDER BY finished_at DESC, id DESC LIMIT 1",
+                           (PROMOTED, REJECTED, FAILED))
+        return Job(**dict(rows[0])) if rows else None
+
+    def transitions(self, job_id: int) -> list[tuple[str | None, str, str | None, float]]:
+        rows = self._query("SELECT from_state, to_state, reason, at FROM transitions WHERE job_id = ? ORDER BY id",
+                           (job_id,))
+        return [(r["from_state"], r["to_state"], r["reason"], r["at"]) for r in rows]
+
+    def mark_started(self, job_id: int, from_version: int | None) -> Job:
+        """queued → merging, counting the attempt in the same transaction."""
+        job = self.job(job_id)
+        if job is None:
+            raise JournalError(f"no job {job_id}")
+        return self.transition(job_id, MERGING, from_version=from_version, attempts=job.attempts + 1)
+
+    def clear_staged(self, job_id: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET staged_path = NULL WHERE id = ?", (job_id,))
+
+    # --- production changes ---------------------------------------------------------------
+
+    def record_production_change(self, kind: str, from_version: int | None, to_version: int,
+                                 job_id: int | None = None, reason: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO production_changes (kind, from_version, to_version, job_id, reason, at) "
+                       "VALUES (?,?,?,?,?,?)", (kind, from_version, to_version, job_id, reason, time.time()))
+
+    def production_changes(self, limit: int = 50) -> list[ProductionChange]:
+        rows = self._query("SELECT * FROM production_changes ORDER BY id DESC LIMIT ?", (limit,))
+        return [ProductionChange(**dict(r)) for r in rows]
+
+    def count_rollbacks(self) -> int:
+        return int(self._query("SELECT COUNT(*) AS n FROM production_changes WHERE kind = 'rollback'")[0]["n"])
+
+    # --- outbox (publishing that must survive restarts) ------------------------------------
+
+    def enqueue_outbox(self, kind: str, version: int) -> int:
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO outbox (kind, version, state, created_at, updated_at) VALUES (?,?,?,?,?)",
+                             (kind, version, "pending", now, now))
+            return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def next_outbox(self) -> OutboxItem | None:
+        rows = self._query("SELECT * FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1")
+        return OutboxItem(**dict(rows[0])) if rows else None
+
+    def finish_outbox(self, item_id: int, state: str, registry_version: str | None = None,
+                      note: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET state = ?, registry_version = COALESCE(?, registry_version), "
+                       "last_error = ?, updated_at = ? WHERE id = ?",
+                       (state, registry_version, note, time.time(), item_id))
+
+    def outbox_failed_attempt(self, item_id: int, error: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ?, updated_at = ? WHERE id = ?",
+                       (error, time.time(), item_id))
+
+    def registry_version_of(self, version: int) -> str | None:
+        rows = self._query("SELECT registry_version FROM outbox WHERE kind = 'publish' AND version = ? "
+                           "AND state = 'done' ORDER BY id DESC LIMIT 1", (version,))
+        return rows[0]["registry_version"] if rows else None
+
+    def outbox_pending(self) -> list[OutboxItem]:
+        rows = self._query("SELECT * FROM outbox WHERE state = 'pending' ORDER BY id")
+        return [OutboxItem(**dict(r)) for r in rows]
+
+    # --- key/value for sources' cursors -----------------------------------------------------
+
+    def get_state(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM kv WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    def set_state(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO kv (key, value) VALUES (?, ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))

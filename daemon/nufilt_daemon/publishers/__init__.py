@@ -1,0 +1,1 @@
+"""Where promoted versions are published (MLflow Model Registry), through a durable outbox."""

@@ -82,7 +82,8 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER, extra="forbid", validate_default=True)
     toml_file: ClassVar[Path | None] = None  # set by load_settings; read in settings_customise_sources
 
-    base_model: Path = Field(description="the pre-trained model θ0 every checkpoint was fine-tuned from")
+    # optional here so `nufilt status` works without it; the daemon refuses to start without one
+    base_model: Path | None = Field(None, description="the pre-trained model θ0 every checkpoint was tuned from")
     watch_dir: Path = Field(Path("nufilt-inbox"), description="inbox the folder source watches")
     store_dir: Path = Field(Path("nufilt-store"), description="versions/, production symlink, quarantine/")
     state_dir: Path = Field(Path("nufilt-state"), description="journal.db, staged copies, downloads")

@@ -235,6 +235,13 @@ class Journal:
         rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return Job(**dict(rows[0])) if rows else None
 
+    def find_content(self, sha256: str) -> Job | None:
+        """The earliest job with this content in a state that makes a new arrival a duplicate."""
+        marks = ",".join("?" * len(DUPLICATE_OF_STATES))
+        rows = self._query(f"SELECT * FROM jobs WHERE sha256 = ? AND state IN ({marks}) ORDER BY id LIMIT 1",
+                           (sha256, *DUPLICATE_OF_STATES))
+        return Job(**dict(rows[0])) if rows else None
+
     def next_queued(self) -> Job | None:
         rows = self._query("SELECT * FROM jobs WHERE state = ? ORDER BY id LIMIT 1", (QUEUED,))
         return Job(**dict(rows[0])) if rows else None
@@ -279,7 +286,40 @@ class Journal:
         with self._tx() as db:
             db.execute("UPDATE jobs SET staged_path = NULL WHERE id = ?", (job_id,))
 
+    def max_version(self) -> int:
+        rows = self._query("SELECT MAX(version) AS v FROM jobs")
+        return int(rows[0]["v"] or 0)
+
     # --- production changes ---------------------------------------------------------------
+
+    def record_promotion(self, job_id: int, from_version: int | None, version: int, step: int,
+                         publish: bool) -> Job:
+        """validating → promoted, the production change and (with a registry) the publish work item,
+        in one transaction: a crash cannot leave a promotion that is never published."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["state"] != VALIDATING:
+                raise JournalError(f"job {job_id}: cannot be promoted from state {row and row['state']}")
+            db.execute("UPDATE jobs SET state = ?, reason = NULL, version = ?, step = ?, updated_at = ?, "
+                       "finished_at = ? WHERE id = ?", (PROMOTED, version, step, now, now, job_id))
+            db.execute("INSERT INTO transitions (job_id, from_state, to_state, reason, at) VALUES (?,?,?,?,?)",
+                       (job_id, VALIDATING, PROMOTED, f"version {version}", now))
+            db.execute("INSERT INTO production_changes (kind, from_version, to_version, job_id, reason, at) "
+                       "VALUES (?,?,?,?,?,?)", ("promote", from_version, version, job_id, None, now))
+            if publish:
+                db.execute("INSERT INTO outbox (kind, version, state, created_at, updated_at) VALUES (?,?,?,?,?)",
+                           ("publish", version, "pending", now, now))
+        return self.job(job_id)  # type: ignore[return-value]
+
+    def record_rollback(self, from_version: int, to_version: int, reason: str | None, publish: bool) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO production_changes (kind, from_version, to_version, job_id, reason, at) "
+                       "VALUES (?,?,?,?,?,?)", ("rollback", from_version, to_version, None, reason, now))
+            if publish:
+                db.execute("INSERT INTO outbox (kind, version, state, created_at, updated_at) VALUES (?,?,?,?,?)",
+                           ("set_production", to_version, "pending", now, now))
 
     def record_production_change(self, kind: str, from_version: int | None, to_version: int,
                                  job_id: int | None = None, reason: str | None = None) -> None:

@@ -1,0 +1,223 @@
+"""The validation gate: decides whether a merged candidate may become production.
+
+Three layers, cheapest first:
+1. pre-flight, by the core: merge_step refuses inputs that do not fit (names, shapes, dtypes,
+   NaN/Inf, lineage) with CheckpointError/LineageError before any merging; the worker turns
+   those into a rejection with that message (there is then no candidate).
+2. built-in checks on the candidate (`check_candidate`, run in the merge's child process, which
+   already has torch and the models at hand): same layout as the base, every value finite, the
+   weights match the lineage record's hash, tensors the method's policy leaves alone are
+   bit-identical to where they come from; plus the paper's stability/plasticity surrogates
+   (nufilt_core.scores) as scores.
+3. an optional user command (`gate.command`) that gets the candidate folder and prints a JSON
+   object of numbers; any metric (built-in or the command's) can have {min, max} thresholds.
+
+Outcomes: "accepted"; "rejected" (a check or a threshold says no, or the command exits non-zero:
+the candidate goes to quarantine with this report); "failed" (the gate itself could not decide:
+the command was not found, timed out, or printed no JSON; production does not move either).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nufilt_core.checkpoint import Checkpoint
+from nufilt_core.errors import NufiltError
+from nufilt_core.lineage import LineageRecord
+from nufilt_core.merge import check_same_layout
+from nufilt_core.safetensors_io import combine_digests, read_raw
+from nufilt_core.scores import surrogate_scores
+from nufilt_core.selection import Selection, is_linear_weight
+
+from .config import GateSettings
+
+ACCEPTED, REJECTED, FAILED = "accepted", "rejected", "failed"
+DEFAULT_NULL_RANK, DEFAULT_TASK_RANK = 128, 8
+
+
+# --- built-in checks (run in the child process) -------------------------------------------
+
+
+def _untouched_sources(record: LineageRecord, names: list[str]) -> tuple[Selection | None, str | None]:
+    """(which tensors NUFILT filters, what the others must equal: 'base' | 'previous' | 'new' | None)."""
+    if record.method != "nufilt":
+        return None, None
+    s = record.settings
+    selection = Selection.resolve(names, tuple(s.get("include") or ()), s.get("preset", "auto"))
+    policy = s.get("policy", "keep_base")
+    if policy == "keep_base":
+        return selection, "base"
+    if policy == "keep_previous":
+        return selection, "new" if record.step == 1 else "previous"
+    return selection, None  # average: every float tensor changes
+
+
+def check_candidate(base: Checkpoint, previous: Checkpoint | None, new: Checkpoint, candidate: Checkpoint,
+                    record: LineageRecord, settings: GateSettings, device: torch.device | str) -> dict[str, Any]:
+    """Post-merge checks and scores; returns {"problems": [...], "checks": {...}, "scores": {...}}."""
+    problems: list[str] = []
+    checks: dict[str, Any] = {}
+    try:
+        check_same_layout(base, candidate, "candidate")
+        checks["layout"] = "ok"
+    except NufiltError as e:
+        problems.append(str(e))
+        checks["layout"] = str(e)
+        return {"problems": problems, "checks": checks, "scores": {}}
+
+    digests, non_finite = [], []
+    for info, tensor, digest in candidate.scan():
+        digests.append(digest)
+        if info.is_float and tensor.numel() and not bool(torch.isfinite(tensor.float()).all()):
+            non_finite.append(info.name)
+    if non_finite:
+        problems.append(f"{candidate.path}: {len(non_finite)} tensor(s) hold NaN/Inf, first '{non_finite[0]}'")
+    checks["finite"] = "ok" if not non_finite else f"{len(non_finite)} tensor(s) with NaN/Inf"
+    if combine_digests(digests) != record.model_sha256:
+        problems.append(f"{candidate.path}: weights do not match the lineage record's model_sha256")
+        checks["lineage_hash"] = "mismatch"
+    else:
+        checks["lineage_hash"] = "ok"
+
+    selection, must_equal = _untouched_sources(record, list(base.tensors))
+    sources = {"base": base, "previous": previous or base, "new": new}
+    untouched_bad: list[str] = []
+    n_untouched = 0
+    if settings.check_untouched:
+        for name, info in base.tensors.items():
+            if not info.is_float:
+                origin = base  # integer and bool buffers are never merged
+            elif selection is not None and must_equal is not None and not selection.is_filtered(name, info.shape):
+                origin = sources[must_equal]
+            else:
+                continue
+            n_untouched += 1
+            if read_raw(origin.tensors[name]) != read_raw(candidate.tensors[name]):
+                untouched_bad.append(name)
+        if untouched_bad:
+            problems.append(f"{candidate.path}: {len(untouched_bad)} tensor(s) the policy leaves alone were "
+                            f"changed, first '{untouched_bad[0]}'")
+        checks["untouched"] = {"checked": n_untouched, "changed": untouched_bad[:10]}
+
+    scores: dict[str, Any] = {}
+    if settings.scores:
+        def selected(name: str, shape: tuple[int, ...]) -> bool:
+            return selection.is_filtered(name, shape) if selection is not None else is_linear_weight(name, shape)
+        null_rank = settings.null_rank or record.settings.get("null_rank") or DEFAULT_NULL_RANK
+        task_rank = settings.task_rank or record.settings.get("task_rank") or DEFAULT_TASK_RANK
+        t0 = time.perf_counter()
+        s = surrogate_scores(base, previous, new, candidate, selected, null_rank, task_rank, device)
+        scores = {**s.as_dict(), "null_rank": null_rank, "task_rank": task_rank,
+                  "seconds": round(time.perf_counter() - t0, 3)}
+    return {"problems": problems, "checks": checks, "scores": scores}
+
+
+# --- the decision (daemon side) -----------------------------------------------------------
+
+
+@dataclass
+class Decision:
+    outcome: str  # accepted | rejected | failed
+    reasons: list[str]
+    metrics: dict[str, float] = field(default_factory=dict)  # what thresholds and the score gauge see
+    command: dict[str, Any] | None = None
+
+
+def run_command(argv: list[str], candidate: Path, timeout: float, cancel: threading.Event | None = None,
+                ) -> tuple[dict[str, Any], str | None, str | None]:
+    """(report, rejection, failure): runs the user's validation command on the candidate."""
+    full = [*argv, str(candidate)]
+    env = {**os.environ, "NUFILT_CANDIDATE": str(candidate)}
+    report: dict[str, Any] = {"argv": full}
+    t0 = time.monotonic()
+    # output to files, not pipes: nothing can block, and we can poll for cancellation
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        try:
+            proc = subprocess.Popen(full, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, text=True)
+        except FileNotFoundError:
+            return report, None, f"validation command not found: {argv[0]}"
+        except OSError as e:
+            return report, None, f"validation command could not start: {e}"
+        while True:
+            try:
+                proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            stop = f"timed out after {timeout:g}s" if time.monotonic() - t0 > timeout else None
+            if cancel is not None and cancel.is_set():
+                stop = "cancelled (the daemon is stopping)"
+            if stop:
+                proc.kill()
+                proc.wait()
+                return report, None, f"validation command {stop}"
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    report.update(exit_code=proc.returncode, seconds=round(time.monotonic() - t0, 3), stderr_tail=stderr[-2000:])
+    if proc.returncode != 0:
+        last = (stderr.strip().splitlines() or [""])[-1]
+        return report, f"validation command exited with {proc.returncode}: {last}".rstrip(": "), None
+    metrics = parse_metrics(stdout)
+    if metrics is None:
+        return report, None, "validation command printed no JSON object of numeric metrics"
+    report["metrics"] = metrics
+    return report, None, None
+
+
+def parse_metrics(stdout: str) -> dict[str, float] | None:
+    """The whole output as one JSON object, else its last line that is one; numbers only."""
+    candidates = [stdout, *reversed(stdout.strip().splitlines())]
+    for text in candidates:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            return {k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return None
+
+
+def apply_thresholds(metrics: dict[str, float], settings: GateSettings) -> list[str]:
+    out = []
+    for name, t in settings.thresholds.items():
+        if name not in metrics:
+            out.append(f"metric '{name}' has a threshold but was not reported")
+            continue
+        v = metrics[name]
+        if t.min is not None and v < t.min:
+            out.append(f"{name} = {v:.6g} is below the minimum {t.min:g}")
+        if t.max is not None and v > t.max:
+            out.append(f"{name} = {v:.6g} is above the maximum {t.max:g}")
+    return out
+
+
+def decide(builtin: dict[str, Any], candidate: Path, settings: GateSettings,
+           cancel: threading.Event | None = None) -> Decision:
+    """Combine the child's checks with the user command and thresholds."""
+    problems = list(builtin.get("problems", []))
+    scores = builtin.get("scores") or {}
+    metrics = {k: float(scores[k]) for k in ("stability", "plasticity", "harmonic_mean") if k in scores}
+    if problems:  # no point running a user command on a broken candidate
+        return Decision(REJECTED, problems, metrics)
+    command = None
+    if settings.command:
+        command, rejection, failure = run_command(settings.command, candidate, settings.command_timeout_seconds,
+                                                     cancel)
+        if failure:
+            return Decision(FAILED, [failure], metrics, command)
+        if rejection:
+            return Decision(REJECTED, [rejection], metrics, command)
+        metrics.update(command.get("metrics", {}))
+    violations = apply_thresholds(metrics, settings)
+    return Decision(REJECTED if violations else ACCEPTED, violations, metrics, command)

@@ -1,0 +1,134 @@
+"""The child process that merges and checks one candidate: `python -m nufilt_daemon.merge_process`.
+
+Why a child process per job: a merge holds large tensors and may run out of memory, segfault in a
+native library, or be OOM-killed; in a child that ends only this job (the worker reports the
+signal), the daemon keeps running, and every byte is returned to the OS afterwards. The cost is
+one interpreter start and torch import per job (about a second), small next to a merge.
+
+Protocol: the request is one JSON object on stdin; the child writes JSON lines to the file
+descriptor named by --events-fd (stdout and stderr stay free for libraries' chatter, which the
+worker saves to STATE/logs/): {"event": "progress"|"merged"|"validated"|"error", ...}.
+The child asks the kernel to SIGKILL it if the daemon dies (PR_SET_PDEATHSIG), so a kill -9 of
+the daemon never leaves an orphan still writing into the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import IO, Any
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the worker's cleanup at startup still applies
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class Events:
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+        self.last_progress = 0.0
+
+    def send(self, event: str, **data: Any) -> None:
+        self.stream.write(json.dumps({"event": event, **data}) + "\n")
+        self.stream.flush()
+
+    def progress(self, p: Any) -> None:
+        now = time.monotonic()
+        if now - self.last_progress >= 2 or p.index == p.total:
+            self.last_progress = now
+            self.send("progress", phase=p.phase, index=p.index, total=p.total, elapsed=round(p.elapsed, 3))
+
+
+def error_kind(exc: BaseException) -> str:
+    """rejected: the input or candidate is bad; failed: something else went wrong."""
+    from nufilt_core.errors import CheckpointError, LineageError, NufiltError, SettingsError
+
+    if isinstance(exc, SettingsError):
+        return "failed"  # the daemon's configuration, not the checkpoint
+    if isinstance(exc, CheckpointError | LineageError | NufiltError):
+        return "rejected"
+    return "failed"
+
+
+def describe(exc: BaseException) -> str:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return f"out of GPU memory: {str(exc).splitlines()[0]}"
+    if isinstance(exc, MemoryError):
+        return "out of memory (MemoryError)"
+    from nufilt_core.errors import NufiltError
+
+    return str(exc) if isinstance(exc, NufiltError) else f"{type(exc).__name__}: {exc}"
+
+
+def run(request: dict[str, Any], events: Events) -> int:
+    import torch
+
+    from nufilt_core.checkpoint import Checkpoint
+    from nufilt_core.devices import resolve_device
+    from nufilt_core.merge import MergeRequest, merge_step
+
+    from .config import GateSettings
+    from .gate import check_candidate
+
+    m = request["merge"]
+    stage = "merge"
+    try:
+        req = MergeRequest(
+            base=Path(m["base"]), checkpoint=Path(m["checkpoint"]), output=Path(m["output"]),
+            previous=Path(m["previous"]) if m.get("previous") else None, method=m.get("method"),
+            options=m.get("options") or {}, seed=m.get("seed"), device=m.get("device", "auto"),
+            max_shard_bytes=int(m["max_shard_bytes"]))
+        result = merge_step(req, events.progress)
+        gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None
+        events.send("merged", record=json.loads(result.record.to_json()), seconds=result.seconds,
+                    gpu_peak_bytes=gpu_peak)
+        stage = "validate"
+        t0 = time.perf_counter()
+        gate = GateSettings(**request["gate"])
+        open_ = Checkpoint.open
+        report = check_candidate(open_(req.base), open_(req.previous) if req.previous else None,
+                                 open_(req.checkpoint), open_(req.output), result.record, gate,
+                                 resolve_device(req.device))
+        events.send("validated", report=report, seconds=round(time.perf_counter() - t0, 3))
+        return 0
+    except BaseException as e:  # report everything, including KeyboardInterrupt from SIGINT
+        traceback.print_exc(file=sys.stderr)
+        events.send("error", stage=stage, kind=error_kind(e), type=type(e).__name__, message=describe(e))
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--events-fd", type=int, required=True)
+    p.add_argument("--parent-pid", type=int, required=True)
+    args = p.parse_args(argv)
+    die_with_parent(args.parent_pid)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM: unwind, merge_step cleans its temp
+    with os.fdopen(args.events_fd, "w") as stream:
+        events = Events(stream)
+        try:
+            request = json.loads(sys.stdin.read())
+        except ValueError as e:
+            events.send("error", stage="request", kind="failed", type="ValueError", message=f"bad request: {e}")
+            return 2
+        return run(request, events)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

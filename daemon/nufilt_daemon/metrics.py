@@ -1,0 +1,119 @@
+"""Prometheus metrics, on their own registry, served at http://METRICS_HOST:METRICS_PORT/metrics.
+
+Every labelled series is created at start (outcomes, sources, score names), so dashboards and
+alerts see 0 rather than "no data" before the first event. Labels never carry checkpoint names
+or hashes (unbounded cardinality); those are in the logs and the journal.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable, Iterator
+from http.server import ThreadingHTTPServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from nufilt_core import __version__
+
+# merges take seconds to many minutes: 0.5 s … 1 h (the default buckets stop at 10 s)
+DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 2700, 3600)
+OUTCOMES = ("promoted", "rejected", "failed")
+BUILTIN_SCORES = ("stability", "plasticity", "harmonic_mean")
+REGISTRY_OPERATIONS = ("publish", "set_production")
+
+
+class GpuMemoryCollector(Collector):
+    """Device-wide used/total memory of each CUDA device (the merges run in child processes, so
+    the daemon's own allocator would always show 0)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        import torch
+
+        used = GaugeMetricFamily("nufilt_gpu_memory_used_bytes", "GPU memory in use on the device (all processes)",
+                                 labels=["device"])
+        total = GaugeMetricFamily("nufilt_gpu_memory_total_bytes", "GPU memory of the device", labels=["device"])
+        for i in range(torch.cuda.device_count()):
+            free, size = torch.cuda.mem_get_info(i)
+            used.add_metric([f"cuda:{i}"], size - free)
+            total.add_metric([f"cuda:{i}"], size)
+        yield used
+        yield total
+
+
+class Metrics:
+    def __init__(self, sources: Iterable[str] = ("folder",), score_names: Iterable[str] = (),
+                 gpu: bool = False):
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.merge_duration = Histogram(
+            "nufilt_merge_duration_seconds", "Wall time of one merge (child start to merged candidate)",
+            buckets=DURATION_BUCKETS, registry=r)
+        self.validation_duration = Histogram(
+            "nufilt_validation_duration_seconds", "Wall time of validating one candidate (checks, scores, command)",
+            buckets=DURATION_BUCKETS, registry=r)
+        self.merges = Counter("nufilt_merges", "Finished merge jobs by outcome", ["outcome"], registry=r)
+        self.detected = Counter("nufilt_checkpoints_detected", "Checkpoints handed over by a source",
+                                ["source"], registry=r)
+        self.duplicates = Counter("nufilt_duplicate_checkpoints", "Arrivals whose content was already journaled",
+                                  registry=r)
+        self.pending = Gauge("nufilt_pending_checkpoints", "Jobs queued or in progress", registry=r)
+        self.production_version = Gauge("nufilt_production_version", "Store version number of production "
+                                        "(0: none yet)", registry=r)
+        self.merge_step = Gauge("nufilt_merge_step", "Continual step of production: checkpoints merged into it",
+                                registry=r)
+        self.last_promotion = Gauge("nufilt_last_promotion_timestamp_seconds", "Unix time of the last promotion",
+                                    registry=r)
+        self.rollbacks = Counter("nufilt_rollbacks", "Rollbacks of production", registry=r)
+        self.validation_score = Gauge("nufilt_validation_score", "Scores of the last validated candidate "
+                                      "(surrogates: lower is better)", ["metric"], registry=r)
+        self.registry_errors = Counter("nufilt_registry_errors", "Failed calls to the model registry (retried)",
+                                       ["operation"], registry=r)
+        self.registry_pending = Gauge("nufilt_registry_pending_publications", "Registry updates not yet done",
+                                      registry=r)
+        self.merge_peak_rss = Gauge("nufilt_merge_peak_rss_bytes", "Peak resident memory of the last merge "
+                                    "process", registry=r)
+        self.merge_gpu_peak = Gauge("nufilt_merge_gpu_peak_bytes", "Peak GPU memory allocated by the last merge",
+                                    registry=r)
+        self.build = Info("nufilt_build", "Version of the running daemon", registry=r)
+        self.build.info({"version": __version__, "python": platform.python_version(), "torch": _torch_version()})
+        for o in OUTCOMES:
+            self.merges.labels(o)
+        for s in sources:
+            self.detected.labels(s)
+        for m in dict.fromkeys((*BUILTIN_SCORES, *score_names)):
+            self.validation_score.labels(m)
+        for op in REGISTRY_OPERATIONS:
+            self.registry_errors.labels(op)
+        if gpu:
+            r.register(GpuMemoryCollector())
+        self._server: ThreadingHTTPServer | None = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start /metrics in a background thread; returns the bound port (port 0: any free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        return int(server.server_address[1])
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__

@@ -1,0 +1,324 @@
+"""The merge worker: one job at a time, in arrival order, from the current production version.
+
+For each queued job: mark it merging (counting the attempt), run merge_step + the gate's checks
+in a child process (merge_process.py) writing into STORE/candidates/, mark it validating when the
+candidate exists, let the gate decide (user command, thresholds), then promote, quarantine or
+fail it. Whatever goes wrong with one job (bad input, an exception, OOM, a killed child) ends
+that job with its reason; the loop goes on with the next.
+
+Stopping: the supervisor gives a running job `shutdown_grace_seconds` to finish; after that the
+child gets SIGTERM (merge_step removes its temporary output), then SIGKILL, the candidate is
+deleted and the job goes back to the queue, to be redone after the restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .config import Settings
+from .gate import ACCEPTED, REJECTED, decide
+from .journal import FAILED, QUEUED, VALIDATING, Job, Journal
+from .metrics import Metrics
+from .promoter import Promoter
+from .store import Store
+
+log = structlog.get_logger("nufilt.worker")
+
+
+@dataclass
+class ChildResult:
+    record: dict[str, Any] | None = None
+    merge_phase_seconds: dict[str, float] = field(default_factory=dict)
+    merged_at: float | None = None  # monotonic
+    validation: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    returncode: int | None = None
+    timed_out: bool = False
+    gpu_peak_bytes: int | None = None
+
+
+def signal_name(returncode: int) -> str:
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+class MergeWorker:
+    def __init__(self, settings: Settings, journal: Journal, store: Store, promoter: Promoter, metrics: Metrics,
+                 logs_dir: Path):
+        self.settings = settings
+        self.journal = journal
+        self.store = store
+        self.promoter = promoter
+        self.metrics = metrics
+        self.logs_dir = Path(logs_dir)
+        self.current: Job | None = None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._abandon = threading.Event()
+        self._child: subprocess.Popen[bytes] | None = None
+        self._child_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle (called from the supervisor) --------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="merge-worker", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, grace: float) -> None:
+        """Finish the running job within `grace` seconds, else abandon it (it is redone later)."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is None:
+            return
+        self._thread.join(grace)
+        if self._thread.is_alive():
+            log.warning("abandoning_running_job", job=self.current.id if self.current else None, grace=grace)
+            self._abandon.set()
+            self._terminate_child()
+            self._thread.join(60)
+
+    def _terminate_child(self) -> None:
+        with self._child_lock:
+            proc = self._child
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()  # merge_step cleans its temporary folder on the way out
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            job = self.journal.next_queued()
+            if job is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                self.process(job)
+            except Exception as e:  # a bug or a full disk: fail this job, keep the daemon going
+                log.exception("job_error", job=job.id, checkpoint=job.reference)
+                self._fail_after_internal_error(job, e)
+            finally:
+                self.current = None
+
+    def _fail_after_internal_error(self, job: Job, e: Exception) -> None:
+        try:
+            now = self.journal.job(job.id)
+            if now is not None and now.state not in ("promoted", "rejected", "failed", "duplicate"):
+                self.journal.transition(job.id, FAILED, f"internal error: {type(e).__name__}: {e}")
+                self.metrics.merges.labels("failed").inc()
+            self._drop_staged(job)
+        except Exception:
+            log.exception("journal_error", job=job.id)
+            self._stopping.wait(5)  # do not spin on a broken journal
+
+    def process(self, job: Job) -> None:
+        prod = self.store.production()
+        job = self.journal.mark_started(job.id, prod.number if prod else None)
+        self.current = job
+        jlog = log.bind(job=job.id, checkpoint=job.reference, from_version=job.from_version, attempt=job.attempts)
+        jlog.info("merge_started")
+        candidate = self.store.candidate_path(job.id, job.attempts)
+        if candidate.exists():
+            shutil.rmtree(candidate)
+        request = self._request(job, candidate, prod.path if prod else None)
+        t0 = time.monotonic()
+        res = self._run_child(job, request, jlog)
+        if self._abandon.is_set():
+            shutil.rmtree(candidate, ignore_errors=True)
+            self.journal.transition(job.id, QUEUED, "abandoned when the daemon stopped; redone after restart",
+                                    attempts=job.attempts - 1)
+            jlog.warning("merge_abandoned")
+            return
+        merge_seconds = (res.merged_at or time.monotonic()) - t0
+        if res.merged_at is not None:
+            self.metrics.merge_duration.observe(merge_seconds)
+        if res.record:
+            self.metrics.merge_peak_rss.set(res.record.get("peak_rss_bytes", 0))
+        if res.gpu_peak_bytes is not None:
+            self.metrics.merge_gpu_peak.set(res.gpu_peak_bytes)
+
+        report: dict[str, Any] = {
+            "job_id": job.id, "attempt": job.attempts, "checkpoint": job.reference, "source": job.source,
+            "sha256": job.sha256, "parent_version": job.from_version,
+            "step": res.record.get("step") if res.record else None,
+            "method": res.record.get("method") if res.record else self.settings.method,
+            "merge_seconds": round(merge_seconds, 3),
+        }
+        outcome, reasons = self._outcome_before_gate(job, res)
+        decision = None
+        if outcome is None:  # merged and checked: the gate decides
+            assert res.validation is not None and res.merged_at is not None
+            decision = decide(res.validation, candidate, self.settings.gate, self._abandon)
+            if self._abandon.is_set():  # the user command was cancelled by a stop
+                shutil.rmtree(candidate, ignore_errors=True)
+                self.journal.transition(job.id, QUEUED, "abandoned when the daemon stopped; redone after restart",
+                                        attempts=job.attempts - 1)
+                return
+            outcome, reasons = decision.outcome, decision.reasons
+            report.update(checks=res.validation.get("checks"), scores=res.validation.get("scores"),
+                          command=decision.command, metrics=decision.metrics)
+            validation_seconds = time.monotonic() - res.merged_at
+            report["validation_seconds"] = round(validation_seconds, 3)
+            self.metrics.validation_duration.observe(validation_seconds)
+            for name, value in decision.metrics.items():
+                self.metrics.validation_score.labels(name).set(value)
+        report.update(decision={ACCEPTED: "accepted"}.get(outcome, outcome), reasons=reasons,
+                      created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        reason = "; ".join(reasons) if reasons else None
+        version = None
+        if outcome == ACCEPTED:
+            step = int(res.record["step"])  # type: ignore[index]
+            v = self.promoter.promote(job, candidate, report, step)
+            if v is None:
+                shutil.rmtree(candidate, ignore_errors=True)
+                self.journal.transition(job.id, QUEUED, "production changed during the merge (rollback); "
+                                        "redone from the new production", attempts=job.attempts - 1)
+                jlog.warning("merge_redone_production_moved")
+                return
+            version = v.number
+            final = "promoted"
+            self.metrics.production_version.set(version)
+            self.metrics.merge_step.set(step)
+            self.metrics.last_promotion.set(time.time())
+        elif outcome == REJECTED:
+            where = self.promoter.reject(job, candidate if candidate.exists() else None, report, reason or "rejected")
+            final = "rejected"
+            jlog = jlog.bind(quarantine=str(where))
+        else:
+            shutil.rmtree(candidate, ignore_errors=True)
+            self.journal.transition(job.id, FAILED, reason)
+            final = "failed"
+        self.metrics.merges.labels(final).inc()
+        self._drop_staged(job)
+        scores = report.get("scores") or {}
+        jlog.info("merge_finished", outcome=final, reason=reason, step=report["step"], version=version,
+                  merge_seconds=report["merge_seconds"], validation_seconds=report.get("validation_seconds"),
+                  stability=scores.get("stability"), plasticity=scores.get("plasticity"))
+
+    def _outcome_before_gate(self, job: Job, res: ChildResult) -> tuple[str | None, list[str]]:
+        """(outcome, reasons) when the child already settled it; (None, []) when the gate decides."""
+        if res.timed_out:
+            return FAILED, [f"merge timed out after {self.settings.merge_timeout_seconds:g}s"]
+        if res.error is not None:
+            where = "merge" if res.error.get("stage") == "merge" else "validation"
+            kind = REJECTED if res.error.get("kind") == "rejected" else FAILED
+            return kind, [f"{where}: {res.error.get('message')}"]
+        if res.returncode is not None and res.returncode < 0:
+            sig = signal_name(res.returncode)
+            hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if sig == "SIGKILL" else ""
+            return FAILED, [f"merge process killed by {sig}{hint}"]
+        if res.record is None or res.validation is None:
+            return FAILED, [f"merge process exited with code {res.returncode} without a result; see "
+                            f"{self._log_path(job)}"]
+        merged_sha = res.record["checkpoints"][-1]["sha256"]
+        if merged_sha != job.sha256:
+            return FAILED, ["the staged copy no longer matches the content hash journaled on arrival "
+                            "(was the file changed in place after it was dropped?)"]
+        return None, []
+
+    def _request(self, job: Job, candidate: Path, previous: Path | None) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "merge": {"base": str(s.base_model), "checkpoint": job.staged_path, "output": str(candidate),
+                      "previous": str(previous) if previous else None, "method": s.method,
+                      "options": s.method_settings, "seed": s.seed, "device": s.device,
+                      "max_shard_bytes": s.max_shard_bytes},
+            "gate": s.gate.model_dump(mode="json"),
+        }
+
+    def _log_path(self, job: Job) -> Path:
+        return self.logs_dir / f"job-{job.id:06d}-a{job.attempts}.log"
+
+    def _run_child(self, job: Job, request: dict[str, Any], jlog: Any) -> ChildResult:
+        res = ChildResult()
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        read_fd, write_fd = os.pipe()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self._log_path(job).open("ab") as child_log:
+            with self._child_lock:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "nufilt_daemon.merge_process", "--events-fd", str(write_fd),
+                     "--parent-pid", str(os.getpid())],
+                    stdin=subprocess.PIPE, stdout=child_log, stderr=subprocess.STDOUT, pass_fds=(write_fd,), env=env)
+                self._child = proc
+        os.close(write_fd)
+        timer = None
+        if self.settings.merge_timeout_seconds:
+            def on_timeout() -> None:
+                res.timed_out = True
+                self._terminate_child()
+            timer = threading.Timer(self.settings.merge_timeout_seconds, on_timeout)
+            timer.daemon = True
+            timer.start()
+        try:
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(json.dumps(request).encode())
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # the child died at once; its exit code tells
+            with os.fdopen(read_fd, "r") as events:
+                for line in events:
+                    self._handle_event(job, line, res, jlog)
+            res.returncode = proc.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+            with self._child_lock:
+                self._child = None
+        return res
+
+    def _handle_event(self, job: Job, line: str, res: ChildResult, jlog: Any) -> None:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            return
+        kind = ev.get("event")
+        if kind == "progress":
+            jlog.debug("merge_progress", phase=ev.get("phase"), index=ev.get("index"), total=ev.get("total"))
+        elif kind == "merged":
+            res.record, res.merge_phase_seconds = ev.get("record"), ev.get("seconds") or {}
+            res.merged_at = time.monotonic()
+            res.gpu_peak_bytes = ev.get("gpu_peak_bytes")
+            step = (res.record or {}).get("step")
+            self.journal.transition(job.id, VALIDATING, step=step)
+            jlog.info("candidate_merged", step=step, seconds=res.merge_phase_seconds)
+        elif kind == "validated":
+            res.validation = ev.get("report")
+        elif kind == "error":
+            res.error = ev
+
+    def _drop_staged(self, job: Job) -> None:
+        current = self.journal.job(job.id)
+        if current is None or not current.staged_path:
+            return
+        staged = Path(current.staged_path).parent  # STATE/staged/<token>/
+        shutil.rmtree(staged, ignore_errors=True)
+        self.journal.clear_staged(job.id)

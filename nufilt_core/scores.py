@@ -1,0 +1,104 @@
+"""Data-free stability and plasticity surrogates of one merge step (paper Eq. 13–14).
+
+The paper bounds the data-level losses by a term restricted to the singular subspaces plus a
+spectral-norm term that depends on the (unknown) activations. Without data we report the
+subspace terms, summed over the matrices the method filters:
+
+  stab = Σ_l ‖(τ̃_≤t − τ̃_≤t−1) V̂_≤t−1‖²_F   how much the update moves earlier tasks' directions
+  plas = Σ_l ‖(τ̃_≤t − τ_t) V̂_t‖²_F          how far the merged model is from θ_t on its directions
+
+with τ̃_≤t = θ_t^m − θ0, τ̃_≤t−1 = θ_{t−1}^m − θ0, τ_t = θ_t − θ0, V̂_≤t−1 the top-r_p right singular
+vectors of τ̃_≤t−1 and V̂_t the top-r_v of τ_t (numerically zero directions dropped, as the merge).
+
+Normalised, so a threshold means the same for any model size:
+  stability  = stab / Σ_l ‖τ̃_≤t−1 V̂_≤t−1‖²_F   0: earlier directions untouched; 1: moved by their own size
+  plasticity = plas / Σ_l ‖τ_t V̂_t‖²_F          0: the new task fully kept; 1: as if it was not merged
+Both are losses (lower is better). At step 1 there are no earlier directions: stability is 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .checkpoint import Checkpoint
+from .linalg import top_right_singular_vectors
+
+
+@dataclass
+class MatrixTerms:
+    stab: float  # ‖(τ̃_≤t − τ̃_≤t−1) V̂p‖²
+    stab_ref: float  # ‖τ̃_≤t−1 V̂p‖²
+    plas: float  # ‖(τ̃_≤t − τ_t) V̂t‖²
+    plas_ref: float  # ‖τ_t V̂t‖²
+
+
+@dataclass
+class SurrogateScores:
+    stability: float
+    plasticity: float
+    stability_raw: float
+    plasticity_raw: float
+    stability_ref: float
+    plasticity_ref: float
+    matrices: int
+
+    @property
+    def harmonic_mean(self) -> float:
+        """As the paper's Fig. 5 combines the two (0 when either is 0)."""
+        s, p = self.stability, self.plasticity
+        return 0.0 if s <= 0 or p <= 0 else 2 * s * p / (s + p)
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "harmonic_mean": self.harmonic_mean}
+
+
+def matrix_terms(tau_prev: torch.Tensor, tau_new: torch.Tensor, tau_merged: torch.Tensor,
+                 null_rank: int, task_rank: int) -> MatrixTerms:
+    """The four sums of squares for one weight matrix [d_out, d_in] (all on one device, fp32/64)."""
+    v_prev = top_right_singular_vectors(tau_prev, null_rank)
+    v_new = top_right_singular_vectors(tau_new, task_rank)
+    return MatrixTerms(
+        stab=float(((tau_merged - tau_prev) @ v_prev).square().sum()),
+        stab_ref=float((tau_prev @ v_prev).square().sum()),
+        plas=float(((tau_merged - tau_new) @ v_new).square().sum()),
+        plas_ref=float((tau_new @ v_new).square().sum()),
+    )
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else 0.0
+
+
+def surrogate_scores(base: Checkpoint, previous: Checkpoint | None, new: Checkpoint, merged: Checkpoint,
+                     selected: Callable[[str, tuple[int, ...]], bool], null_rank: int = 128, task_rank: int = 8,
+                     device: torch.device | str = "cpu") -> SurrogateScores:
+    """Stream the selected 2-D float tensors of the four models and sum the terms.
+
+    `previous` None means step 1 (θ_0^m = θ0). Memory: four copies of one matrix at a time.
+    """
+    totals = MatrixTerms(0.0, 0.0, 0.0, 0.0)
+    count = 0
+    with torch.no_grad():
+        for name, info in base.tensors.items():
+            if not info.is_float or len(info.shape) != 2 or not selected(name, info.shape):
+                continue
+            compute = torch.float64 if info.torch_dtype == torch.float64 else torch.float32
+
+            def load(c: Checkpoint, name: str = name, compute: torch.dtype = compute) -> torch.Tensor:
+                return c.read(name).to(device=device, dtype=compute)
+
+            w0 = load(base)
+            tau_prev = load(previous) - w0 if previous is not None else torch.zeros_like(w0)
+            terms = matrix_terms(tau_prev, load(new) - w0, load(merged) - w0, null_rank, task_rank)
+            totals.stab += terms.stab
+            totals.stab_ref += terms.stab_ref
+            totals.plas += terms.plas
+            totals.plas_ref += terms.plas_ref
+            count += 1
+    return SurrogateScores(
+        stability=_ratio(totals.stab, totals.stab_ref), plasticity=_ratio(totals.plas, totals.plas_ref),
+        stability_raw=totals.stab, plasticity_raw=totals.plas, stability_ref=totals.stab_ref,
+        plasticity_ref=totals.plas_ref, matrices=count)

@@ -1,0 +1,148 @@
+"""The webhook listener over real HTTP: MLflow's signature scheme, 401 on anything invalid.
+
+The end-to-end case (a real MLflow server delivering a webhook) is in test_mlflow_registry.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from nufilt_daemon.webhook import WebhookServer, sign
+from pydantic import SecretStr
+
+SECRET = "s3cret-for-tests"
+
+
+def mlflow_signature(secret: str, delivery_id: str, timestamp: str, payload: str) -> str:
+    """MLflow's own signer, so the test checks against the sender, not against our copy of it."""
+    from mlflow.webhooks.delivery import _generate_hmac_signature
+
+    return _generate_hmac_signature(secret, delivery_id, timestamp, payload)
+
+
+class Wakes:
+    def __init__(self) -> None:
+        self.count = 0
+        self.event = threading.Event()
+
+    def __call__(self) -> None:
+        self.count += 1
+        self.event.set()
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[WebhookServer, Wakes]]:
+    wakes = Wakes()
+    server = WebhookServer("127.0.0.1", 0, SecretStr(SECRET), wakes)
+    server.start()
+    try:
+        yield server, wakes
+    finally:
+        server.stop()
+
+
+def payload(entity: str = "model_version", action: str = "created") -> bytes:
+    return json.dumps({"entity": entity, "action": action, "timestamp": "2026-01-01T00:00:00+00:00",
+                       "data": {"name": "fine-tunes", "version": "3", "source": "runs:/x/checkpoint"}}).encode()
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def signed_headers(body: bytes, secret: str = SECRET, timestamp: int | None = None,
+                   delivery_id: str | None = None) -> dict[str, str]:
+    delivery_id = delivery_id or str(uuid.uuid4())
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    return {"X-MLflow-Delivery-Id": delivery_id, "X-MLflow-Timestamp": ts,
+            "X-MLflow-Signature": mlflow_signature(secret, delivery_id, ts, body.decode())}
+
+
+def test_our_signature_matches_mlflows_signer() -> None:
+    body = payload()
+    assert sign(SECRET, "d-1", "1700000000", body) == mlflow_signature(SECRET, "d-1", "1700000000", body.decode())
+    assert sign("other", "d-1", "1700000000", body) != mlflow_signature(SECRET, "d-1", "1700000000", body.decode())
+
+
+def test_signed_model_version_created_wakes(listener: tuple[WebhookServer, Wakes]) -> None:
+    server, wakes = listener
+    body = payload()
+    status, reply = post(server.url, body, signed_headers(body))
+    assert (status, reply["status"]) == (200, "woken")
+    assert wakes.count == 1 and server.accepted == 1 and server.rejected == 0
+
+
+@pytest.mark.parametrize("tamper", ["wrong_secret", "body_changed", "no_signature", "stale", "bad_timestamp"])
+def test_invalid_requests_get_401_and_never_wake(listener: tuple[WebhookServer, Wakes], tamper: str) -> None:
+    server, wakes = listener
+    body = payload()
+    headers = signed_headers(body)
+    if tamper == "wrong_secret":
+        headers = signed_headers(body, secret="not-the-secret")
+    elif tamper == "body_changed":
+        body = payload(action="updated")  # signed the original, sends another
+    elif tamper == "no_signature":
+        del headers["X-MLflow-Signature"]
+    elif tamper == "stale":  # a correctly signed request captured 10 minutes ago
+        headers = signed_headers(body, timestamp=int(time.time()) - 600)
+    elif tamper == "bad_timestamp":
+        headers["X-MLflow-Timestamp"] = "yesterday"
+    status, reply = post(server.url, body, headers)
+    assert status == 401 and reply == {"error": "unauthorized"}
+    assert wakes.count == 0 and server.rejected == 1 and server.accepted == 0
+
+
+def test_other_events_and_replays_do_not_wake(listener: tuple[WebhookServer, Wakes]) -> None:
+    server, wakes = listener
+    other = payload(entity="model_version_alias", action="created")
+    assert post(server.url, other, signed_headers(other))[1]["status"] == "ignored"
+    body = payload()
+    headers = signed_headers(body)
+    assert post(server.url, body, headers)[1]["status"] == "woken"
+    assert post(server.url, body, headers)[1]["status"] == "duplicate"  # same delivery id again
+    assert wakes.count == 1
+
+
+def test_malformed_and_non_post(listener: tuple[WebhookServer, Wakes]) -> None:
+    server, wakes = listener
+    body = b"not json"
+    assert post(server.url, body, signed_headers(body))[0] == 400
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(server.url, timeout=10)
+    assert e.value.code == 405
+    assert wakes.count == 0
+
+
+def test_without_secret_unsigned_requests_wake() -> None:
+    wakes = Wakes()
+    server = WebhookServer("127.0.0.1", 0, None, wakes)
+    server.start()
+    try:
+        assert post(server.url, payload(), {})[0] == 200
+        assert wakes.count == 1
+    finally:
+        server.stop()
+    assert not server.healthy()
+
+
+def test_secret_never_logged(listener: tuple[WebhookServer, Wakes], capsys: pytest.CaptureFixture[str]) -> None:
+    server, _ = listener
+    body = payload()
+    post(server.url, body, signed_headers(body, secret="not-the-secret"))
+    post(server.url, body, signed_headers(body))
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err
+    assert "not-the-secret" not in out.out + out.err

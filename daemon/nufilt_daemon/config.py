@@ -24,6 +24,7 @@ from nufilt_core.errors import NufiltError
 from nufilt_core.merge import DEFAULT_MAX_SHARD_BYTES
 
 ENV_PREFIX = "NUFILT_"
+CONFIG_ENV = "NUFILT_CONFIG"  # path of the TOML file, when --config is not given
 NESTED_DELIMITER = "__"
 
 
@@ -139,7 +140,7 @@ def unknown_env_keys(environ: dict[str, str] | None = None) -> list[str]:
     known = set(Settings.model_fields)
     bad = []
     for key in environ:
-        if not key.upper().startswith(ENV_PREFIX):
+        if not key.upper().startswith(ENV_PREFIX) or key.upper() == CONFIG_ENV:
             continue
         field = key[len(ENV_PREFIX):].lower().split(NESTED_DELIMITER)[0]
         if field not in known:
@@ -162,7 +163,10 @@ def format_validation_error(e: ValidationError, origin: str) -> str:
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Read the TOML file (if any) and the environment; raise ConfigError naming every problem."""
+    """Read the TOML file (if any; default $NUFILT_CONFIG) and the environment; raise ConfigError
+    naming every problem."""
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file = Path(os.environ[CONFIG_ENV])
     origin = f"{config_file} and NUFILT_* environment" if config_file else "NUFILT_* environment"
     if config_file is not None and not Path(config_file).is_file():
         raise ConfigError(f"{config_file}: config file not found")

@@ -30,7 +30,7 @@ from nufilt_core import __version__
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 2700, 3600)
 OUTCOMES = ("promoted", "rejected", "failed")
 BUILTIN_SCORES = ("stability", "plasticity", "harmonic_mean")
-REGISTRY_OPERATIONS = ("publish", "set_production")
+REGISTRY_OPERATIONS = ("poll", "publish", "set_production")
 
 
 class GpuMemoryCollector(Collector):

@@ -27,7 +27,7 @@ import queue
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -60,6 +60,8 @@ Signature = tuple[tuple[str, int, int], ...]
 def signature(path: Path) -> Signature | None:
     """(relative path, size, mtime) of every file; None when the entry vanished."""
     try:
+        if not path.exists():
+            return None
         if path.is_file():
             st = path.stat()
             return (("", st.st_size, st.st_mtime_ns),)
@@ -91,9 +93,7 @@ class _Entry:
     first_seen: float
     stable_since: float
     sig: Signature | None
-    why_waiting: str | None = None
     warned: bool = False
-    history: list[str] = field(default_factory=list)
 
 
 class _Handler(FileSystemEventHandler):
@@ -194,7 +194,7 @@ class FolderSource:
         except FileNotFoundError:
             self.root.mkdir(parents=True, exist_ok=True)
             names = []
-        for name in names:
+        for name in sorted(names):  # a deterministic order for what was there before the start
             self._note(name)
 
     def _drain_events(self) -> None:

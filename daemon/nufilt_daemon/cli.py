@@ -1,0 +1,354 @@
+"""The `nufilt` command: the core's `merge` and `inspect`, plus the daemon's commands.
+
+    nufilt daemon   [--config FILE] [--check]   run the service (or only validate the config)
+    nufilt status   [--config FILE] [--json]    production version, step, queue, last outcome
+    nufilt history  [--config FILE] [--json]    jobs and production changes, newest first
+    nufilt rollback [--config FILE]             production back one version
+    nufilt submit PATH [--config FILE]          copy a checkpoint into the inbox safely
+
+status, history and rollback read the journal and the store directly: they work whether the
+daemon runs or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from nufilt_core.cli import build_parser as build_core_parser
+from nufilt_core.cli import run
+from nufilt_core.errors import NufiltError
+
+from .config import CONFIG_ENV, Settings, load_settings
+from .journal import ACTIVE_STATES, Job, Journal
+from .promoter import Promoter
+from .store import Store, StoreError, version_name
+from .supervisor import Daemon, publishing_enabled, state_paths
+
+CONFIG_HELP = f"TOML config file (default: ${CONFIG_ENV}); NUFILT_* environment variables override it"
+
+DAEMON_EPILOG = """\
+examples:
+  # the smallest setup: a base model and the default folders (nufilt-inbox/, nufilt-store/, nufilt-state/)
+  NUFILT_BASE_MODEL=models/base nufilt daemon
+  # with a config file, checked first
+  nufilt daemon --config /etc/nufilt/nufilt.toml --check
+  nufilt daemon --config /etc/nufilt/nufilt.toml
+
+Then drop checkpoints into the inbox (`nufilt submit PATH`, or write elsewhere and `mv`);
+each becomes a new version under STORE/versions/ and STORE/production once validated.
+Metrics: http://127.0.0.1:9180/metrics. Logs: JSON lines on stderr (a console format on a TTY).
+Every setting is documented in docs/daemon.md.
+"""
+
+
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
+
+
+def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("daemon", help="run the service: watch, merge, validate, promote",
+                       description="Watch the inbox (and an MLflow registry, if configured); merge each new "
+                       "checkpoint into the production model, validate it, promote it.",
+                       epilog=DAEMON_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arg(p)
+    p.add_argument("--check", action="store_true", help="validate the configuration, print it (secrets masked), "
+                   "and exit")
+    p.set_defaults(func=cmd_daemon)
+
+    p = sub.add_parser("status", help="production version, step, queue and last outcome",
+                       description="Where the service stands: production version and its step, jobs waiting, "
+                       "the last finished job, whether a daemon is running.")
+    add_config_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("history", help="jobs and production changes, newest first",
+                       description="Every checkpoint that arrived, with its outcome and reason, and every "
+                       "promotion and rollback.",
+                       epilog="examples:\n  nufilt history --limit 5\n"
+                       "  nufilt history --job 7   # one job's state transitions, with reasons",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arg(p)
+    p.add_argument("--limit", type=int, default=20, help="how many jobs (default 20)")
+    p.add_argument("--job", type=int, help="show one job with all its state transitions")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("rollback", help="move production back one version",
+                       description="Point STORE/production back at the version the current one was merged from "
+                       "(and the MLflow alias, if configured). Later merges continue from there. Recorded in the "
+                       "journal; works whether the daemon runs or not.")
+    add_config_arg(p)
+    p.add_argument("--reason", help="why, for the history")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("submit", help="copy a checkpoint into the inbox safely",
+                       description="Copy a .safetensors file or a checkpoint folder into the inbox under a "
+                       "temporary name on the same filesystem, then rename it into place, so the daemon never "
+                       "sees a half-copied checkpoint.",
+                       epilog="example:\n  nufilt submit runs/task7/checkpoint-final --name task7",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", type=Path, help="a .safetensors file or a folder (single file or shards + index)")
+    add_config_arg(p)
+    p.add_argument("--name", help="name in the inbox (default: the source's name)")
+    p.set_defaults(func=cmd_submit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = build_core_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    add_daemon_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .logging import configure_logging
+
+    configure_logging("warning")  # commands print their own results; `daemon` reconfigures from its settings
+    return run(build_parser(), argv)
+
+
+# --- daemon ------------------------------------------------------------------------------
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from .logging import configure_logging
+
+    settings = load_settings(args.config)
+    if args.check:
+        print(json.dumps(settings.redacted(), indent=2))
+        if settings.base_model is None:
+            print("nufilt: error: base_model is not set (NUFILT_BASE_MODEL)", file=sys.stderr)
+            return 1
+        return 0
+    configure_logging(settings.log_level, settings.log_format)
+    return Daemon(settings).run()
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else None
+
+
+def _short(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else "-"
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = max(0, int(time.time() - ts))
+    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
+
+
+def daemon_state(settings: Settings) -> dict[str, Any]:
+    """Running or not, by trying the daemon's lock (a stale pid file cannot fool this)."""
+    paths = state_paths(Path(settings.state_dir))
+    if not paths["lock"].exists():
+        return {"running": False}
+    with paths["lock"].open("r") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return {"running": False}
+        except BlockingIOError:
+            pass
+    try:
+        info = json.loads(paths["info"].read_text())
+    except (OSError, ValueError):
+        info = {}
+    return {"running": True, **info}
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    d = dict(job.__dict__)
+    for k in ("created_at", "updated_at", "started_at", "finished_at"):
+        d[k] = _iso(d[k])
+    return d
+
+
+def _open(settings: Settings) -> tuple[Store, Journal]:
+    return Store(settings.store_dir), Journal.in_state_dir(Path(settings.state_dir), create=False)
+
+
+def status_data(settings: Settings) -> dict[str, Any]:
+    store, journal = _open(settings)
+    try:
+        prod = store.production()
+        production = None
+        if prod is not None:
+            production = {"version": prod.number, "name": prod.name, "path": str(prod.path)}
+            try:
+                rec = prod.lineage()
+                production.update(step=rec.step, method=rec.method, created_at=rec.created_at,
+                                  checkpoints=[c.path for c in rec.checkpoints])
+            except NufiltError as e:
+                production["error"] = str(e)
+            production["scores"] = prod.report().get("scores")
+        counts = journal.counts()
+        last = journal.last_finished()
+        return {
+            "production": production,
+            "queue": {s: counts[s] for s in ACTIVE_STATES},
+            "totals": counts,
+            "last": job_dict(last) if last else None,
+            "pending_publications": len(journal.outbox_pending()),
+            "daemon": daemon_state(settings),
+        }
+    finally:
+        journal.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    data = status_data(settings)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    p = data["production"]
+    if p:
+        print(f"production  {p['name']} (step {p.get('step', '?')}, {p.get('method', '?')}), {p['path']}")
+    else:
+        print("production  none yet (no checkpoint has been promoted)")
+    q = data["queue"]
+    print(f"queue       {q['queued']} queued, {q['merging']} merging, {q['validating']} validating")
+    last = data["last"]
+    if last:
+        what = f"{last['state']}" + (f" as {version_name(last['version'])}" if last["version"] else "")
+        why = f": {last['reason']}" if last["reason"] and last["state"] != "promoted" else ""
+        finished = datetime.fromisoformat(last["finished_at"]).timestamp() if last["finished_at"] else None
+        print(f"last        job {last['id']} {what}, {_ago(finished)} ({last['reference']}){why}")
+    t = data["totals"]
+    print(f"totals      {t['promoted']} promoted, {t['rejected']} rejected, {t['failed']} failed, "
+          f"{t['duplicate']} duplicate")
+    if data["pending_publications"]:
+        print(f"registry    {data['pending_publications']} update(s) waiting to be published")
+    d = data["daemon"]
+    print(f"daemon      running, pid {d.get('pid', '?')}, metrics {d.get('metrics_url') or 'off'}"
+          if d["running"] else "daemon      not running")
+    return 0
+
+
+# --- history -----------------------------------------------------------------------------
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    _, journal = _open(settings)
+    try:
+        if args.job is not None:
+            job = journal.job(args.job)
+            if job is None:
+                raise NufiltError(f"no job {args.job} in {journal.path}")
+            steps = [{"from": f, "to": t, "reason": r, "at": _iso(at)} for f, t, r, at in journal.transitions(job.id)]
+            if args.json:
+                print(json.dumps({**job_dict(job), "transitions": steps}, indent=2))
+            else:
+                for k, v in job_dict(job).items():
+                    print(f"{k:<13} {v}")
+                print("transitions")
+                for st in steps:
+                    print(f"  {st['at']}  {st['from'] or '-':>10} → {st['to']:<10} {st['reason'] or ''}")
+            return 0
+        jobs = journal.jobs(limit=args.limit)
+        changes = journal.production_changes(limit=args.limit)
+    finally:
+        journal.close()
+    if args.json:
+        print(json.dumps({"jobs": [job_dict(j) for j in jobs],
+                          "production_changes": [{**c.__dict__, "at": _iso(c.at)} for c in changes]}, indent=2))
+        return 0
+    print(f"{'job':>5}  {'state':<10} {'version':<8} {'step':>4}  {'source':<7} {'finished':<20} checkpoint / reason")
+    for j in jobs:
+        ver = version_name(j.version) if j.version else "-"
+        reason = f"  ({j.reason})" if j.reason and j.state != "promoted" else ""
+        print(f"{j.id:>5}  {j.state:<10} {ver:<8} {j.step or '-':>4}  {j.source:<7} "
+              f"{_short(j.finished_at):<20} {j.reference}{reason}")
+    if changes:
+        print("\nproduction changes")
+        for c in changes:
+            src = version_name(c.from_version) if c.from_version else "none"
+            extra = f" (job {c.job_id})" if c.job_id else f" ({c.reason})" if c.reason else ""
+            print(f"  {_short(c.at)}  {c.kind:<8} {src} → {version_name(c.to_version)}{extra}")
+    return 0
+
+
+# --- rollback ----------------------------------------------------------------------------
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    store, journal = _open(settings)
+    try:
+        done = Promoter(store, journal, settings.keep_versions, settings.keep_quarantine,
+                        publishing_enabled(settings)).rollback(args.reason)
+    except StoreError as e:
+        raise NufiltError(str(e)) from None
+    finally:
+        journal.close()
+    print(f"production: {version_name(done.from_version)} → {version_name(done.to_version)} "
+          f"({store.production_link} → {os.readlink(store.production_link)})")
+    if publishing_enabled(settings):
+        print("the MLflow alias follows as soon as the daemon reaches the registry")
+    return 0
+
+
+# --- submit ------------------------------------------------------------------------------
+
+
+def _fsync_tree(path: Path) -> None:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    src: Path = args.path
+    if not src.exists():
+        raise NufiltError(f"{src}: does not exist")
+    if src.is_file() and src.suffix != ".safetensors":
+        raise NufiltError(f"{src}: not a .safetensors file (submit a file or a checkpoint folder)")
+    inbox = Path(settings.watch_dir)
+    inbox.mkdir(parents=True, exist_ok=True)
+    name = args.name or src.name
+    if src.is_file() and not name.endswith(".safetensors"):
+        name += ".safetensors"
+    if name.startswith((".", "tmp-")) or name.endswith(".partial"):
+        raise NufiltError(f"{name}: the inbox ignores hidden and temporary names; choose another --name")
+    dest = inbox / name
+    if dest.exists():
+        raise NufiltError(f"{dest}: already in the inbox (pass --name to choose another name)")
+    tmp = inbox / f"tmp-{uuid.uuid4().hex[:8]}-{name}"  # ignored by the watcher until renamed
+    try:
+        if src.is_dir():
+            shutil.copytree(src, tmp)
+        else:
+            shutil.copy2(src, tmp)
+        _fsync_tree(tmp)
+        os.rename(tmp, dest)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    print(f"submitted {src} as {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

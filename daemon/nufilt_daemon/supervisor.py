@@ -1,0 +1,299 @@
+"""The supervisor: wires the pipeline, keeps it healthy, stops it cleanly.
+
+Start: one daemon per state dir (flock), store and journal opened, recovery (recovery.py),
+/metrics served, the worker and the registry outbox started, then the sources; READY=1 once all
+are up. Loop (every `loop_interval_seconds`, on the main thread): restart unhealthy sources and
+the outbox with back-off, refresh the gauges from the journal and the store (so a rollback made
+by `nufilt rollback` in another process shows up), STATUS= and WATCHDOG=1 to systemd.
+SIGTERM/SIGINT: stop sources, give a running merge `shutdown_grace_seconds`, then abandon it
+(it is re-queued), stop the rest.
+
+MLflow (source, publisher, webhook) is imported lazily and only when `mlflow.tracking_uri` is
+set, so the daemon runs without it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from nufilt_core.checkpoint import Checkpoint
+from nufilt_core.errors import NufiltError
+
+from .config import ConfigError, Settings
+from .intake import Intake
+from .journal import ACTIVE_STATES, DUPLICATE, Job, Journal
+from .metrics import Metrics
+from .notify import Notifier
+from .promoter import Promoter
+from .publishers.outbox import Outbox
+from .recovery import recover
+from .sources.base import Arrival, Source
+from .sources.folder import FolderSource
+from .store import Store, StoreError
+from .worker import MergeWorker
+
+log = structlog.get_logger("nufilt.supervisor")
+
+DAEMON_INFO = "daemon.json"  # pid, metrics URL: read by `nufilt status`
+
+
+class AlreadyRunning(NufiltError):
+    """Another daemon holds this state dir."""
+
+
+def state_paths(state_dir: Path) -> dict[str, Path]:
+    return {"staged": state_dir / "staged", "downloads": state_dir / "downloads", "logs": state_dir / "logs",
+            "lock": state_dir / "daemon.lock", "info": state_dir / DAEMON_INFO}
+
+
+def publishing_enabled(settings: Settings) -> bool:
+    return bool(settings.mlflow.tracking_uri and settings.mlflow.target_model)
+
+
+class _Supervised:
+    """A restartable part with back-off, so a part that keeps failing does not spin."""
+
+    def __init__(self, name: str, part: Any, start: Any):
+        self.name, self.part, self._start = name, part, start
+        self.failures = 0
+        self.next_try = 0.0
+
+    def check(self) -> None:
+        if self.part.healthy():
+            self.failures = 0
+            return
+        now = time.monotonic()
+        if now < self.next_try:
+            return
+        self.failures += 1
+        self.next_try = now + min(60.0, 2.0 ** self.failures)
+        log.warning("restarting_unhealthy_part", part=self.name, failures=self.failures)
+        try:
+            self.part.stop()
+            self._start()
+        except Exception:
+            log.exception("restart_failed", part=self.name)
+
+
+class Daemon:
+    def __init__(self, settings: Settings):
+        if settings.base_model is None:
+            raise ConfigError("base_model is required to run the daemon (set it in the config file or as "
+                              "NUFILT_BASE_MODEL)")
+        self.settings = settings
+        self.paths = state_paths(Path(settings.state_dir))
+        self.stop_event = threading.Event()
+        self.notifier = Notifier()
+        self._lock_file: Any = None
+        self.sources: list[Source] = []
+        self.supervised: list[_Supervised] = []
+        self.metrics_port: int | None = None
+        self.outbox: Outbox | None = None
+        self.webhook: Any = None
+        self._rollbacks_seen = 0
+
+    # --- start -----------------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        lock_path = self.paths["lock"]
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = lock_path.open("a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            other = f.read().strip() or "?"
+            f.close()
+            raise AlreadyRunning(f"{self.settings.state_dir}: another nufilt daemon (pid {other}) uses this "
+                                 "state dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._lock_file = f
+
+    def _build(self) -> None:
+        s = self.settings
+        try:
+            Checkpoint.open(s.base_model)  # type: ignore[arg-type]
+        except NufiltError as e:
+            raise ConfigError(f"base_model: {e}") from None
+        self.store = Store(s.store_dir).ensure()
+        self.journal = Journal.in_state_dir(Path(s.state_dir))
+        source_names = (["folder"] if s.folder.enabled else []) + (["mlflow"] if s.mlflow.source_model else [])
+        gpu = s.device != "cpu" and _cuda_available()
+        self.metrics = Metrics(sources=source_names or ["folder"], score_names=list(s.gate.thresholds), gpu=gpu)
+        self.promoter = Promoter(self.store, self.journal, s.keep_versions, s.keep_quarantine, publishing_enabled(s))
+        self.worker = MergeWorker(s, self.journal, self.store, self.promoter, self.metrics, self.paths["logs"])
+        self.intake = Intake(self.journal, self.paths["staged"], self._on_journaled)
+
+    def _on_journaled(self, job: Job, arrival: Arrival) -> None:
+        self.metrics.detected.labels(arrival.source).inc()
+        if job.state == DUPLICATE:
+            self.metrics.duplicates.inc()
+        elif job.state == "rejected":
+            self.metrics.merges.labels("rejected").inc()
+        self.worker.wake()
+
+    def _start_sources(self) -> None:
+        s = self.settings
+        if s.folder.enabled:
+            folder = FolderSource(Path(s.watch_dir), s.folder)
+            self._add_source(folder)
+        if s.mlflow.tracking_uri and s.mlflow.source_model:
+            from .sources.mlflow_registry import MlflowRegistrySource  # lazy: MLflow is optional
+
+            mlflow_source = MlflowRegistrySource(s.mlflow, self.paths["downloads"], self.journal,
+                                                 on_error=lambda e: self.metrics.registry_errors.labels("poll").inc())
+            self._add_source(mlflow_source)
+            if s.mlflow.webhook_port is not None:
+                from .webhook import WebhookServer
+
+                self.webhook = WebhookServer(s.mlflow.webhook_host, s.mlflow.webhook_port, s.mlflow.webhook_secret,
+                                             mlflow_source.wake)
+                self.webhook.start()
+                self.supervised.append(_Supervised("webhook", self.webhook, self.webhook.start))
+
+    def _add_source(self, source: Source) -> None:
+        def start() -> None:
+            source.start(self.intake.emit)
+        start()
+        self.sources.append(source)
+        self.supervised.append(_Supervised(f"source:{source.name}", source, start))
+
+    def _start_outbox(self) -> None:
+        if not publishing_enabled(self.settings):
+            return
+        from .publishers.mlflow import MlflowPublisher  # lazy: MLflow is optional
+
+        self.outbox = Outbox(self.journal, self.store, MlflowPublisher(self.settings.mlflow), self.metrics)
+        self.outbox.start()
+        self.supervised.append(_Supervised("registry-outbox", self.outbox, self.outbox.start))
+
+    def run(self) -> int:
+        s = self.settings
+        self._take_lock()
+        try:
+            self._build()
+            report = recover(self.journal, self.store, self.intake, s.max_attempts, publishing_enabled(s))
+            log.info("daemon_starting", pid=os.getpid(), config=s.redacted(), requeued=report.requeued,
+                     failed=report.failed, completed=report.completed, removed=len(report.removed))
+            self._rollbacks_seen = self.journal.count_rollbacks()
+            self._refresh_gauges()
+            if s.metrics_port is not None:
+                self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
+            self._write_info()
+            self.worker.start()
+            self._start_outbox()
+            self._start_sources()
+            self._install_signals()
+            self.notifier.ready(self._status_line())
+            log.info("daemon_ready", metrics=self._metrics_url(), watch_dir=str(s.watch_dir),
+                     store_dir=str(s.store_dir), sources=[src.name for src in self.sources])
+            self._loop()
+            return 0
+        finally:
+            self._shutdown()
+
+    # --- loop ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self.stop_event.is_set():
+            for part in self.supervised:
+                part.check()
+            if not self.worker.is_alive():  # a bug: let systemd restart us, recovery re-queues the job
+                log.error("worker_died")
+                raise RuntimeError("the merge worker thread died")
+            self._refresh_gauges()
+            self.notifier.status(self._status_line())
+            self.notifier.watchdog()
+            self.stop_event.wait(self.settings.loop_interval_seconds)
+
+    def _refresh_gauges(self) -> None:
+        counts = self.journal.counts()
+        self.metrics.pending.set(sum(counts[st] for st in ACTIVE_STATES))
+        try:
+            prod = self.store.production()
+        except StoreError:
+            prod = None
+        self.metrics.production_version.set(prod.number if prod else 0)
+        if prod is not None:
+            try:
+                self.metrics.merge_step.set(prod.lineage().step)
+            except NufiltError:
+                pass
+        rollbacks = self.journal.count_rollbacks()
+        if rollbacks > self._rollbacks_seen:  # made by `nufilt rollback` in another process
+            self.metrics.rollbacks.inc(rollbacks - self._rollbacks_seen)
+            self._rollbacks_seen = rollbacks
+            if self.outbox is not None:
+                self.outbox.wake()
+        promotions = [c for c in self.journal.production_changes(limit=100) if c.kind == "promote"]
+        if promotions:
+            self.metrics.last_promotion.set(promotions[0].at)
+
+    def _status_line(self) -> str:
+        counts = self.journal.counts()
+        try:
+            prod = self.store.production()
+        except StoreError:
+            prod = None
+        current = self.worker.current
+        busy = f"merging job {current.id}" if current else "idle"
+        return (f"production {prod.name if prod else 'none'}; {counts['queued']} queued; {busy}; "
+                f"{counts['promoted']} promoted, {counts['rejected']} rejected, {counts['failed']} failed")
+
+    def _metrics_url(self) -> str | None:
+        return f"http://{self.settings.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else None
+
+    def _write_info(self) -> None:
+        info = {"pid": os.getpid(), "metrics_url": self._metrics_url(), "started_at": time.time()}
+        tmp = self.paths["info"].with_suffix(".tmp")
+        tmp.write_text(json.dumps(info) + "\n")
+        os.replace(tmp, self.paths["info"])
+
+    # --- stop ------------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            log.info("stop_requested", signal=signal.Signals(signum).name)
+            self.stop_event.set()
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        for src in self.sources:
+            try:
+                src.stop()
+            except Exception:
+                log.exception("source_stop_failed", source=src.name)
+        if hasattr(self, "worker"):
+            self.worker.stop(self.settings.shutdown_grace_seconds)
+        if self.outbox is not None:
+            self.outbox.stop()
+        if self.webhook is not None:
+            self.webhook.stop()
+        if hasattr(self, "metrics"):
+            self.metrics.shutdown()
+        if hasattr(self, "journal"):
+            self.journal.close()
+        self.paths["info"].unlink(missing_ok=True)
+        if self._lock_file is not None:
+            self._lock_file.close()
+        log.info("daemon_stopped")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

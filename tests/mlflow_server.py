@@ -53,7 +53,12 @@ class MlflowServer:
         self.db_path = self.root / "mlflow.db"
         self.artifacts = self.root / "artifacts"
         self.log_path = self.root / "server.log"
-        self.env = {"MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": WEBHOOK_ENCRYPTION_KEY, **(extra_env or {})}
+        self.env = {
+            "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": WEBHOOK_ENCRYPTION_KEY,
+            # no background job runner (an extra process, and a folder in /dev/shm a kill leaves behind)
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            **(extra_env or {}),
+        }
         self._process: subprocess.Popen[bytes] | None = None
         atexit.register(self.stop)
 
@@ -110,7 +115,7 @@ class MlflowServer:
         except ProcessLookupError:
             pass
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
         try:

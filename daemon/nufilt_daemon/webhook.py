@@ -86,7 +86,9 @@ class WebhookServer:
 
     def start(self) -> None:
         if self._server is not None:
-            return
+            if self.healthy():
+                return
+            self.stop()  # the serving thread died: the supervisor restarts us with a fresh server
         self._server = ThreadingHTTPServer((self.host, self.requested_port), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="mlflow-webhook", daemon=True)
@@ -100,7 +102,8 @@ class WebhookServer:
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
+        if self._thread is not None and self._thread.is_alive():
+            server.shutdown()  # waits for serve_forever to return, so only while it runs
         server.server_close()
         if self._thread is not None:
             self._thread.join()

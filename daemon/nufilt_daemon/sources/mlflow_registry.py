@@ -47,6 +47,7 @@ log = structlog.get_logger("nufilt.sources.mlflow")
 SOURCE_NAME = "mlflow"
 PAGE_SIZE = 100
 PARTIAL_PREFIX = ".partial-"
+STOP_TIMEOUT_SECONDS = 30.0
 READY, PENDING, FAILED = "READY", "PENDING_REGISTRATION", "FAILED_REGISTRATION"
 
 
@@ -121,7 +122,9 @@ class MlflowRegistrySource:
 
     def start(self, emit: Emit) -> None:
         if self._thread is not None and self._thread.is_alive():
-            return
+            if not self._stop.is_set():
+                return  # already running
+            self._thread.join()  # a stop() that timed out mid-download: let that poll end first
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
         self._remove_partials()
         self._stop.clear()
@@ -133,15 +136,22 @@ class MlflowRegistrySource:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            # a poll in flight ends within one MLflow request timeout (or one download)
-            thread.join()
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return
+        # a poll in flight ends within one MLflow request timeout, but a download can take minutes:
+        # do not hold the daemon's shutdown for it (the thread is a daemon thread; the partial
+        # download is removed at the next start)
+        thread.join(STOP_TIMEOUT_SECONDS)
+        if thread.is_alive():
+            log.warning("mlflow_source_stop_timeout", model=self.model, seconds=STOP_TIMEOUT_SECONDS)
+        else:
+            self._thread = None
 
     def healthy(self) -> bool:
         # MLflow being down is not unhealthy (restarting us would not help; `errors` shows it);
         # a dead thread is
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     def wake(self) -> None:
         """Poll now instead of at the next interval (the webhook calls this)."""

@@ -148,6 +148,26 @@ def test_versions_arrive_in_order_with_their_files(server, client, base, tmp_pat
     assert source.poll_once(emit) == 0 and len(emit.arrivals) == 3
 
 
+def test_a_logged_model_version_arrives_too(server, client, base, tmp_path):
+    """MLflow 3's own way (`log_model(..., registered_model_name=...)`): the version's source is a
+    logged model `models:/m-…`, not a run's artifact folder."""
+    model = unique("logged")
+    state = finetune(base, 7)
+    folder = write_model(state, tmp_path / "ckpt")
+    experiment = client.get_experiment_by_name("fine-tunes") or client.get_experiment(
+        client.create_experiment("fine-tunes"))
+    logged = client.create_logged_model(experiment.experiment_id, name="bert-ft")
+    client.log_model_artifacts(logged.model_id, str(folder))
+    client.finalize_logged_model(logged.model_id, "READY")
+    client.create_registered_model(model)
+    client.create_model_version(model, f"models:/{logged.model_id}", model_id=logged.model_id, await_creation_for=0)
+    source = MlflowRegistrySource(settings_for(server, source_model=model), tmp_path / "dl",
+                                  Journal(tmp_path / "journal.db"))
+    emit = Collector()
+    assert source.poll_once(emit) == 1
+    assert same(emit.arrivals[0][1], state)
+
+
 def test_pending_version_holds_back_later_ones_and_failed_is_skipped(server, client, base, tmp_path):
     model = unique("pending")
     for i in range(1, 4):

@@ -17,6 +17,9 @@ class Notifier:
     def __init__(self) -> None:
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
         self._sd = sdnotify.SystemdNotifier() if self.enabled else None
+        if self._sd is not None and self._sd.socket is not None:
+            # never block the supervisor loop on a full socket (a reader that is not reading): drop instead
+            self._sd.socket.setblocking(False)
         usec = os.environ.get("WATCHDOG_USEC", "")
         self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else 1.0
         self._last_watchdog = 0.0

@@ -269,6 +269,7 @@ class MergeWorker:
                     stdin=subprocess.PIPE, stdout=child_log, stderr=subprocess.STDOUT, pass_fds=(write_fd,), env=env)
                 self._child = proc
         os.close(write_fd)
+        jlog.info("merge_process_started", pid=proc.pid, log=str(self._log_path(job)))
         timer = None
         if self.settings.merge_timeout_seconds:
             def on_timeout() -> None:

@@ -1,0 +1,229 @@
+"""End to end: the real `nufilt daemon` as a subprocess on a temporary store, real files dropped by
+rename, real /metrics over HTTP, real kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from daemon_harness import DaemonProcess, wait_for
+from models import base_state, finetune, write_model
+from nufilt_daemon.intake import content_hash
+
+from nufilt_core.lineage import LineageRecord
+
+pytestmark = pytest.mark.slow
+
+PROMOTED = 'nufilt_merges_total', (("outcome", "promoted"),)
+REJECTED = 'nufilt_merges_total', (("outcome", "rejected"),)
+
+
+def drop_and_wait_journaled(d: DaemonProcess, src: Path, name: str) -> dict:
+    before = len(d.jobs())
+    d.drop(src, name)
+    wait_for(f"{name} journaled", lambda: len(d.jobs()) > before, timeout=60)
+    return d.jobs()[before]
+
+
+def test_three_drops_become_versions_and_bad_or_duplicate_drops_do_not(tiny: dict[str, Path], tmp_path: Path):
+    d = DaemonProcess(tmp_path / "svc", tiny["base"]).start()
+    try:
+        m = d.metrics()  # label sets exist before the first event
+        assert m[PROMOTED] == 0 and m[REJECTED] == 0
+        assert m[("nufilt_checkpoints_detected_total", (("source", "folder"),))] == 0
+        assert m[("nufilt_production_version", ())] == 0
+
+        for i in (1, 2, 3):
+            drop_and_wait_journaled(d, tiny[f"t{i}"], f"task{i}")
+        wait_for("three promotions", lambda: len(d.in_states("promoted")) == 3, timeout=150)
+
+        jobs = d.jobs()
+        assert [(j["id"], j["version"], j["step"]) for j in jobs] == [(1, 1, 1), (2, 2, 2), (3, 3, 3)]
+        assert os.readlink(d.store / "production") == "versions/v000003"
+        assert sorted(p.name for p in (d.store / "versions").iterdir()) == ["v000001", "v000002", "v000003"]
+        record = LineageRecord.read(d.store / "production")
+        assert record.step == 3
+        assert [c.sha256 for c in record.checkpoints] == [content_hash(tiny[f"t{i}"]) for i in (1, 2, 3)]
+        assert content_hash(d.store / "production") == record.model_sha256  # complete, untouched weights
+        report = json.loads((d.store / "versions/v000003/validation.json").read_text())
+        assert report["decision"] == "accepted" and report["parent_version"] == 2 and report["job_id"] == 3
+        assert 0 <= report["scores"]["stability"] and report["scores"]["matrices"] == 10
+        # processed inbox entries are moved aside; the staged copies are gone once merged
+        assert sorted(p.name.split("-", 1)[1] for p in (d.inbox / ".processed").iterdir()) == ["task1", "task2",
+                                                                                               "task3"]
+        assert list((d.state / "staged").iterdir()) == []
+
+        m = d.metrics()
+        assert m[PROMOTED] == 3
+        assert m[("nufilt_merge_duration_seconds_count", ())] == 3
+        assert m[("nufilt_validation_duration_seconds_count", ())] == 3
+        assert m[("nufilt_checkpoints_detected_total", (("source", "folder"),))] == 3
+        assert m[("nufilt_merge_step", ())] == 3
+        wait_for("production gauge", lambda: d.metrics()[("nufilt_production_version", ())] == 3, timeout=10)
+        assert m[("nufilt_pending_checkpoints", ())] == 0
+        assert ("nufilt_validation_score", (("metric", "stability"),)) in m
+
+        # the same content again, under another name: recorded, not merged
+        dup = drop_and_wait_journaled(d, tiny["t2"], "task2-again")
+        assert dup["state"] == "duplicate" and dup["duplicate_of"] == 2
+
+        # a truncated file in a folder marked complete: rejected on arrival, naming the file
+        corrupt = tmp_path / "corrupt"
+        write_model(finetune(base_state(), 7), corrupt)
+        data = (corrupt / "model.safetensors").read_bytes()
+        (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
+        (corrupt / "_COMPLETE").touch()
+        bad = drop_and_wait_journaled(d, corrupt, "corrupt")
+        assert bad["state"] == "rejected" and "model.safetensors" in bad["reason"]
+        assert "truncated" in bad["reason"] or "does not fit" in bad["reason"]
+
+        # a checkpoint of another shape: refused by the merge's pre-flight, production stays
+        state = finetune(base_state(), 8)
+        state["encoder.layer.0.attention.self.query.weight"] = torch.zeros(16, 8)
+        mismatched = write_model(state, tmp_path / "mismatched")
+        job = drop_and_wait_journaled(d, mismatched, "mismatched")
+        final = wait_for("mismatch decided", lambda: [j for j in d.jobs() if j["id"] == job["id"]
+                                                       and j["state"] in ("rejected", "failed")], timeout=90)[0]
+        assert final["state"] == "rejected"
+        assert "encoder.layer.0.attention.self.query.weight" in final["reason"] and "shape" in final["reason"]
+        quarantined = json.loads((d.store / "quarantine" / f"job-{job['id']:06d}" / "validation.json").read_text())
+        assert quarantined["decision"] == "rejected" and quarantined["reasons"] == [final["reason"]]
+        assert os.readlink(d.store / "production") == "versions/v000003"
+        assert d.metrics()[REJECTED] == 2 and d.metrics()[PROMOTED] == 3
+
+        status = json.loads(d.cli("status", "--json").stdout)
+        assert status["production"]["version"] == 3 and status["production"]["step"] == 3
+        assert status["queue"] == {"queued": 0, "merging": 0, "validating": 0}
+        assert status["last"]["state"] == "rejected" and status["daemon"]["running"] is True
+        assert status["totals"]["duplicate"] == 1
+    finally:
+        assert d.stop() == 0
+    assert d.logged("daemon_stopped")
+    summaries = d.logged("merge_finished")  # one summary event per merge, with its context
+    assert [(e["job"], e["outcome"]) for e in summaries] == [(1, "promoted"), (2, "promoted"), (3, "promoted"),
+                                                              (6, "rejected")]
+    assert all(e["timestamp"].endswith("Z") and e["level"] == "info" for e in summaries)
+
+
+def test_kill_9_during_a_merge_then_restart_merges_each_checkpoint_exactly_once(tiny: dict[str, Path],
+                                                                                 tmp_path: Path):
+    d = DaemonProcess(tmp_path / "svc", tiny["base"]).start()
+    for i in (1, 2, 3):
+        drop_and_wait_journaled(d, tiny[f"t{i}"], f"task{i}")
+    wait_for("job 2 merging", lambda: any(j["id"] == 2 and j["state"] == "merging" for j in d.jobs()), timeout=120)
+    child = wait_for("merge process of job 2", lambda: [e["pid"] for e in d.logged("merge_process_started")
+                                                        if e["job"] == 2], timeout=30)[0]
+    d.kill9()
+    # the merge child dies with the daemon (PR_SET_PDEATHSIG): nothing keeps writing into the store
+    wait_for("merge child gone", lambda: not Path(f"/proc/{child}").exists() or
+             Path(f"/proc/{child}/stat").read_text().split()[2] == "Z", timeout=15)
+    assert any(j["state"] in ("merging", "validating") for j in d.jobs())
+
+    d.start()  # same store and state dirs
+    try:
+        wait_for("three promotions", lambda: len(d.in_states("promoted")) == 3, timeout=150)
+        jobs = d.jobs()
+        assert [(j["id"], j["state"], j["version"]) for j in jobs] == [(1, "promoted", 1), (2, "promoted", 2),
+                                                                     (3, "promoted", 3)]
+        assert jobs[1]["attempts"] == 2 and jobs[0]["attempts"] == 1 and jobs[2]["attempts"] == 1
+        assert [e["job"] for e in d.logged("job_requeued_after_restart")] == [2]
+        record = LineageRecord.read(d.store / "production")
+        shas = [c.sha256 for c in record.checkpoints]
+        assert shas == [content_hash(tiny[f"t{i}"]) for i in (1, 2, 3)]  # each exactly once, in order
+        assert content_hash(d.store / "production") == record.model_sha256
+        assert sorted(p.name for p in (d.store / "versions").iterdir()) == ["v000001", "v000002", "v000003"]
+        assert list((d.store / "candidates").iterdir()) == []
+        assert list((d.state / "staged").iterdir()) == []
+    finally:
+        assert d.stop() == 0
+
+
+def test_rollback_then_a_new_merge_continues_from_the_rolled_back_version(tiny: dict[str, Path], tmp_path: Path):
+    d = DaemonProcess(tmp_path / "svc", tiny["base"]).start()
+    try:
+        for i in (1, 2):
+            drop_and_wait_journaled(d, tiny[f"t{i}"], f"task{i}")
+        wait_for("two promotions", lambda: len(d.in_states("promoted")) == 2, timeout=120)
+
+        out = d.cli("rollback", "--reason", "task2 regressed").stdout
+        assert "v000002 → v000001" in out
+        assert os.readlink(d.store / "production") == "versions/v000001"
+        wait_for("rollback metric", lambda: d.metrics()[("nufilt_rollbacks_total", ())] == 1, timeout=10)
+        assert d.metrics()[("nufilt_production_version", ())] == 1
+
+        drop_and_wait_journaled(d, tiny["t3"], "task3")
+        wait_for("third promotion", lambda: len(d.in_states("promoted")) == 3, timeout=120)
+        assert os.readlink(d.store / "production") == "versions/v000003"
+        record = LineageRecord.read(d.store / "production")
+        assert record.step == 2  # continued from v1, not from the rolled-back v2
+        assert [c.sha256 for c in record.checkpoints] == [content_hash(tiny["t1"]), content_hash(tiny["t3"])]
+        assert json.loads((d.store / "versions/v000003/validation.json").read_text())["parent_version"] == 1
+
+        # rollback follows the parent link: from v3 back to v1, not to the abandoned v2
+        assert "v000003 → v000001" in d.cli("rollback").stdout
+        history = json.loads(d.cli("history", "--json").stdout)
+        kinds = [(c["kind"], c["from_version"], c["to_version"]) for c in history["production_changes"]]
+        assert kinds[:3] == [("rollback", 3, 1), ("promote", 1, 3), ("rollback", 2, 1)]
+        assert history["production_changes"][2]["reason"] == "task2 regressed"
+        # and from v1, the first version, there is nothing to go back to
+        fail = d.cli("rollback", check=False)
+        assert fail.returncode == 1 and "first version" in fail.stderr
+    finally:
+        assert d.stop() == 0
+
+
+def test_config_errors_are_reported_with_the_key(tiny: dict[str, Path], tmp_path: Path):
+    d = DaemonProcess(tmp_path / "svc", tiny["base"], folder={"setle_seconds": 1})
+    proc = d.cli("daemon", check=False)
+    assert proc.returncode == 1
+    assert "folder.setle_seconds: unknown key" in proc.stderr and str(d.config) in proc.stderr
+    assert not (d.state / "journal.db").exists()  # nothing started
+
+    ok = DaemonProcess(tmp_path / "ok", tiny["base"], mlflow={"webhook_secret": "s3cret", "tracking_uri": "x",
+                                                              "target_model": "m"})
+    shown = ok.cli("daemon", "--check").stdout
+    assert "s3cret" not in shown and json.loads(shown)["mlflow"]["webhook_secret"] == "**********"
+
+
+def test_systemd_notify_and_single_instance(tiny: dict[str, Path], tmp_path: Path):
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.2)
+    messages: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:  # as systemd does: always reading
+        while not done.is_set():
+            try:
+                messages.append(sock.recv(4096).decode())
+            except TimeoutError:
+                pass
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    d = DaemonProcess(tmp_path / "svc", tiny["base"])
+    try:
+        d.start(extra_env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"})
+        wait_for("READY=1", lambda: any("READY=1" in m for m in messages), timeout=10)
+        wait_for("two WATCHDOG=1", lambda: sum("WATCHDOG=1" in m for m in messages) >= 2, timeout=10)
+        ready = next(m for m in messages if "READY=1" in m)
+        assert "STATUS=production none" in ready
+
+        second = DaemonProcess(tmp_path / "svc", tiny["base"])  # same state dir
+        proc = second.cli("daemon", check=False)
+        assert proc.returncode == 1 and "another nufilt daemon" in proc.stderr
+    finally:
+        assert d.stop() == 0
+        wait_for("STOPPING=1", lambda: any("STOPPING=1" in m for m in messages), timeout=10)
+        done.set()
+        reader.join()
+        sock.close()
+    with sqlite3.connect(d.state / "journal.db") as con:  # the journal is intact and empty
+        assert con.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0

@@ -223,7 +223,8 @@ class MlflowRegistrySource:
                 if mv.status != READY:
                     log.info("mlflow_version_waiting", model=self.model, version=number, status=mv.status)
                     return emitted
-                self._take(client, mv, emit)
+                if not self._take(client, mv, emit):
+                    return emitted
                 emitted += 1
             if len(versions) < PAGE_SIZE:
                 return emitted
@@ -263,10 +264,13 @@ class MlflowRegistrySource:
         found.sort(key=lambda mv: int(mv.version))
         return found[:PAGE_SIZE]
 
-    def _take(self, client: MlflowClient, mv: ModelVersion, emit: Emit) -> None:
+    def _take(self, client: MlflowClient, mv: ModelVersion, emit: Emit) -> bool:
+        """Download, emit, advance the cursor; False when stopped before emitting."""
         number = int(mv.version)
         reference = f"models:/{self.model}/{number}"
         folder = self._download(client, number)
+        if self._stop.is_set():  # stopped during a long download: the daemon may be shutting down
+            return False  # the complete download stays in place and is taken at the next start
         checkpoint, warning = find_checkpoint(folder)
         if warning:
             log.warning("mlflow_version_unclear_checkpoint", model=self.model, version=number, reason=warning)
@@ -276,6 +280,7 @@ class MlflowRegistrySource:
         log.info("mlflow_version_taken", model=self.model, version=number, checkpoint=str(checkpoint))
         # emit returned: the journal holds its own copy, ours can go
         remove_tree(folder)
+        return True
 
     def _download(self, client: MlflowClient, number: int) -> Path:
         """Artifacts of version `number` in DOWNLOADS/<model>-v<number>/, complete or not at all."""

@@ -143,6 +143,20 @@ def test_kill_9_during_a_merge_then_restart_merges_each_checkpoint_exactly_once(
     finally:
         assert d.stop() == 0
 
+    # SIGTERM during a merge with no grace: the merge is abandoned safely and the job waits, intact
+    d = DaemonProcess(tmp_path / "svc", tiny["base"], shutdown_grace_seconds=0).start()
+    job = drop_and_wait_journaled(d, tiny["t1"], "task1-as-new")
+    assert job["state"] == "duplicate"  # (the daemon remembers content across restarts)
+    fresh = write_model(finetune(base_state(), 4), tmp_path / "t4")
+    job = drop_and_wait_journaled(d, fresh, "task4")
+    wait_for("job merging", lambda: d.in_states("merging"), timeout=60)
+    assert d.stop() == 0
+    after = next(j for j in d.jobs() if j["id"] == job["id"])
+    assert (after["state"], after["attempts"]) == ("queued", 0) and "abandoned" in after["reason"]
+    assert content_hash(Path(after["staged_path"])) == after["sha256"]  # its private copy is kept
+    assert list((d.store / "candidates").iterdir()) == []
+    assert os.readlink(d.store / "production") == "versions/v000003"
+
 
 def test_rollback_then_a_new_merge_continues_from_the_rolled_back_version(tiny: dict[str, Path], tmp_path: Path):
     d = DaemonProcess(tmp_path / "svc", tiny["base"]).start()

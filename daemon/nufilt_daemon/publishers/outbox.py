@@ -36,7 +36,9 @@ class Publisher(Protocol):
 
 
 class Outbox:
-    def __init__(self, journal: Journal, store: Store, publisher: Publisher, metrics: Metrics):
+    def __init__(self, journal: Journal, store: Store, publisher: Publisher, metrics: Metrics,
+                 min_backoff: float = MIN_BACKOFF, max_backoff: float = MAX_BACKOFF):
+        self.min_backoff, self.max_backoff = min_backoff, max_backoff
         self.journal = journal
         self.store = store
         self.publisher = publisher
@@ -76,7 +78,7 @@ class Outbox:
                 self._do(item)
                 self.backoff = 0.0
             except Exception as e:
-                self.backoff = min(MAX_BACKOFF, max(MIN_BACKOFF, self.backoff * 2))
+                self.backoff = min(self.max_backoff, max(self.min_backoff, self.backoff * 2))
                 self.metrics.registry_errors.labels(item.kind).inc()
                 self.journal.outbox_failed_attempt(item.id, f"{type(e).__name__}: {e}")
                 log.warning("registry_error", operation=item.kind, version=item.version, attempts=item.attempts + 1,

@@ -141,7 +141,9 @@ class FolderSource:
             observer = PollingObserver(timeout=self.settings.poll_interval_seconds)
         else:
             observer = Observer()
-        observer.schedule(_Handler(self.root, self._names), str(self.root), recursive=True)
+        # top level only: a new entry is all an event needs to tell; its contents are followed by
+        # polling their sizes (fewer inotify watches, no events for files inside big checkpoints)
+        observer.schedule(_Handler(self.root, self._names), str(self.root), recursive=False)
         observer.daemon = True
         observer.start()
         self._observer = observer

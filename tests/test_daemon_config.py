@@ -1,0 +1,65 @@
+"""Daemon settings: TOML file, NUFILT_* environment (nested with __), unknown keys, secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from nufilt_daemon.config import ConfigError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for k in list(os.environ):
+        if k.startswith("NUFILT_"):
+            monkeypatch.delenv(k)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "nufilt.toml"
+    p.write_text(text)
+    return p
+
+
+def test_file_then_environment_with_nesting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    cfg = write(tmp_path, 'base_model = "/models/base"\nmethod_settings = {null_rank = 64}\n'
+                          '[folder]\nsettle_seconds = 5\n[gate]\nthresholds = {accuracy = {min = 0.8}}\n')
+    s = load_settings(cfg)
+    assert s.base_model == Path("/models/base") and s.folder.settle_seconds == 5
+    assert s.method_settings == {"null_rank": 64} and s.gate.thresholds["accuracy"].min == 0.8
+    assert s.metrics_host == "127.0.0.1" and s.mlflow.tracking_uri is None  # defaults: local, MLflow off
+
+    monkeypatch.setenv("NUFILT_FOLDER__SETTLE_SECONDS", "0.5")
+    monkeypatch.setenv("NUFILT_METRICS_PORT", "9999")
+    monkeypatch.setenv("NUFILT_MLFLOW__TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("NUFILT_MLFLOW__TARGET_MODEL", "merged")
+    monkeypatch.setenv("NUFILT_MLFLOW__WEBHOOK_SECRET", "s3cret")
+    s = load_settings(cfg)
+    assert s.folder.settle_seconds == 0.5 and s.metrics_port == 9999  # the environment wins over the file
+    assert s.mlflow.target_model == "merged" and s.mlflow.webhook_secret.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(s) and s.redacted()["mlflow"]["webhook_secret"] == "**********"
+
+    monkeypatch.setenv("NUFILT_CONFIG", str(cfg))  # the file by environment, as a systemd unit may set it
+    assert load_settings().base_model == Path("/models/base")
+
+
+def test_unknown_keys_and_bad_values_are_errors_that_name_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    with pytest.raises(ConfigError, match=r"folder\.settle_secs: unknown key"):
+        load_settings(write(tmp_path, "[folder]\nsettle_secs = 1\n"))
+    with pytest.raises(ConfigError, match=r"keep_versions: Input should be greater than or equal to 2"):
+        load_settings(write(tmp_path, "keep_versions = 1\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match=r"nufilt\.toml"):
+        load_settings(write(tmp_path, "this is = not toml ["))
+    with pytest.raises(ConfigError, match=r"mlflow\.tracking_uri is set but neither"):
+        load_settings(write(tmp_path, '[mlflow]\ntracking_uri = "http://x"\n'))
+    monkeypatch.setenv("NUFILT_SETTLE_SECONDS", "1")  # forgot the FOLDER__ part
+    with pytest.raises(ConfigError, match="NUFILT_SETTLE_SECONDS: unknown environment variable"):
+        load_settings()
+    monkeypatch.delenv("NUFILT_SETTLE_SECONDS")
+    monkeypatch.setenv("NUFILT_FOLDER__SETLE_SECONDS", "1")
+    with pytest.raises(ConfigError, match=r"folder\.setle_seconds: unknown key"):
+        load_settings()

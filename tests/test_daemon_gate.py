@@ -1,0 +1,124 @@
+"""The validation gate: surrogate scores (nufilt_core.scores), post-merge checks, user command, thresholds."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from models import base_state, finetune, write_model
+from nufilt_daemon.config import GateSettings, Threshold
+from nufilt_daemon.gate import ACCEPTED, FAILED, REJECTED, check_candidate, decide, parse_metrics
+
+from nufilt_core.checkpoint import Checkpoint
+from nufilt_core.lineage import LineageRecord
+from nufilt_core.merge import MergeRequest, merge_step
+from nufilt_core.scores import matrix_terms, surrogate_scores
+from nufilt_core.selection import is_linear_weight
+
+
+def top_v(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.linalg.svd(x, full_matrices=False)[2][:k].T
+
+
+def test_matrix_terms_are_the_subspace_terms_of_eq_13_and_14():
+    g = torch.Generator().manual_seed(0)
+    tau_prev = torch.randn(12, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 10, generator=g,
+                                                                                    dtype=torch.float64)
+    tau_new = torch.randn(12, 10, generator=g, dtype=torch.float64)
+    merged = tau_prev + 0.5 * tau_new
+    t = matrix_terms(tau_prev, tau_new, merged, null_rank=8, task_rank=2)
+    vp = top_v(tau_prev, 3)  # rank 3: only the 3 non-zero directions count, not 8
+    vt = top_v(tau_new, 2)
+    assert abs(t.stab - float(((merged - tau_prev) @ vp).square().sum())) < 1e-9
+    assert abs(t.stab_ref - float((tau_prev @ vp).square().sum())) < 1e-9
+    assert abs(t.plas - float(((merged - tau_new) @ vt).square().sum())) < 1e-9
+    assert abs(t.plas_ref - float((tau_new @ vt).square().sum())) < 1e-9
+    assert t.stab > 0 and t.plas > 0
+
+
+def test_scores_at_the_extremes(tmp_path: Path):
+    base = base_state()
+    b, t1, t2 = (write_model(s, tmp_path / n) for s, n in
+                 ((base, "b"), (finetune(base, 1), "t1"), (finetune(base, 2), "t2")))
+    ck = {n: Checkpoint.open(p) for n, p in (("b", b), ("t1", t1), ("t2", t2))}
+
+    def sel(name: str, shape: tuple[int, ...]) -> bool:
+        return is_linear_weight(name, shape)
+
+    first = surrogate_scores(ck["b"], None, ck["t1"], ck["t1"], sel)  # step 1, θ_1^m = θ_1
+    assert first.stability == 0 and first.plasticity == 0 and first.matrices == 12
+    kept_old = surrogate_scores(ck["b"], ck["t1"], ck["t2"], ck["t1"], sel)  # the new task ignored
+    assert kept_old.stability == 0 and kept_old.plasticity > 0.5
+    took_new = surrogate_scores(ck["b"], ck["t1"], ck["t2"], ck["t2"], sel)  # the old tasks overwritten
+    assert took_new.plasticity == 0 and took_new.stability > 0.5
+    assert 0 < kept_old.as_dict()["plasticity"] and took_new.harmonic_mean == 0
+
+
+def test_check_candidate_passes_a_real_merge_and_catches_a_changed_untouched_tensor(tiny: dict[str, Path],
+                                                                                   tmp_path: Path):
+    out = tmp_path / "m1"
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=out, options={"iters": 2}))
+    out2 = tmp_path / "m2"
+    res = merge_step(MergeRequest(base=tiny["base"], previous=out, checkpoint=tiny["t2"], output=out2))
+    ck = {n: Checkpoint.open(p) for n, p in (("b", tiny["base"]), ("p", out), ("n", tiny["t2"]), ("c", out2))}
+    report = check_candidate(ck["b"], ck["p"], ck["n"], ck["c"], res.record, GateSettings(), "cpu")
+    assert report["problems"] == []
+    assert report["checks"]["untouched"]["checked"] == 18  # biases, norms, fc2, embeddings, position ids
+    assert 0 < report["scores"]["stability"] and report["scores"]["matrices"] == 10
+
+    # someone edits a LayerNorm of the candidate (keep_base says it must equal the base)
+    from conftest import load
+
+    state = load(out2)
+    state["embeddings.LayerNorm.weight"] = state["embeddings.LayerNorm.weight"] + 1
+    tampered = write_model(state, tmp_path / "tampered")
+    LineageRecord.read(out2).write(tampered)
+    bad = check_candidate(ck["b"], ck["p"], ck["n"], Checkpoint.open(tampered), res.record, GateSettings(), "cpu")
+    assert any("'embeddings.LayerNorm.weight'" in p and "leaves alone" in p for p in bad["problems"])
+    assert any("model_sha256" in p for p in bad["problems"])
+    assert decide(bad, tampered, GateSettings()).outcome == REJECTED
+
+
+def script(tmp_path: Path, body: str) -> list[str]:
+    path = tmp_path / "validate.py"
+    path.write_text("import json, sys, os, time\n" + body)
+    return [sys.executable, str(path)]
+
+
+def test_user_command_and_thresholds_decide(tmp_path: Path):
+    cand = tmp_path / "candidate"
+    cand.mkdir()
+    ok = {"problems": [], "scores": {"stability": 0.1, "plasticity": 0.2, "harmonic_mean": 0.13}}
+    cmd = script(tmp_path, "assert sys.argv[1] == os.environ['NUFILT_CANDIDATE']\n"
+                           "print('loading...'); print(json.dumps({'accuracy': 0.9, 'name': 'x'}))\n")
+
+    def gate(**kw: object) -> GateSettings:
+        return GateSettings(command=cmd, **kw)
+
+    d = decide(ok, cand, gate(thresholds={"accuracy": Threshold(min=0.8), "stability": Threshold(max=0.5)}))
+    assert d.outcome == ACCEPTED and d.metrics == {"stability": 0.1, "plasticity": 0.2, "harmonic_mean": 0.13,
+                                                   "accuracy": 0.9}
+    assert d.command["argv"][-1] == str(cand)
+    d = decide(ok, cand, gate(thresholds={"accuracy": Threshold(min=0.95)}))
+    assert d.outcome == REJECTED and d.reasons == ["accuracy = 0.9 is below the minimum 0.95"]
+    d = decide(ok, cand, GateSettings(thresholds={"plasticity": Threshold(max=0.1)}))  # built-in scores only
+    assert d.outcome == REJECTED and "plasticity = 0.2 is above the maximum 0.1" in d.reasons
+    d = decide(ok, cand, GateSettings(thresholds={"accuracy": Threshold(min=0.5)}))
+    assert d.outcome == REJECTED and "not reported" in d.reasons[0]
+
+    failing = script(tmp_path, "print('model is worse', file=sys.stderr); sys.exit(3)\n")
+    d = decide(ok, cand, GateSettings(command=failing))
+    assert d.outcome == REJECTED and d.reasons == ["validation command exited with 3: model is worse"]
+    assert decide(ok, cand, GateSettings(command=["/nonexistent/validate"])).outcome == FAILED
+    slow = script(tmp_path, "time.sleep(30)\n")
+    d = decide(ok, cand, GateSettings(command=slow, command_timeout_seconds=0.5))
+    assert d.outcome == FAILED and "timed out" in d.reasons[0]
+    chatty = script(tmp_path, "print('no json here')\n")
+    assert decide(ok, cand, GateSettings(command=chatty)).outcome == FAILED
+
+
+def test_parse_metrics_takes_the_object_or_its_last_json_line():
+    assert parse_metrics('{"a": 1, "b": true, "c": "x"}') == {"a": 1.0}
+    assert parse_metrics('step 1\n{"acc": 0.5}\n') == {"acc": 0.5}
+    assert parse_metrics("[1, 2]") is None and parse_metrics("") is None

@@ -1,0 +1,167 @@
+"""The folder source (real watchdog on a real folder) and intake (emit → staged copy → journal)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from daemon_harness import wait_for
+from nufilt_daemon.config import FolderSettings
+from nufilt_daemon.intake import Intake, content_hash
+from nufilt_daemon.journal import DUPLICATE, QUEUED, REJECTED, Journal
+from nufilt_daemon.sources.base import Arrival, Source
+from nufilt_daemon.sources.folder import PROCESSED_DIR, FolderSource
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.arrivals: list[Arrival] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, arrival: Arrival) -> None:
+        # what intake does before returning: the entry must still be there, complete
+        assert arrival.path.exists()
+        with self.lock:
+            self.arrivals.append(arrival)
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return [a.reference for a in self.arrivals]
+
+
+def start(inbox: Path, **kw: object) -> tuple[FolderSource, Collector]:
+    settings = FolderSettings(settle_seconds=0.2, rescan_interval_seconds=kw.pop("rescan", 30.0), **kw)
+    src = FolderSource(inbox, settings)
+    assert isinstance(src, Source)
+    got = Collector()
+    src.start(got)
+    return src, got
+
+
+def rename_in(src: Path, inbox: Path, name: str) -> None:
+    tmp = inbox / f"tmp-{name}"
+    shutil.copytree(src, tmp) if src.is_dir() else shutil.copy2(src, tmp)
+    os.rename(tmp, inbox / name)
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_renamed_checkpoints_arrive_once_and_temporary_names_never(tiny: dict[str, Path], tmp_path: Path,
+                                                                   polling: bool):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "early.safetensors").write_bytes((tiny["t3"] / "model.safetensors").read_bytes())  # before start
+    src, got = start(inbox, polling=polling, poll_interval_seconds=0.1)
+    try:
+        assert src.healthy()
+        rename_in(tiny["t1"], inbox, "task1")
+        rename_in(tiny["t2"] / "model.safetensors", inbox, "task2.safetensors")
+        (inbox / ".hidden.safetensors").write_bytes(b"x")
+        (inbox / "tmp-upload").mkdir()
+        (inbox / "big.safetensors.partial").write_bytes(b"x")
+        wait_for("three arrivals", lambda: len(got.names()) >= 3, timeout=15)
+        time.sleep(0.6)  # would a second event, or our own move into .processed, emit again?
+        assert sorted(got.names()) == ["early.safetensors", "task1", "task2.safetensors"]
+        assert {a.source for a in got.arrivals} == {"folder"}
+        processed = sorted(p.name.split("-", 1)[1] for p in (inbox / PROCESSED_DIR).iterdir())
+        assert processed == ["early.safetensors", "task1", "task2.safetensors"]
+        assert sorted(p.name for p in inbox.iterdir()) == [".hidden.safetensors", PROCESSED_DIR,
+                                                           "big.safetensors.partial", "tmp-upload"]
+    finally:
+        src.stop()
+    assert not src.healthy()
+
+
+def test_a_folder_written_in_place_waits_for_its_marker_or_for_all_its_shards(tiny: dict[str, Path],
+                                                                              tmp_path: Path):
+    from models import base_state, write_model
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    sharded = write_model(base_state(seed=5), tmp_path / "sharded", shards=2)
+    src, got = start(inbox, rescan=0.3)
+    try:
+        # copied by hand, file by file, no rename: the index names a shard not there yet
+        slow = inbox / "slow"
+        slow.mkdir()
+        shutil.copy2(sharded / "model.safetensors.index.json", slow)
+        shutil.copy2(sharded / "model-00001-of-00002.safetensors", slow)
+        # a folder with a marker is handed on as soon as it settles
+        marked = inbox / "marked"
+        shutil.copytree(tiny["t1"], marked)
+        (marked / "_COMPLETE").touch()
+        wait_for("the marked folder", lambda: "marked" in got.names(), timeout=10)
+        time.sleep(1.0)  # several settle windows and rescans
+        assert "slow" not in got.names()
+        shutil.copy2(sharded / "model-00002-of-00002.safetensors", slow)
+        wait_for("the completed shards", lambda: "slow" in got.names(), timeout=10)
+    finally:
+        src.stop()
+
+
+def test_an_entry_that_never_opens_is_handed_on_after_the_timeout(tmp_path: Path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "junk.safetensors").write_bytes(b"\x00" * 100)
+    (inbox / "notes.txt").write_text("not a checkpoint")
+    src, got = start(inbox, incomplete_timeout_seconds=0.8)
+    try:
+        wait_for("the junk file", lambda: got.names() == ["junk.safetensors"], timeout=10)
+        wait_for("notes.txt set aside", lambda: not (inbox / "notes.txt").exists(), timeout=5)
+        assert got.names() == ["junk.safetensors"]
+    finally:
+        src.stop()
+
+
+def test_a_dead_observer_is_seen_and_a_restart_detects_again(tiny: dict[str, Path], tmp_path: Path):
+    inbox = tmp_path / "inbox"
+    src, got = start(inbox)
+    try:
+        src._observer.stop()  # what an exception in a handler thread does to the observer
+        src._observer.join(5)
+        assert not src.healthy()
+        src.stop()
+        src.start(got)
+        assert src.healthy()
+        rename_in(tiny["t1"], inbox, "after-restart")
+        wait_for("arrival after restart", lambda: got.names() == ["after-restart"], timeout=10)
+    finally:
+        src.stop()
+
+
+def test_intake_stages_a_private_copy_and_journals_it(tiny: dict[str, Path], tmp_path: Path):
+    journal = Journal.in_state_dir(tmp_path / "state")
+    seen = []
+    intake = Intake(journal, tmp_path / "state" / "staged", lambda job, arrival: seen.append(job.state))
+    inbox = tmp_path / "inbox"
+    shutil.copytree(tiny["t1"], inbox / "task1")
+    intake.emit(Arrival(inbox / "task1", "folder", "task1"))
+    job = journal.jobs()[0]
+    assert job.state == QUEUED and job.sha256 == content_hash(tiny["t1"])
+    staged = Path(job.staged_path)
+    assert staged.name == "task1" and staged.is_relative_to(tmp_path / "state" / "staged")
+    # a hard link on the same filesystem: no extra space, and deleting the inbox copy loses nothing
+    assert (staged / "model.safetensors").stat().st_ino == (inbox / "task1/model.safetensors").stat().st_ino
+    shutil.rmtree(inbox / "task1")
+    assert content_hash(staged) == job.sha256
+
+    # the same content again is a duplicate and gets no staged copy
+    shutil.copytree(tiny["t1"], inbox / "again")
+    intake.emit(Arrival(inbox / "again", "folder", "again"))
+    assert journal.jobs()[0].state == DUPLICATE and len(list((tmp_path / "state" / "staged").iterdir())) == 1
+
+    # an unreadable file is journaled as rejected, with the reason naming it
+    (inbox / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    intake.emit(Arrival(inbox / "broken.safetensors", "folder", "broken.safetensors"))
+    broken = journal.jobs()[0]
+    assert broken.state == REJECTED and "broken.safetensors" in broken.reason
+    assert seen == [QUEUED, DUPLICATE, REJECTED]
+
+    # a staged copy no job refers to (a crash between staging and committing) is collected
+    (tmp_path / "state" / "staged" / "leftover").mkdir()
+    assert [p.name for p in intake.gc_staged()] == ["leftover"]
+    assert json.loads(json.dumps(job.sha256)) == job.sha256

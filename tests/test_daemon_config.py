@@ -63,3 +63,14 @@ def test_unknown_keys_and_bad_values_are_errors_that_name_them(tmp_path: Path, m
     monkeypatch.setenv("NUFILT_FOLDER__SETLE_SECONDS", "1")
     with pytest.raises(ConfigError, match=r"folder\.setle_seconds: unknown key"):
         load_settings()
+
+
+def test_the_operator_docs_list_every_setting_and_its_variable():
+    from nufilt_daemon.config import FolderSettings, GateSettings, MlflowSettings, Settings
+
+    doc = (Path(__file__).parent.parent / "docs" / "daemon.md").read_text()
+    keys = [k for k in Settings.model_fields if k not in ("folder", "gate", "mlflow")]
+    for prefix, section in (("folder", FolderSettings), ("gate", GateSettings), ("mlflow", MlflowSettings)):
+        keys += [f"{prefix}.{k}" for k in section.model_fields]
+    missing = [k for k in keys if f"| `{k}` | `NUFILT_{k.upper().replace('.', '__')}`" not in doc]
+    assert missing == []

@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     store_dir: Path = Field(Path("nufilt-store"), description="versions/, production symlink, quarantine/")
     state_dir: Path = Field(Path("nufilt-state"), description="journal.db, staged copies, downloads")
     metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(9180, ge=0, le=65535, description="None: no /metrics; 0: any free port")
+    metrics_port: int | None = Field(9180, ge=0, le=65535, description="0: any free port (see STATE/daemon.json)")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     method: str = "nufilt"
     method_settings: dict[str, Any] = Field(default_factory=dict, description="passed to the method, e.g. "

@@ -37,6 +37,8 @@ from .store import Store
 
 log = structlog.get_logger("nufilt.worker")
 
+KEEP_CHILD_LOGS = 200  # STATE/logs/job-*.log: the merge processes' own output, for post-mortems
+
 
 @dataclass
 class ChildResult:
@@ -217,6 +219,7 @@ class MergeWorker:
             final = "failed"
         self.metrics.merges.labels(final).inc()
         self._drop_staged(job)
+        self._prune_logs()
         scores = report.get("scores") or {}
         jlog.info("merge_finished", outcome=final, reason=reason, step=report["step"], version=version,
                   merge_seconds=report["merge_seconds"], validation_seconds=report.get("validation_seconds"),
@@ -266,7 +269,8 @@ class MergeWorker:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "nufilt_daemon.merge_process", "--events-fd", str(write_fd),
                      "--parent-pid", str(os.getpid())],
-                    stdin=subprocess.PIPE, stdout=child_log, stderr=subprocess.STDOUT, pass_fds=(write_fd,), env=env)
+                    stdin=subprocess.PIPE, stdout=child_log, stderr=subprocess.STDOUT, pass_fds=(write_fd,), env=env,
+                    start_new_session=True)  # a Ctrl-C on the terminal is the daemon's to handle, not the child's
                 self._child = proc
         os.close(write_fd)
         jlog.info("merge_process_started", pid=proc.pid, log=str(self._log_path(job)))
@@ -315,6 +319,11 @@ class MergeWorker:
             res.validation = ev.get("report")
         elif kind == "error":
             res.error = ev
+
+    def _prune_logs(self, keep: int = KEEP_CHILD_LOGS) -> None:
+        logs = sorted(self.logs_dir.glob("job-*.log"), key=lambda p: p.stat().st_mtime)
+        for old in logs[:-keep]:
+            old.unlink(missing_ok=True)
 
     def _drop_staged(self, job: Job) -> None:
         current = self.journal.job(job.id)

@@ -76,24 +76,30 @@ class Intake:
             bound.warning("checkpoint_unreadable", job=job.id, reason=str(e))
             self.on_journaled(job, arrival)
             return
-        with self._lock:
-            token = uuid.uuid4().hex[:12]
-            self.staged_dir.mkdir(parents=True, exist_ok=True)
-            if self.journal.find_content(sha) is not None:  # add_job records it as a duplicate
-                job = self.journal.add_job(arrival.source, arrival.reference, sha, None)
-            else:
-                partial = self.staged_dir / f".{token}.partial"
-                partial.mkdir()
-                stage_copy(arrival.path, partial / arrival.path.name)
-                final = self.staged_dir / token
-                os.rename(partial, final)  # a crash before the job is committed leaves an orphan: gc_staged
-                job = self.journal.add_job(arrival.source, arrival.reference, sha,
-                                           str(final / arrival.path.name), QUEUED)
-                if job.state == DUPLICATE:
-                    shutil.rmtree(final, ignore_errors=True)
+        with self._lock:  # one arrival at a time from here: two copies of new content cannot both queue
+            job = self.journal.add_if_duplicate(arrival.source, arrival.reference, sha)
+            if job is None:
+                job = self._stage_and_queue(arrival, sha)
         event = "checkpoint_duplicate" if job.state == DUPLICATE else "checkpoint_queued"
         bound.info(event, job=job.id, sha256=sha[:16], duplicate_of=job.duplicate_of)
         self.on_journaled(job, arrival)
+
+    def _stage_and_queue(self, arrival: Arrival, sha: str) -> Job:
+        self.staged_dir.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex[:12]
+        partial = self.staged_dir / f".{token}.partial"
+        final = self.staged_dir / token
+        try:
+            partial.mkdir()
+            stage_copy(arrival.path, partial / arrival.path.name)
+            os.rename(partial, final)  # a crash before the commit below leaves an orphan: gc_staged
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        job = self.journal.add_job(arrival.source, arrival.reference, sha, str(final / arrival.path.name), QUEUED)
+        if job.state == DUPLICATE:  # cannot happen under our lock, but never keep a copy nobody owns
+            shutil.rmtree(final, ignore_errors=True)
+        return job
 
     def gc_staged(self) -> list[Path]:
         """Remove staged copies no queued or running job refers to (crash leftovers)."""

@@ -207,6 +207,25 @@ class Journal:
                        (job_id, None, state, reason, now))
         return self.job(job_id)  # type: ignore[arg-type]
 
+    def add_if_duplicate(self, source: str, reference: str, sha256: str) -> Job | None:
+        """Record the arrival as a duplicate if its content is known, atomically; None if it is new."""
+        now = time.time()
+        marks = ",".join("?" * len(DUPLICATE_OF_STATES))
+        with self._tx() as db:
+            row = db.execute(f"SELECT id FROM jobs WHERE sha256 = ? AND state IN ({marks}) ORDER BY id LIMIT 1",
+                             (sha256, *DUPLICATE_OF_STATES)).fetchone()
+            if row is None:
+                return None
+            reason = f"same content as job {row['id']}"
+            cur = db.execute(
+                "INSERT INTO jobs (source, reference, sha256, state, reason, duplicate_of, created_at, updated_at, "
+                "finished_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (source, reference, sha256, DUPLICATE, reason, row["id"], now, now, now))
+            db.execute("INSERT INTO transitions (job_id, from_state, to_state, reason, at) VALUES (?,?,?,?,?)",
+                       (cur.lastrowid, None, DUPLICATE, reason, now))
+            job_id = cur.lastrowid
+        return self.job(job_id)  # type: ignore[arg-type]
+
     def transition(self, job_id: int, to_state: str, reason: str | None = None, **fields: Any) -> Job:
         """Move a job to `to_state` (checked against the lifecycle), setting extra columns."""
         allowed_fields = {"staged_path", "from_version", "version", "step", "attempts"}
@@ -233,13 +252,6 @@ class Journal:
 
     def job(self, job_id: int) -> Job | None:
         rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return Job(**dict(rows[0])) if rows else None
-
-    def find_content(self, sha256: str) -> Job | None:
-        """The earliest job with this content in a state that makes a new arrival a duplicate."""
-        marks = ",".join("?" * len(DUPLICATE_OF_STATES))
-        rows = self._query(f"SELECT * FROM jobs WHERE sha256 = ? AND state IN ({marks}) ORDER BY id LIMIT 1",
-                           (sha256, *DUPLICATE_OF_STATES))
         return Job(**dict(rows[0])) if rows else None
 
     def next_queued(self) -> Job | None:

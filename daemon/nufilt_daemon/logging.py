@@ -8,6 +8,7 @@ urllib3) go through the same formatter, so one stream has one format.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import IO
 
@@ -16,7 +17,16 @@ import structlog
 QUIET_LIBRARIES = ("watchdog", "urllib3", "mlflow", "alembic", "git")
 
 
+def adopt_library_loggers() -> None:
+    """Send libraries that install their own handlers (MLflow does, on import) through ours."""
+    for name in QUIET_LIBRARIES:
+        lib = logging.getLogger(name)
+        lib.handlers.clear()
+        lib.propagate = True
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", stream: IO[str] | None = None) -> None:
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # before MLflow is imported, if it is
     stream = stream or sys.stderr
     console = fmt == "console" or (fmt == "auto" and stream.isatty())
     shared: list[structlog.types.Processor] = [
@@ -49,3 +59,4 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: IO[str] | 
     root.setLevel(level.upper())
     for name in QUIET_LIBRARIES:  # their INFO/DEBUG is noise next to ours
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    adopt_library_loggers()

@@ -31,6 +31,7 @@ from nufilt_core.errors import NufiltError
 from .config import ConfigError, Settings
 from .intake import Intake
 from .journal import ACTIVE_STATES, DUPLICATE, Job, Journal
+from .logging import adopt_library_loggers
 from .metrics import Metrics
 from .notify import Notifier
 from .promoter import Promoter
@@ -190,11 +191,16 @@ class Daemon:
             self._rollbacks_seen = self.journal.count_rollbacks()
             self._refresh_gauges()
             if s.metrics_port is not None:
-                self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
+                try:
+                    self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
+                except OSError as e:
+                    raise ConfigError(f"metrics_host/metrics_port {s.metrics_host}:{s.metrics_port}: cannot "
+                                      f"listen ({e.strerror or e})") from None
             self._write_info()
             self.worker.start()
             self._start_outbox()
             self._start_sources()
+            adopt_library_loggers()  # MLflow, if just imported, installed its own handler
             self._install_signals()
             self.notifier.ready(self._status_line())
             log.info("daemon_ready", metrics=self._metrics_url(), watch_dir=str(s.watch_dir),

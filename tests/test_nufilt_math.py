@@ -1,0 +1,147 @@
+"""NUFILT against its formula, on small matrices and through the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load, run_cli
+from models import base_state, finetune, write_model
+
+from nufilt_core.linalg import adapter_seed, seeded_normal, top_right_singular_vectors
+from nufilt_core.merge import MergeRequest, merge_step
+from nufilt_core.methods.nufilt import NufiltSettings, nufilt_matrix
+
+
+def low_rank(d_out: int, d_in: int, rank: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d_out, rank, generator=g) @ torch.randn(rank, d_in, generator=g) / rank
+
+
+def test_top_right_singular_vectors_skips_zero_directions():
+    x = low_rank(20, 12, 3, 0)
+    v = top_right_singular_vectors(x, 8)
+    assert v.shape == (12, 3)  # rank 3: only 3 directions carry anything
+    assert torch.allclose(v.T @ v, torch.eye(3), atol=1e-5)
+    assert torch.allclose(x @ v @ v.T, x, atol=1e-5)  # they span x's row space
+    assert top_right_singular_vectors(torch.zeros(5, 4), 3).shape == (4, 0)
+
+
+def test_filter_only_equals_formula():
+    tau_prev, tau_new = low_rank(24, 16, 5, 1), low_rank(24, 16, 4, 2)
+    s = NufiltSettings(null_rank=3, lora_rank=0)
+    result = nufilt_matrix(tau_prev, tau_new, None, s)
+    _, _, vh = torch.linalg.svd(tau_prev)
+    v = vh[:3].T
+    expected = tau_new @ (torch.eye(16) - v @ v.T)
+    assert torch.allclose(result.update, expected, atol=1e-6)
+    assert result.update.norm() < tau_new.norm()  # something was filtered
+
+
+@pytest.mark.parametrize("d_out,d_in", [(24, 16), (16, 24)])  # both the QR path and the plain one
+def test_adapter_lowers_loss_and_respects_formula(d_out, d_in):
+    tau_prev, tau_new = low_rank(d_out, d_in, 6, 3), low_rank(d_out, d_in, 5, 4) + 0.3 * low_rank(d_out, d_in, 6, 3)
+    s = NufiltSettings(null_rank=4, task_rank=3, lora_rank=4, iters=50, lr=1e-2)
+    a0 = seeded_normal((4, d_in), 7) * 0.02
+    r = nufilt_matrix(tau_prev, tau_new, a0, s)
+    assert r.loss_after < r.loss_before
+
+    # the loss as the paper writes it, recomputed from scratch with the returned A, B
+    p = torch.eye(d_in) - r.v_prev @ r.v_prev.T
+    m = tau_prev + tau_new @ p
+    v_hat = torch.cat([r.v_new, r.v_prev], 1)
+    target = torch.cat([tau_new @ r.v_new, tau_prev @ r.v_prev], 1)
+
+    def loss(b, a):
+        return float((target - (m + tau_new @ b @ a) @ v_hat).square().sum())
+
+    assert loss(torch.zeros_like(r.b), r.a) == pytest.approx(r.loss_before, rel=1e-5)
+    assert loss(r.b, r.a) == pytest.approx(r.loss_after, rel=1e-4)
+    # W_t = W_{t-1} + τ_t (P + B A): on earlier directions only the adapter term moves anything
+    assert torch.allclose(r.update, tau_new @ (p + r.b @ r.a), atol=1e-5)
+    assert torch.allclose(r.update @ r.v_prev, tau_new @ r.b @ r.a @ r.v_prev, atol=1e-5)
+    assert (tau_new @ r.b @ r.a).norm() > 0  # the adapter did something
+
+
+def test_step_one_is_the_checkpoint_on_filtered_tensors(tiny, tmp_path):
+    out = tmp_path / "m1"
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=out))
+    merged, ft, base = load(out), load(tiny["t1"]), load(tiny["base"])
+    q = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(merged[q], ft[q])  # θ_1^m = θ_1 (P = I, adapter stays at B = 0)
+    assert torch.equal(merged["encoder.layer.0.output.dense.weight"], base["encoder.layer.0.output.dense.weight"])
+    assert torch.equal(merged["embeddings.LayerNorm.weight"], base["embeddings.LayerNorm.weight"])  # keep_base
+
+
+def test_published_code_first_step_drops_leading_columns(tiny, tmp_path):
+    out = tmp_path / "m1"
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=out,
+                            options={"first_step": "published_code", "null_rank": 4, "lora_rank": 0}))
+    merged, ft, base = load(out), load(tiny["t1"]), load(tiny["base"])
+    q = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(merged[q][:, :4], base[q][:, :4])  # first r_p input columns of τ_1 filtered away
+    assert torch.allclose(merged[q][:, 4:], ft[q][:, 4:])
+
+
+def test_engine_update_matches_matrix_function(tiny, tmp_path):
+    m1, m2 = tmp_path / "m1", tmp_path / "m2"
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1))
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=m2, previous=m1, seed=5))
+    base, prev, new, merged = load(tiny["base"]), load(m1), load(tiny["t2"]), load(m2)
+    name = "encoder.layer.1.intermediate.dense.weight"
+    s = NufiltSettings()
+    a0 = seeded_normal((s.lora_rank, base[name].shape[1]), adapter_seed(5, name, 2)) * 0.02
+    r = nufilt_matrix(prev[name] - base[name], new[name] - base[name], a0, s)
+    assert torch.allclose(merged[name], prev[name] + r.update, atol=1e-6)
+    assert not torch.allclose(merged[name], prev[name] + (new[name] - base[name]))  # it did filter
+
+
+@pytest.mark.parametrize("policy", ["keep_base", "keep_previous", "average"])
+def test_policy_for_unfiltered_tensors(tiny, tmp_path, policy):
+    m1, m2 = tmp_path / "m1", tmp_path / "m2"
+    run_cli("merge", "--base", tiny["base"], "--checkpoint", tiny["t1"], "--output", m1, "--policy", policy, "--quiet")
+    run_cli("merge", "--base", tiny["base"], "--previous", m1, "--checkpoint", tiny["t2"], "--output", m2, "--quiet")
+    base, t1, t2, merged = load(tiny["base"]), load(tiny["t1"]), load(tiny["t2"]), load(m2)
+    name = "encoder.layer.0.attention.self.query.bias"
+    expected = {"keep_base": base[name], "keep_previous": t1[name], "average": (t1[name] + t2[name]) / 2}[policy]
+    assert torch.allclose(merged[name], expected, atol=1e-6)
+    assert torch.equal(merged["embeddings.position_ids"], base["embeddings.position_ids"])  # int buffer untouched
+
+
+def test_include_patterns_choose_the_filtered_tensors(tiny, tmp_path):
+    out = tmp_path / "m1"
+    run_cli("merge", "--base", tiny["base"], "--checkpoint", tiny["t1"], "--output", out, "--quiet",
+            "--include", r"output\.dense\.weight$")
+    merged, base, ft = load(out), load(tiny["base"]), load(tiny["t1"])
+    assert torch.equal(merged["encoder.layer.0.output.dense.weight"], ft["encoder.layer.0.output.dense.weight"])
+    q = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(merged[q], base[q])  # not selected any more: keep_base
+
+
+def test_deterministic_bytes(tiny, tmp_path):
+    outs = []
+    for k in range(2):
+        m1, m2 = tmp_path / f"a{k}", tmp_path / f"b{k}"
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1, seed=3))
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=m2, previous=m1))
+        outs.append((m2 / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
+    m3 = tmp_path / "other-seed"
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=m3, previous=tmp_path / "a0", seed=4))
+    assert (m3 / "model.safetensors").read_bytes() != outs[0]  # the seed does reach the adapter
+
+
+def test_fp16_and_bf16_keep_their_dtype(tmp_path: Path):
+    for dtype in (torch.float16, torch.bfloat16):
+        base = base_state(dtype=dtype)
+        b = write_model(base, tmp_path / f"base-{dtype}")
+        t1 = write_model(finetune(base, 1), tmp_path / f"t1-{dtype}")
+        t2 = write_model(finetune(base, 2), tmp_path / f"t2-{dtype}")
+        m1, m2 = tmp_path / f"m1-{dtype}", tmp_path / f"m2-{dtype}"
+        merge_step(MergeRequest(base=b, checkpoint=t1, output=m1))
+        merge_step(MergeRequest(base=b, checkpoint=t2, output=m2, previous=m1))
+        merged = load(m2)
+        for name, tensor in base.items():
+            assert merged[name].dtype == tensor.dtype, name
+            assert torch.isfinite(merged[name].float()).all() if tensor.is_floating_point() else True

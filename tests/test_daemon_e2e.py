@@ -59,14 +59,14 @@ def test_three_drops_become_versions_and_bad_or_duplicate_drops_do_not(tiny: dic
                                                                                                "task3"]
         assert list((d.state / "staged").iterdir()) == []
 
-        m = d.metrics()
-        assert m[PROMOTED] == 3
+        # counters move right after the journal commits, gauges at the next supervisor tick
+        m = wait_for("metrics of three merges", lambda: (lambda m: m[PROMOTED] == 3
+                     and m[("nufilt_pending_checkpoints", ())] == 0 and m)(d.metrics()), timeout=10)
         assert m[("nufilt_merge_duration_seconds_count", ())] == 3
         assert m[("nufilt_validation_duration_seconds_count", ())] == 3
         assert m[("nufilt_checkpoints_detected_total", (("source", "folder"),))] == 3
-        assert m[("nufilt_merge_step", ())] == 3
-        wait_for("production gauge", lambda: d.metrics()[("nufilt_production_version", ())] == 3, timeout=10)
-        assert m[("nufilt_pending_checkpoints", ())] == 0
+        assert m[("nufilt_merge_step", ())] == 3 and m[("nufilt_production_version", ())] == 3
+        assert m[("nufilt_last_promotion_timestamp_seconds", ())] > 0
         assert ("nufilt_validation_score", (("metric", "stability"),)) in m
 
         # the same content again, under another name: recorded, not merged
@@ -95,7 +95,8 @@ def test_three_drops_become_versions_and_bad_or_duplicate_drops_do_not(tiny: dic
         quarantined = json.loads((d.store / "quarantine" / f"job-{job['id']:06d}" / "validation.json").read_text())
         assert quarantined["decision"] == "rejected" and quarantined["reasons"] == [final["reason"]]
         assert os.readlink(d.store / "production") == "versions/v000003"
-        assert d.metrics()[REJECTED] == 2 and d.metrics()[PROMOTED] == 3
+        wait_for("two rejections counted", lambda: d.metrics()[REJECTED] == 2, timeout=10)
+        assert d.metrics()[PROMOTED] == 3
 
         status = json.loads(d.cli("status", "--json").stdout)
         assert status["production"]["version"] == 3 and status["production"]["step"] == 3

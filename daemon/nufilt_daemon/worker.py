@@ -29,8 +29,8 @@ from typing import Any
 import structlog
 
 from .config import Settings
-from .gate import ACCEPTED, REJECTED, decide
-from .journal import FAILED, QUEUED, VALIDATING, Job, Journal
+from .gate import ACCEPTED, decide
+from .journal import FAILED, PROMOTED, QUEUED, REJECTED, VALIDATING, Job, Journal
 from .metrics import Metrics
 from .promoter import Promoter
 from .store import Store
@@ -149,23 +149,12 @@ class MergeWorker:
         candidate = self.store.candidate_path(job.id, job.attempts)
         if candidate.exists():
             shutil.rmtree(candidate)
-        request = self._request(job, candidate, prod.path if prod else None)
         t0 = time.monotonic()
-        res = self._run_child(job, request, jlog)
+        res = self._run_child(job, self._request(job, candidate, prod.path if prod else None), jlog)
         if self._abandon.is_set():
-            shutil.rmtree(candidate, ignore_errors=True)
-            self.journal.transition(job.id, QUEUED, "abandoned when the daemon stopped; redone after restart",
-                                    attempts=job.attempts - 1)
-            jlog.warning("merge_abandoned")
-            return
+            return self._requeue(job, candidate, "abandoned when the daemon stopped; redone after restart", jlog)
         merge_seconds = (res.merged_at or time.monotonic()) - t0
-        if res.merged_at is not None:
-            self.metrics.merge_duration.observe(merge_seconds)
-        if res.record:
-            self.metrics.merge_peak_rss.set(res.record.get("peak_rss_bytes", 0))
-        if res.gpu_peak_bytes is not None:
-            self.metrics.merge_gpu_peak.set(res.gpu_peak_bytes)
-
+        self._observe_merge(res, merge_seconds)
         report: dict[str, Any] = {
             "job_id": job.id, "attempt": job.attempts, "checkpoint": job.reference, "source": job.source,
             "sha256": job.sha256, "parent_version": job.from_version,
@@ -174,49 +163,44 @@ class MergeWorker:
             "merge_seconds": round(merge_seconds, 3),
         }
         outcome, reasons = self._outcome_before_gate(job, res)
-        decision = None
         if outcome is None:  # merged and checked: the gate decides
             assert res.validation is not None and res.merged_at is not None
             decision = decide(res.validation, candidate, self.settings.gate, self._abandon)
             if self._abandon.is_set():  # the user command was cancelled by a stop
-                shutil.rmtree(candidate, ignore_errors=True)
-                self.journal.transition(job.id, QUEUED, "abandoned when the daemon stopped; redone after restart",
-                                        attempts=job.attempts - 1)
-                return
+                return self._requeue(job, candidate, "abandoned when the daemon stopped; redone after restart", jlog)
             outcome, reasons = decision.outcome, decision.reasons
-            report.update(checks=res.validation.get("checks"), scores=res.validation.get("scores"),
-                          command=decision.command, metrics=decision.metrics)
             validation_seconds = time.monotonic() - res.merged_at
-            report["validation_seconds"] = round(validation_seconds, 3)
+            report.update(checks=res.validation.get("checks"), scores=res.validation.get("scores"),
+                          command=decision.command, metrics=decision.metrics,
+                          validation_seconds=round(validation_seconds, 3))
             self.metrics.validation_duration.observe(validation_seconds)
             for name, value in decision.metrics.items():
                 self.metrics.validation_score.labels(name).set(value)
-        report.update(decision={ACCEPTED: "accepted"}.get(outcome, outcome), reasons=reasons,
-                      created_at=datetime.now(UTC).isoformat(timespec="seconds"))
-        reason = "; ".join(reasons) if reasons else None
+        report.update(decision=outcome, reasons=reasons, created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        self._settle(job, candidate, outcome, report, jlog)
+
+    def _settle(self, job: Job, candidate: Path, outcome: str, report: dict[str, Any], jlog: Any) -> None:
+        """Promote, quarantine or fail; count it; one summary event."""
+        reason = "; ".join(report["reasons"]) or None
         version = None
         if outcome == ACCEPTED:
-            step = int(res.record["step"])  # type: ignore[index]
+            step = int(report["step"])
             v = self.promoter.promote(job, candidate, report, step)
             if v is None:
-                shutil.rmtree(candidate, ignore_errors=True)
-                self.journal.transition(job.id, QUEUED, "production changed during the merge (rollback); "
-                                        "redone from the new production", attempts=job.attempts - 1)
-                jlog.warning("merge_redone_production_moved")
-                return
-            version = v.number
-            final = "promoted"
+                return self._requeue(job, candidate, "production changed during the merge (rollback); redone "
+                                     "from the new production", jlog)
+            version, final = v.number, PROMOTED
             self.metrics.production_version.set(version)
             self.metrics.merge_step.set(step)
             self.metrics.last_promotion.set(time.time())
         elif outcome == REJECTED:
             where = self.promoter.reject(job, candidate if candidate.exists() else None, report, reason or "rejected")
-            final = "rejected"
+            final = REJECTED
             jlog = jlog.bind(quarantine=str(where))
         else:
             shutil.rmtree(candidate, ignore_errors=True)
             self.journal.transition(job.id, FAILED, reason)
-            final = "failed"
+            final = FAILED
         self.metrics.merges.labels(final).inc()
         self._drop_staged(job)
         self._prune_logs()
@@ -224,6 +208,20 @@ class MergeWorker:
         jlog.info("merge_finished", outcome=final, reason=reason, step=report["step"], version=version,
                   merge_seconds=report["merge_seconds"], validation_seconds=report.get("validation_seconds"),
                   stability=scores.get("stability"), plasticity=scores.get("plasticity"))
+
+    def _requeue(self, job: Job, candidate: Path, reason: str, jlog: Any) -> None:
+        """Back to the queue, not counted as an attempt (it was not this job's fault)."""
+        shutil.rmtree(candidate, ignore_errors=True)
+        self.journal.transition(job.id, QUEUED, reason, attempts=job.attempts - 1)
+        jlog.warning("merge_requeued", reason=reason)
+
+    def _observe_merge(self, res: ChildResult, seconds: float) -> None:
+        if res.merged_at is not None:
+            self.metrics.merge_duration.observe(seconds)
+        if res.record:
+            self.metrics.merge_peak_rss.set(res.record.get("peak_rss_bytes", 0))
+        if res.gpu_peak_bytes is not None:
+            self.metrics.merge_gpu_peak.set(res.gpu_peak_bytes)
 
     def _outcome_before_gate(self, job: Job, res: ChildResult) -> tuple[str | None, list[str]]:
         """(outcome, reasons) when the child already settled it; (None, []) when the gate decides."""

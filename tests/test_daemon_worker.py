@@ -1,0 +1,60 @@
+"""The merge worker in-process with a real journal, store and merge child: what one bad job does."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from daemon_harness import wait_for
+from nufilt_daemon.config import Settings
+from nufilt_daemon.intake import Intake
+from nufilt_daemon.journal import FAILED, PROMOTED, Journal
+from nufilt_daemon.metrics import Metrics
+from nufilt_daemon.promoter import Promoter
+from nufilt_daemon.sources.base import Arrival
+from nufilt_daemon.store import Store
+from nufilt_daemon.worker import MergeWorker
+
+
+def make_worker(tmp_path: Path, base: Path, **settings: object) -> tuple[MergeWorker, Intake, Journal, Store]:
+    s = Settings(base_model=base, store_dir=tmp_path / "store", state_dir=tmp_path / "state", device="cpu",
+                 **{"method_settings": {"iters": 2}, **settings})
+    journal = Journal.in_state_dir(tmp_path / "state")
+    store = Store(tmp_path / "store").ensure()
+    worker = MergeWorker(s, journal, store, Promoter(store, journal, 5, 5, publish=False), Metrics(),
+                         tmp_path / "state" / "logs")
+    intake = Intake(journal, tmp_path / "state" / "staged", lambda job, arrival: worker.wake())
+    return worker, intake, journal, store
+
+
+def test_a_merge_process_killed_like_the_oom_killer_fails_only_its_job(tiny: dict[str, Path], tmp_path: Path):
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"])
+    intake.emit(Arrival(tiny["t1"], "folder", "t1"))
+    intake.emit(Arrival(tiny["t2"], "folder", "t2"))
+    worker.start()
+    try:
+        child = wait_for("the first merge process", lambda: worker._child, timeout=30, interval=0.01)
+        os.kill(child.pid, signal.SIGKILL)  # what the kernel's OOM killer does
+        wait_for("the second job", lambda: journal.job(2).state == PROMOTED, timeout=120)
+        assert worker.is_alive()
+    finally:
+        worker.stop(0)
+    first = journal.job(1)
+    assert first.state == FAILED and "killed by SIGKILL" in first.reason and "out of memory" in first.reason
+    assert store.production().number == 1 and store.production().lineage().step == 1  # t2 became step 1
+    assert worker.metrics.merges.labels("failed")._value.get() == 1
+    assert list(store.candidates_dir.iterdir()) == []
+    assert (tmp_path / "state" / "logs" / "job-000001-a1.log").exists()
+
+
+def test_a_bad_method_setting_fails_the_job_with_the_method_s_message(tiny: dict[str, Path], tmp_path: Path):
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"], method_settings={"null_rnk": 4})
+    intake.emit(Arrival(tiny["t1"], "folder", "t1"))
+    worker.start()
+    try:
+        wait_for("the job to end", lambda: journal.job(1).state == FAILED, timeout=120)
+    finally:
+        worker.stop(0)
+    assert "null_rnk" in journal.job(1).reason and store.production() is None
+    assert journal.job(1).staged_path is None  # a failed job's copy is dropped; resubmitting retries it

@@ -12,6 +12,7 @@ from typing import Any
 
 from . import __version__
 from .checkpoint import LINEAGE_NAME, Checkpoint
+from .demo import add_demo_parser
 from .errors import NufiltError
 from .lineage import LineageRecord
 from .merge import DEFAULT_MAX_SHARD_BYTES, MergeRequest, Progress, merge_step
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_merge_parser(sub)
     add_inspect_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 

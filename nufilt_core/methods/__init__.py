@@ -6,11 +6,14 @@ from ..errors import SettingsError
 from .base import MergeMethod, MethodSettings, StepContext
 from .magmax import MagMax
 from .nufilt import Nufilt
+from .opcm import Opcm
 from .task_arithmetic import TaskArithmetic
+from .ties import Ties
 from .weight_average import WeightAverage
+from .wudi import Wudi
 
 METHODS: dict[str, type[MergeMethod]] = {
-    m.name: m for m in (Nufilt, WeightAverage, TaskArithmetic, MagMax)
+    m.name: m for m in (Nufilt, WeightAverage, TaskArithmetic, Ties, MagMax, Opcm, Wudi)
 }
 
 

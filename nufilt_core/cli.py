@@ -78,8 +78,8 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--null-rank", type=int, dest="null_rank", help="r_p, earlier-task directions filtered (128)")
     n.add_argument("--lora-rank", type=int, dest="lora_rank", help="r_l, adapter rank; 0 = filter only (64)")
     n.add_argument("--task-rank", type=int, dest="task_rank", help="r_v, new-task directions in the loss (8)")
-    n.add_argument("--iters", type=int, help="Adam steps per matrix (50)")
-    n.add_argument("--lr", type=float, help="Adam learning rate (1e-3)")
+    n.add_argument("--iters", type=int, help="Adam steps per matrix (50; also WUDI's, 50)")
+    n.add_argument("--lr", type=float, help="Adam learning rate (1e-3; also WUDI's, 1e-5)")
     n.add_argument("--include", action="append", metavar="REGEX",
                    help="filter tensors whose name matches (re.search); repeatable; overrides --preset")
     n.add_argument("--preset", choices=["auto", "all-linear", *PRESETS],
@@ -90,7 +90,8 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--scale", type=float, help="λ of task_arithmetic/ties (0.3) and magmax (0.5)")
     b.add_argument("--alpha", type=float, help="OPCM's α (0.5)")
     p.add_argument("--set", action="append", type=parse_assignment, default=[], metavar="KEY=VALUE",
-                   help="any other method setting, e.g. --set lambda_old=2 (JSON values)")
+                   help="any other method setting (JSON values), e.g. --set lambda_old=2, --set null_space=false, "
+                   "--set first_step=published_code, TIES' --set topk=0.2 --set merge_func=sum")
     p.add_argument("--quiet", action="store_true", help="no progress, only the summary")
     p.add_argument("--json", action="store_true", help="print the lineage record as JSON at the end")
     p.set_defaults(func=cmd_merge)

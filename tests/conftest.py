@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/models.py and other helpers
 
-from models import base_state, finetune, write_model  # noqa: E402
+from models import base_state, finetune, write_model
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from . import __version__
 from .checkpoint import Checkpoint
 from .devices import resolve_device
 from .errors import CheckpointError, LineageError, NufiltError, SettingsError
+from .fsutil import fsync_dir
 from .lineage import CheckpointRef, LineageRecord
 from .methods import MergeMethod, StepContext, get_method
 from .safetensors_io import StreamingWriter, combine_digests
@@ -216,7 +217,7 @@ def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeRe
             device=str(device), duration_seconds=round(time.perf_counter() - t0, 3),
             peak_rss_bytes=peak_rss_bytes())
         record.write(tmp)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if output.exists():  # --overwrite: move the old one aside first, so a crash keeps one of them
             old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(output, old)
@@ -224,7 +225,7 @@ def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeRe
             shutil.rmtree(old)
         else:
             os.rename(tmp, output)
-        _fsync_dir(output.parent)
+        fsync_dir(output.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -253,11 +254,3 @@ def continual_merge(base: Path, checkpoints: Sequence[Path], output: Path, *, me
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -28,6 +28,7 @@ from typing import Any
 
 from nufilt_core.checkpoint import LINEAGE_NAME
 from nufilt_core.errors import NufiltError
+from nufilt_core.fsutil import fsync_dir
 from nufilt_core.lineage import LineageRecord
 
 VALIDATION_NAME = "validation.json"
@@ -63,14 +64,6 @@ class Version:
 
 def version_name(number: int) -> str:
     return f"v{number:06d}"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -1,0 +1,152 @@
+"""End to end with MLflow: the real `nufilt daemon` subprocess, configured only through
+NUFILT_MLFLOW__* variables, against a real `mlflow server` (SQLite, loopback, free port).
+
+Versions registered in the source model become store versions in order and are published to the
+target model with aliases `production`/`previous` and lineage tags; `nufilt rollback` moves the
+alias back; with the server stopped a merge is still promoted locally, the error shows on
+/metrics, and the version is published once the server is back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_harness import DaemonProcess, wait_for
+from mlflow_server import MlflowServer
+from models import base_state, finetune, write_model
+from nufilt_daemon.intake import content_hash
+from nufilt_daemon.mlflow_connection import registry_client
+from test_mlflow_registry import register, unique
+
+from nufilt_core.lineage import LineageRecord
+
+pytestmark = pytest.mark.slow
+
+PUBLISH_ERRORS = "nufilt_registry_errors_total", (("operation", "publish"),)
+REGISTRY_PENDING = "nufilt_registry_pending_publications", ()
+
+
+class MlflowDaemon(DaemonProcess):
+    """The harness's daemon, with the MLflow settings in its environment (also for `nufilt rollback`,
+    which must know a registry is configured to queue the alias move)."""
+
+    def __init__(self, root: Path, base: Path, mlflow_env: dict[str, str]):
+        super().__init__(root, base)
+        self.mlflow_env = mlflow_env
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), **self.mlflow_env}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: MlflowServer) -> Any:
+    return registry_client(server.url)
+
+
+def daemon(root: Path, base: Path, server: MlflowServer, source: str, target: str) -> MlflowDaemon:
+    return MlflowDaemon(root, base, {
+        "NUFILT_MLFLOW__TRACKING_URI": server.url,
+        "NUFILT_MLFLOW__SOURCE_MODEL": source,
+        "NUFILT_MLFLOW__TARGET_MODEL": target,
+        "NUFILT_MLFLOW__POLL_INTERVAL_SECONDS": "0.5",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # an unreachable server fails at once; the daemon retries
+    })
+
+
+def by_store_version(client: Any, target: str) -> dict[int, Any]:
+    """The target's registry versions, keyed by the store version they were published from."""
+    versions = client.search_model_versions(f"name='{target}'")
+    return {int(mv.tags["nufilt.store_version"]): mv for mv in versions}
+
+
+def aliases_by_store_version(client: Any, target: str) -> dict[str, int]:
+    """alias → store version of the registry version it points to."""
+    try:
+        aliases = client.get_registered_model(target).aliases
+    except Exception:  # not created yet
+        return {}
+    published = {mv.version: n for n, mv in by_store_version(client, target).items()}
+    return {alias: published[version] for alias, version in aliases.items()}
+
+
+def test_registered_versions_are_merged_in_order_published_and_rolled_back(server, client, tmp_path):
+    base = base_state()
+    base_dir = write_model(base, tmp_path / "base")
+    source, target = unique("finetuned"), unique("merged")
+    states = [finetune(base, i) for i in (1, 2, 3)]
+    hashes = [content_hash(write_model(s, tmp_path / f"t{i}")) for i, s in enumerate(states, start=1)]
+    register(client, source, states[0], tmp_path)
+    register(client, source, states[1], tmp_path)
+    d = daemon(tmp_path / "svc", base_dir, server, source, target).start()
+    try:
+        register(client, source, states[2], tmp_path)  # while the daemon polls
+        wait_for("three promotions", lambda: len(d.in_states("promoted")) == 3, timeout=150)
+        jobs = d.jobs()
+        assert [(j["source"], j["reference"], j["version"], j["step"]) for j in jobs] == [
+            ("mlflow", f"models:/{source}/{n}", n, n) for n in (1, 2, 3)]
+        assert [j["sha256"] for j in jobs] == hashes  # the registered weights, downloaded intact
+        assert os.readlink(d.store / "production") == "versions/v000003"
+        assert [c.sha256 for c in LineageRecord.read(d.store / "production").checkpoints] == hashes
+
+        wait_for("production and previous aliases on store versions 3 and 2",
+                 lambda: aliases_by_store_version(client, target) == {"production": 3, "previous": 2}, timeout=90)
+        published = by_store_version(client, target)
+        assert sorted(published) == [1, 2, 3]
+        for n, mv in published.items():
+            record = LineageRecord.read(d.store / "versions" / f"v{n:06d}")
+            assert mv.status == "READY"
+            assert mv.tags["nufilt.step"] == str(n)
+            assert mv.tags["nufilt.model_sha256"] == record.model_sha256
+            assert mv.tags["nufilt.checkpoints_sha256"].split(",") == hashes[:n]
+            assert mv.tags["nufilt.base_sha256"] == record.base.sha256 == content_hash(base_dir)
+        m = wait_for("metrics settled", lambda: (lambda m: m[REGISTRY_PENDING] == 0 and m)(d.metrics()), timeout=15)
+        assert m[("nufilt_checkpoints_detected_total", (("source", "mlflow"),))] == 3
+        assert m[("nufilt_production_version", ())] == 3
+        assert m[PUBLISH_ERRORS] == 0
+
+        out = d.cli("rollback", "--reason", "task 3 regressed").stdout
+        assert "v000003 → v000002" in out and "MLflow alias follows" in out
+        assert os.readlink(d.store / "production") == "versions/v000002"
+        wait_for("production alias back on store version 2",
+                 lambda: aliases_by_store_version(client, target) == {"production": 2, "previous": 1}, timeout=60)
+        assert sorted(by_store_version(client, target)) == [1, 2, 3]  # moved, nothing re-published
+    finally:
+        assert d.stop() == 0
+
+
+def test_mlflow_down_the_merge_is_promoted_locally_and_published_when_it_is_back(server, client, tmp_path):
+    base = base_state()
+    base_dir = write_model(base, tmp_path / "base")
+    checkpoint = write_model(finetune(base, 4), tmp_path / "t4")
+    target = unique("merged")
+    d = daemon(tmp_path / "svc", base_dir, server, unique("finetuned"), target).start()
+    try:
+        server.stop()
+        d.drop(checkpoint, "task4")
+        wait_for("promoted while MLflow is down", lambda: d.in_states("promoted"), timeout=120)
+        assert os.readlink(d.store / "production") == "versions/v000001"
+        m = wait_for("a publish error on /metrics", lambda: (lambda m: m[PUBLISH_ERRORS] >= 1 and m)(d.metrics()),
+                     timeout=60)
+        assert m[REGISTRY_PENDING] == 1 and m[("nufilt_production_version", ())] == 1
+        assert d.logged("registry_error")
+
+        server.start()
+        wait_for("store version 1 published as production after the outage",
+                 lambda: aliases_by_store_version(client, target) == {"production": 1}, timeout=120)
+        mv = by_store_version(client, target)[1]
+        assert mv.tags["nufilt.checkpoint_sha256"] == content_hash(checkpoint)
+        assert mv.tags["nufilt.model_sha256"] == LineageRecord.read(d.store / "production").model_sha256
+        wait_for("nothing left to publish", lambda: d.metrics()[REGISTRY_PENDING] == 0, timeout=15)
+    finally:
+        server.start()  # whatever happened, leave the server up for the other tests
+        assert d.stop() == 0

@@ -41,6 +41,15 @@ class MlflowDaemon(DaemonProcess):
     def env(self) -> dict[str, str]:
         return {**super().env(), **self.mlflow_env}
 
+    def cli_without_mlflow_env(self, *args: str) -> str:
+        """`nufilt ARGS --config FILE` from an operator's shell: the MLflow settings were given to
+        the daemon only (systemd Environment=, the quickstart's exports), not to this command."""
+        saved, self.mlflow_env = self.mlflow_env, {}
+        try:
+            return self.cli(*args).stdout
+        finally:
+            self.mlflow_env = saved
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
@@ -119,6 +128,10 @@ def test_registered_versions_are_merged_in_order_published_and_rolled_back(serve
         assert os.readlink(d.store / "production") == "versions/v000002"
         wait_for("production alias back on store version 2",
                  lambda: aliases_by_store_version(client, target) == {"production": 2, "previous": 1}, timeout=60)
+        # the same from a shell that does not know about MLflow: the alias must follow all the same
+        assert "v000002 → v000001" in d.cli_without_mlflow_env("rollback")
+        wait_for("production alias back on store version 1",
+                 lambda: aliases_by_store_version(client, target) == {"production": 1}, timeout=60)
         assert sorted(by_store_version(client, target)) == [1, 2, 3]  # moved, nothing re-published
     finally:
         assert d.stop() == 0

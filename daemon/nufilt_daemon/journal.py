@@ -329,7 +329,10 @@ class Journal:
         with self._tx() as db:
             db.execute("INSERT INTO production_changes (kind, from_version, to_version, job_id, reason, at) "
                        "VALUES (?,?,?,?,?,?)", ("rollback", from_version, to_version, None, reason, now))
-            if publish:
+            # this store publishes to a registry even if the caller (`nufilt rollback` in a shell
+            # without the MLflow settings) does not know it: the alias must follow all the same
+            published = db.execute("SELECT 1 FROM outbox WHERE kind = 'publish' LIMIT 1").fetchone() is not None
+            if publish or published:
                 db.execute("INSERT INTO outbox (kind, version, state, created_at, updated_at) VALUES (?,?,?,?,?)",
                            ("set_production", to_version, "pending", now, now))
 

@@ -230,3 +230,11 @@ def test_dashboard_is_well_formed_and_covers_what_operators_watch():
                  "process_resident_memory_bytes", "nufilt_gpu_memory_used_bytes", "nufilt_rollbacks_total"):
         assert must in everything, must
     assert DASHBOARD.stat().st_size < 200_000
+
+
+def test_operator_guide_links_resolve():
+    guide = DEPLOY / "README.md"
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", guide.read_text())
+    assert len(links) >= 10
+    for link in links:
+        assert (guide.parent / link).exists(), link

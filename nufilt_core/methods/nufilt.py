@@ -8,9 +8,13 @@ For each selected weight W [d_out, d_in]:
   L(A, B) = ‖𝒯 − (M + τ_t B A) V̂‖²_F,  V̂ = [V̂t, V̂p], 𝒯 = [τ_t V̂t, τ_{≤t-1} V̂p], M = τ_{≤t-1} + τ_t P
   Adam(lr) for `iters` steps, then W^m_t = W^m_{t-1} + τ_t (P + B A).
 
-Speed-ups that keep the numbers: 𝒯 − M V̂ is constant, so it is computed once; and when
-d_out > d_in the loss is evaluated through τ_t = Q R as ‖Qᵀ(𝒯 − M V̂) − R B A V̂‖² + const,
-which has the same gradients with d_in instead of d_out rows.
+Speed-ups that keep the numbers (the gradients are the loss's, in exact arithmetic):
+  * 𝒯 − M V̂ =: C is constant, so it is computed once;
+  * with X = A V̂ the loss is ‖C − τ_t B X‖², whose gradients are written out by hand
+    (no autograd): ∂B = 2 τ_tᵀ(τ_t B X − C) Xᵀ, ∂X = 2 (τ_t B)ᵀ(τ_t B X − C);
+  * when d_in < 2 d_out they go through G = τ_tᵀτ_t and H = τ_tᵀC, formed once:
+    ∂B = 2 (G B)(X Xᵀ) − 2 H Xᵀ, ∂X = 2 Bᵀ(G B) X − 2 Bᵀ H — one d_in × d_in × r_l product per
+    Adam step instead of two d_out × d_in × r_l ones. G (in fp64) also yields V̂t (linalg.py).
 """
 
 from __future__ import annotations
@@ -64,7 +68,11 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
     if s.first_step == "published_code" and not bool(tau_prev.any()):
         # the authors' code: SVD(0) returns V = I, so the first r_p input coordinates are "earlier directions"
         v_prev = torch.eye(d_in, dtype=tau_new.dtype, device=tau_new.device)[:, : min(s.null_rank, d_out, d_in)]
-    v_new = top_right_singular_vectors(tau_new, s.task_rank)
+    use_gram = d_in < 2 * d_out  # G costs d_in² per Adam step, the direct form 2·d_out·d_in
+    gram64 = None  # τ_tᵀτ_t in fp64, shared by V̂t's eigendecomposition and the Adam loop
+    if d_in <= d_out and tau_new.dtype != torch.float64:
+        gram64 = tau_new.double().T @ tau_new.double()
+    v_new = top_right_singular_vectors(tau_new, s.task_rank, gram=gram64)
     v_filter = v_prev if s.null_space else v_prev[:, :0]  # ablation "adapter only": P = I
     tau_vf = tau_new @ v_filter
     filtered = tau_new - tau_vf @ v_filter.T  # τ_t P
@@ -87,30 +95,29 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
     if r_l == 0 or s.iters == 0 or loss_before == 0.0 or v_hat.shape[1] == 0:
         return MatrixResult(filtered, v_prev, v_new, a, b, loss_before, loss_before)
 
-    if d_out > d_in:  # optimise through R of τ_t = Q R: d_in rows instead of d_out
-        q, k = torch.linalg.qr(tau_new)
-        c = q.T @ residual
-        constant = float((residual - q @ c).square().sum())
-    else:
-        k, c, constant = tau_new, residual, 0.0
-
-    a = a.clone().requires_grad_(True)
-    b = b.clone().requires_grad_(True)
+    a, b = a.clone(), b.clone()
     opt = torch.optim.Adam([a, b], lr=s.lr)
-
-    def loss_fn() -> torch.Tensor:
-        return (c - (k @ b) @ (a @ v_weighted)).square().sum()
-
-    with torch.enable_grad():
-        for _ in range(s.iters):
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn()
-            loss.backward()
-            opt.step()
-    a, b = a.detach(), b.detach()
+    if use_gram:
+        g = gram64.to(tau_new.dtype) if gram64 is not None else tau_new.T @ tau_new
+        h = tau_new.T @ residual  # [d_in, k]
     with torch.no_grad():
-        loss_after = float(loss_fn()) + constant
-    update = filtered + (tau_new @ b) @ a
+        for _ in range(s.iters):
+            x = a @ v_weighted  # [r_l, k]
+            if use_gram:
+                gb = g @ b  # the one large product of the step
+                grad_b = 2 * (gb @ (x @ x.T) - h @ x.T)
+                grad_x = 2 * ((b.T @ gb) @ x - b.T @ h)
+            else:
+                y = tau_new @ b
+                err = y @ x - residual  # τ_t B X − C
+                grad_b = 2 * (tau_new.T @ (err @ x.T))
+                grad_x = 2 * (y.T @ err)
+            a.grad, b.grad = grad_x @ v_weighted.T, grad_b
+            opt.step()
+        a.grad = b.grad = None
+        tau_b = tau_new @ b
+        loss_after = float((residual - tau_b @ (a @ v_weighted)).square().sum())
+        update = filtered + tau_b @ a
     return MatrixResult(update, v_prev, v_new, a, b, loss_before, loss_after)
 
 

@@ -1,0 +1,112 @@
+"""One command for the whole pipeline; every stage is cached under --cache and resumes.
+
+    python -m bench.quality                     # the full benchmark → bench/results/full.{json,md,png}
+    python -m bench.quality --preset small      # the CI-sized version
+    python -m bench.quality --stage report      # rebuild the report from whatever orders are done
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from .config import PRESETS, BenchConfig
+
+STAGES = ("data", "finetune", "merge", "report")
+HERE = Path(__file__).resolve().parent
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="recipe (default full)")
+    p.add_argument("--name", help="results name (default: the preset's)")
+    p.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="run up to and including this stage")
+    p.add_argument("--cache", type=Path, default=HERE.parent / "cache", help="stage cache (default bench/cache)")
+    p.add_argument("--results", type=Path, default=HERE.parent / "results", help="where results go")
+    p.add_argument("--methods", help="comma-separated registered methods (default: all in METHODS)")
+    p.add_argument("--tasks", help="comma-separated subset of the preset's tasks")
+    p.add_argument("--orders", type=int, help="number of task orders (default: the preset's)")
+    p.add_argument("--no-ablations", action="store_true", help="skip NUFILT's Table 4 ablation")
+    p.add_argument("--no-settings", action="store_true", help="skip the NUFILT settings study")
+    # one thread: on 2 shared cores torch's spinning thread pool loses badly to contention
+    # (a merge step measured 4.5 s with 1 thread, 18.7 s with 2, load average ~9)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's default)")
+    return p.parse_args(argv)
+
+
+def configure(args: argparse.Namespace) -> BenchConfig:
+    cfg = PRESETS[args.preset]
+    if args.tasks:
+        tasks = tuple(args.tasks.split(","))
+        unknown = [t for t in tasks if t not in cfg.data.tasks]
+        if unknown:
+            raise SystemExit(f"unknown task(s) {', '.join(unknown)}; the preset has {', '.join(cfg.data.tasks)}")
+        cfg = replace(cfg, data=replace(cfg.data, tasks=tasks))
+    if args.orders is not None:
+        cfg = replace(cfg, merge=replace(cfg.merge, orders=args.orders))
+    return replace(cfg, name=args.name or cfg.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    cfg = configure(args)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .backbone import new_encoder
+    from .data import build_all, load_task
+    from .finetune import finetune_task, load_heads
+    from .merging import EvalSet, load_results, run_all, run_key
+    from .report import build, load_metrics
+    from .tasks import MissingDataError
+    from .variants import all_variants
+
+    variants = all_variants(args.methods.split(",") if args.methods else None,
+                            ablations=not args.no_ablations, settings=not args.no_settings)
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:7.0f} s] {msg}", flush=True)
+
+    last = STAGES.index(args.stage) if args.stage != "all" else len(STAGES) - 1
+    try:
+        data_dirs = build_all(args.cache, cfg.data)
+    except MissingDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log(f"data: {len(data_dirs)} task(s) in {args.cache / 'data'}")
+    if last < 1:
+        return 0
+    tasks = {t: load_task(d) for t, d in data_dirs.items()}
+    theta0 = new_encoder()
+    ft_dirs = {}
+    for t, task in tasks.items():
+        ft_dirs[t] = finetune_task(args.cache, task, cfg.data, cfg.train, theta0)
+        m = load_metrics({t: ft_dirs[t]})[t]
+        log(f"finetune {t}: θ0+head {m['probe_acc']:.1f}, fine-tuned {m['finetune_acc']:.1f} "
+            f"(gain {m['gain']:+.1f}, {m['seconds']:.0f} s when built)")
+    if last < 2:
+        return 0
+    checkpoints = {t: f / "body" for t, f in ft_dirs.items()}
+    evals = {t: EvalSet(tasks[t].test, load_heads(ft_dirs[t])[0]) for t in tasks}
+    runs = args.cache / "runs" / run_key(cfg)
+    log(f"merge: {len(variants)} variant(s) × {cfg.merge.orders} order(s) into {runs}")
+    run_all(variants, checkpoints, evals, runs, cfg, log)
+    if last < 3:
+        return 0
+    results = {v.name: (v, load_results(runs, v)) for v in variants}
+    build(cfg, load_metrics(ft_dirs), results, args.results)
+    log(f"report: {args.results / cfg.name}.json, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

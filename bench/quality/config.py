@@ -1,0 +1,76 @@
+"""The benchmark's recipe: one frozen dataclass per stage, hashed into each stage's cache key.
+
+Changing a field of a stage changes its key, so its cached output (and everything downstream)
+is rebuilt; nothing is reused across recipes by accident.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+ALL_TASKS = ("bbc", "rotten", "tweets", "debates", "fortunes", "wn_noun", "wn_verb", "chat_lang")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    tasks: tuple[str, ...] = ALL_TASKS
+    n_train: int = 2000  # per task, fewer when the task is small
+    n_test: int = 400  # per task; at most test_share of a small task
+    test_share: float = 0.3
+    max_length: int = 64  # tokens, after truncation
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    lr_body: float = 1e-4
+    lr_head: float = 1e-3
+    warmup_share: float = 0.1
+    weight_decay: float = 0.01
+    probe_steps: int = 200  # L-BFGS steps of the θ0 linear probe (its weights also start the fine-tune head)
+    probe_l2: float = 1e-4
+    freeze_embeddings: bool = True  # embeddings stay θ0 in every checkpoint
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    orders: int = 10  # task orders v = 0..orders-1, random.seed(42 + v) shuffles
+    curve_orders: int = 2  # orders evaluated on every seen task after every step (the plot)
+    settings_orders: int = 3  # orders for the NUFILT settings study
+    ablation_orders: int | None = None  # orders for NUFILT's ablation (None: all)
+    seed: int = 0  # NUFILT adapter seed (lineage seed)
+    eval_batch: int = 64
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str = "full"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+
+
+def key(*parts: object) -> str:
+    """Short stable hash of dataclasses / plain values, for cache folder names."""
+    blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+FULL = BenchConfig()
+# The CI version: two cheap tasks (Debian fortunes, PyPI chatterbot-corpus), tiny subsets, short texts.
+SMALL = BenchConfig(
+    name="small",
+    data=DataConfig(tasks=("fortunes", "chat_lang"), n_train=160, n_test=96, max_length=32),
+    train=TrainConfig(epochs=2, batch_size=32, lr_body=1e-4, lr_head=3e-3, probe_steps=50),
+    merge=MergeConfig(orders=2, curve_orders=1, settings_orders=1, ablation_orders=1),
+)
+PRESETS = {"full": FULL, "small": SMALL}
+
+
+def with_name(cfg: BenchConfig, name: str) -> BenchConfig:
+    return replace(cfg, name=name)

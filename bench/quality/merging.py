@@ -1,0 +1,112 @@
+"""Stage 3: continual merges over task orders, through the engine users get (nufilt_core.merge_step),
+each merged body evaluated with every task's own fine-tuned head.
+
+Per (variant, order) one JSON file under the run's cache folder, written when the order is
+complete, so an interrupted run resumes where it stopped and the report can use what exists.
+Evaluation: after step t the new task's accuracy a_t(θ_t^m) (for BWT), and after the last step
+every task (ACC); on the first `curve_orders` orders every seen task after every step (the plot).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nufilt_core import __version__ as nufilt_version
+from nufilt_core.merge import MergeRequest, merge_step
+
+from .backbone import base_weights, load_body, new_encoder
+from .cache import write_json
+from .config import BenchConfig, key
+from .data import Split
+from .evaluate import accuracy
+from .variants import Variant
+
+
+def task_order(tasks: list[str], v: int) -> list[str]:
+    """The paper's order v: random.seed(42 + v); random.shuffle(order) (a private Random, same numbers)."""
+    order = list(tasks)
+    random.Random(42 + v).shuffle(order)
+    return order
+
+
+@dataclass
+class EvalSet:
+    test: Split
+    head: dict[str, torch.Tensor]
+
+
+def run_key(cfg: BenchConfig) -> str:
+    return key(cfg.data, cfg.train, cfg.merge.seed)
+
+
+def result_path(runs: Path, variant: Variant, v: int) -> Path:
+    return runs / f"{variant.name}-{key(variant.method, variant.options)}" / f"order-{v}.json"
+
+
+def run_order(variant: Variant, v: int, checkpoints: dict[str, Path], evals: dict[str, EvalSet],
+              work: Path, cfg: BenchConfig, curve: bool, encoder: torch.nn.Module | None = None) -> dict:
+    """Merge all tasks in order v with one variant; returns the record written to the cache."""
+    order = task_order(list(checkpoints), v)
+    encoder = encoder or new_encoder()
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    steps = []
+    previous: Path | None = None
+    try:
+        for t, task in enumerate(order, 1):
+            output = work / f"step-{t}"
+            t0 = time.perf_counter()
+            result = merge_step(MergeRequest(
+                base=base_weights(), checkpoint=checkpoints[task], output=output, previous=previous,
+                method=variant.method, options=variant.options if t == 1 else {}, seed=cfg.merge.seed,
+                device="cpu"))
+            merge_seconds = time.perf_counter() - t0
+            if previous is not None:
+                shutil.rmtree(previous)
+            previous = output
+            seen = order[:t] if (curve or t == len(order)) else [task]
+            t1 = time.perf_counter()
+            load_body(encoder, output / "model.safetensors")
+            acc = {name: accuracy(encoder, evals[name].test, evals[name].head, cfg.merge.eval_batch) for name in seen}
+            steps.append({"task": task, "acc": acc, "merge_seconds": round(merge_seconds, 3),
+                          "phase_seconds": {k: round(s, 3) for k, s in result.seconds.items()},
+                          "eval_seconds": round(time.perf_counter() - t1, 2), "summary": result.record.summary})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"variant": variant.name, "method": variant.method, "options": variant.options, "order_index": v,
+            "order": order, "curve": curve, "settings": result.record.settings, "nufilt_version": nufilt_version,
+            "steps": steps}
+
+
+def run_all(variants: list[Variant], checkpoints: dict[str, Path], evals: dict[str, EvalSet], runs: Path,
+            cfg: BenchConfig, log=print) -> None:
+    """Every (variant, order) not yet cached; order by order, so partial runs cover all variants."""
+    limit = {"settings": cfg.merge.settings_orders, "ablation": cfg.merge.ablation_orders}
+    jobs = [(var, v) for v in range(cfg.merge.orders) for var in variants
+            if limit.get(var.group) is None or v < limit[var.group]]
+    encoder = new_encoder()
+    for i, (var, v) in enumerate(jobs, 1):
+        path = result_path(runs, var, v)
+        if path.exists():
+            continue
+        t0 = time.perf_counter()
+        record = run_order(var, v, checkpoints, evals, runs / "work" / f"{var.name}-{v}", cfg,
+                           curve=v < cfg.merge.curve_orders, encoder=encoder)
+        write_json(path, record)
+        final = record["steps"][-1]["acc"]
+        log(f"[{i}/{len(jobs)}] {var.name} order {v}: ACC {sum(final.values()) / len(final):.2f} "
+            f"({time.perf_counter() - t0:.0f} s)")
+
+
+def load_results(runs: Path, variant: Variant) -> list[dict]:
+    folder = result_path(runs, variant, 0).parent
+    files = sorted(folder.glob("order-*.json"), key=lambda p: int(p.stem.split("-")[1])) if folder.exists() else []
+    return [json.loads(p.read_text()) for p in files]

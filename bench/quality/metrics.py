@@ -1,0 +1,38 @@
+"""ACC and BWT (definitions in shared/reference/algorithms.md) from one order's step records."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def final_acc(record: dict) -> dict[str, float]:
+    return record["steps"][-1]["acc"]
+
+
+def acc(record: dict) -> float:
+    """Mean over all T tasks of the final merged model's accuracy."""
+    final = final_acc(record)
+    return sum(final.values()) / len(final)
+
+
+def bwt(record: dict) -> float:
+    """1/(T−1) Σ_{i<T} [a_i(θ_T^m) − a_i(θ_i^m)], a_i(θ_i^m) measured right after task i merged."""
+    steps = record["steps"]
+    final = final_acc(record)
+    if len(steps) < 2:
+        return 0.0
+    drops = [final[s["task"]] - s["acc"][s["task"]] for s in steps[:-1]]
+    return sum(drops) / len(drops)
+
+
+def seen_curve(record: dict) -> list[float] | None:
+    """Mean accuracy on the tasks seen so far, after each step (only for fully evaluated orders)."""
+    if not record.get("curve"):
+        return None
+    return [sum(s["acc"].values()) / len(s["acc"]) for s in record["steps"]]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)

@@ -1,0 +1,194 @@
+"""Stage 4: results JSON, Markdown tables and the per-step plot, from the cached order records.
+
+Only numbers leave bench/cache/: accuracies, times, settings. Normalised accuracy is the mean
+over tasks of merged / individual; the share of the gap kept is (ACC − θ0) / (individual − θ0)
+on the task means (per task too, in `per_task_gap_kept`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .cache import write_json
+from .config import BenchConfig
+from .metrics import acc, bwt, final_acc, mean_std, seen_curve
+from .variants import Variant
+
+
+def references(metrics: dict[str, dict]) -> dict[str, Any]:
+    probe = {t: m["probe_acc"] for t, m in metrics.items()}
+    ind = {t: m["finetune_acc"] for t, m in metrics.items()}
+    gap = {t: ind[t] - probe[t] for t in metrics}
+    return {
+        "theta0_heads": {"per_task": probe, "mean": statistics.fmean(probe.values())},
+        "individual": {"per_task": ind, "mean": statistics.fmean(ind.values())},
+        "gap": {"per_task": gap, "mean": statistics.fmean(gap.values())},
+        "finetune": {t: {k: m[k] for k in ("n_train", "n_test", "classes", "steps", "seconds")}
+                     for t, m in metrics.items()},
+    }
+
+
+def summarise(variant: Variant, records: list[dict], refs: dict[str, Any]) -> dict[str, Any]:
+    tasks = list(refs["individual"]["per_task"])
+    accs, bwts = [acc(r) for r in records], [bwt(r) for r in records]
+    per_task = {t: statistics.fmean(final_acc(r)[t] for r in records) for t in tasks}
+    probe, ind = refs["theta0_heads"]["per_task"], refs["individual"]["per_task"]
+    acc_mean, acc_std = mean_std(accs)
+    bwt_mean, bwt_std = mean_std(bwts)
+    gap = refs["individual"]["mean"] - refs["theta0_heads"]["mean"]
+    curves = [c for c in (seen_curve(r) for r in records) if c]
+    step_seconds = [s["merge_seconds"] for r in records for s in r["steps"]]
+    return {
+        "method": variant.method, "options": variant.options, "group": variant.group, "label": variant.label,
+        "orders": len(records), "acc_mean": acc_mean, "acc_std": acc_std, "bwt_mean": bwt_mean, "bwt_std": bwt_std,
+        "per_task": per_task,
+        "normalised_acc": statistics.fmean(100 * per_task[t] / ind[t] for t in tasks),
+        "gap_kept": 100 * (acc_mean - refs["theta0_heads"]["mean"]) / gap if gap else float("nan"),
+        "per_task_gap_kept": {t: (100 * (per_task[t] - probe[t]) / (ind[t] - probe[t]) if ind[t] != probe[t]
+                                  else None) for t in tasks},
+        "merge_seconds_per_step": statistics.fmean(step_seconds) if step_seconds else None,
+        "seen_curve": [statistics.fmean(c[i] for c in curves) for i in range(len(curves[0]))] if curves else None,
+        "seen_curve_orders": len(curves),
+        "per_order": [{"order": r["order"], "acc": a, "bwt": b} for r, a, b in zip(records, accs, bwts, strict=True)],
+        "summary_step_1": records[0]["steps"][0]["summary"] if records else None,
+    }
+
+
+def settings_study(nufilt_records: list[dict], settings: dict[str, tuple[Variant, list[dict]]]) -> dict[str, Any]:
+    """Each settings variant against default NUFILT on the same orders."""
+    out = {}
+    for name, (variant, records) in settings.items():
+        idx = {r["order_index"] for r in records}
+        base = [r for r in nufilt_records if r["order_index"] in idx]
+        if not records or len(base) != len(records):
+            continue
+        out[name] = {"label": variant.label, "options": variant.options, "orders": sorted(idx),
+                     "acc_mean": statistics.fmean(acc(r) for r in records),
+                     "bwt_mean": statistics.fmean(bwt(r) for r in records),
+                     "default_acc_mean": statistics.fmean(acc(r) for r in base),
+                     "default_bwt_mean": statistics.fmean(bwt(r) for r in base),
+                     "filtered_tensors": records[0]["steps"][-1]["summary"].get("filtered_tensors")}
+        out[name]["acc_delta"] = out[name]["acc_mean"] - out[name]["default_acc_mean"]
+    return out
+
+
+def individual_curve(records: list[dict], refs: dict[str, Any]) -> list[float] | None:
+    """Individual fine-tunes' mean accuracy on the seen tasks, for the same orders as the plot."""
+    curves = [r["order"] for r in records if r.get("curve")]
+    if not curves:
+        return None
+    ind = refs["individual"]["per_task"]
+    return [statistics.fmean(statistics.fmean(ind[t] for t in o[:i]) for o in curves)
+            for i in range(1, len(curves[0]) + 1)]
+
+
+def build(cfg: BenchConfig, metrics: dict[str, dict], results: dict[str, tuple[Variant, list[dict]]],
+          out_dir: Path) -> dict[str, Any]:
+    refs = references(metrics)
+    methods = {n: summarise(v, recs, refs) for n, (v, recs) in results.items() if v.group != "settings" and recs}
+    settings = {n: vr for n, vr in results.items() if vr[0].group == "settings"}
+    nufilt_records = results["nufilt"][1] if "nufilt" in results else []
+    report = {
+        "name": cfg.name, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": {"data": cfg.data.__dict__, "train": cfg.train.__dict__, "merge": cfg.merge.__dict__},
+        "tasks": list(metrics), "references": refs, "methods": methods,
+        "settings_study": settings_study(nufilt_records, settings) if nufilt_records else {},
+    }
+    ind_curve = individual_curve(nufilt_records, refs)
+    if ind_curve:
+        report["references"]["individual_seen_curve"] = ind_curve
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / f"{cfg.name}.json", report)
+    (out_dir / f"{cfg.name}.md").write_text(markdown(report))
+    plot(report, out_dir / f"{cfg.name}.png")
+    return report
+
+
+def _f(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    refs, tasks = r["references"], r["tasks"]
+    lines = [f"# Quality benchmark `{r['name']}` ({r['created_at']})", "",
+             "## References per task (test accuracy, %)", "",
+             "| task | train / test | classes | θ0 + head (frozen features) | individual fine-tune | gap |",
+             "|---|---|---|---|---|---|"]
+    for t in tasks:
+        ft = refs["finetune"][t]
+        lines.append(f"| {t} | {ft['n_train']} / {ft['n_test']} | {ft['classes']} | "
+                     f"{_f(refs['theta0_heads']['per_task'][t])} | {_f(refs['individual']['per_task'][t])} | "
+                     f"{_f(refs['gap']['per_task'][t], 1)} |")
+    lines.append(f"| **mean** | | | {_f(refs['theta0_heads']['mean'])} | {_f(refs['individual']['mean'])} | "
+                 f"**{_f(refs['gap']['mean'])}** |")
+    main = {n: m for n, m in r["methods"].items() if m["group"] == "method"}
+    lines += ["", "## Methods (final model after all tasks; mean ± std over task orders)", "",
+              "| method | orders | ACC | BWT | normalised ACC | gap kept | merge s/step |",
+              "|---|---|---|---|---|---|---|"]
+    for n, m in sorted(main.items(), key=lambda kv: -kv[1]["acc_mean"]):
+        lines.append(f"| {n} | {m['orders']} | {_f(m['acc_mean'])} ± {_f(m['acc_std'])} | "
+                     f"{_f(m['bwt_mean'])} ± {_f(m['bwt_std'])} | {_f(m['normalised_acc'])} | "
+                     f"{_f(m['gap_kept'])} | {_f(m['merge_seconds_per_step'], 2)} |")
+    lines += [f"| θ0 + heads | | {_f(refs['theta0_heads']['mean'])} | | | 0 | |",
+              f"| individual | | {_f(refs['individual']['mean'])} | | 100 | 100 | |"]
+    lines += ["", "## Final per-task accuracy (mean over orders)", "",
+              "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for n, m in r["methods"].items():
+        lines.append(f"| {n} | " + " | ".join(_f(m["per_task"][t]) for t in tasks) + " |")
+    abl = {n: m for n, m in r["methods"].items() if m["group"] == "ablation" or n == "nufilt"}
+    if len(abl) > 1:
+        lines += ["", "## NUFILT ablation (the paper's Table 4)", "", "| component | orders | ACC | BWT |",
+                  "|---|---|---|---|"]
+        for n in ("naive", "nufilt_null_only", "nufilt_adapter_only", "nufilt"):
+            if n in abl:
+                m = abl[n]
+                lines.append(f"| {m['label'] if n != 'nufilt' else '(4) full method'} | {m['orders']} | "
+                             f"{_f(m['acc_mean'])} ± {_f(m['acc_std'])} | {_f(m['bwt_mean'])} ± {_f(m['bwt_std'])} |")
+    if r["settings_study"]:
+        lines += ["", "## NUFILT settings study (same orders as the default)", "",
+                  "| setting | orders | filtered tensors | ACC | default ACC | Δ ACC | BWT | default BWT |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in r["settings_study"].values():
+            lines.append(f"| {s['label']} | {','.join(map(str, s['orders']))} | {s['filtered_tensors']} | "
+                         f"{_f(s['acc_mean'], 2)} | {_f(s['default_acc_mean'], 2)} | {_f(s['acc_delta'], 2)} | "
+                         f"{_f(s['bwt_mean'], 2)} | {_f(s['default_bwt_mean'], 2)} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    n_orders = 0
+    for n, m in r["methods"].items():
+        if m["seen_curve"]:
+            steps = range(1, len(m["seen_curve"]) + 1)
+            ax.plot(steps, m["seen_curve"], marker="o", ms=3, label=n, lw=2.2 if n == "nufilt" else 1.2,
+                    ls="--" if m["group"] == "ablation" else "-")
+            n_orders = m["seen_curve_orders"]
+    ind = r["references"].get("individual_seen_curve")
+    if ind:
+        ax.plot(range(1, len(ind) + 1), ind, color="black", ls=":", label="individual")
+    ax.axhline(r["references"]["theta0_heads"]["mean"], color="grey", ls=":", label="θ0 + heads (all tasks)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("merge step t")
+    ax.set_ylabel("mean accuracy on tasks seen so far (%)")
+    ax.set_title(f"{r['name']}: accuracy on seen tasks ({n_orders} order(s))")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_metrics(folders: dict[str, Path]) -> dict[str, dict]:
+    return {t: json.loads((f / "metrics.json").read_text()) for t, f in folders.items()}

@@ -1,0 +1,60 @@
+"""What gets merged: each variant is a registered nufilt_core method plus explicit settings.
+
+Main variants run over every task order; the NUFILT settings study (first-step rule, which
+tensors are filtered, policy for the rest) runs over the first few orders only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nufilt_core.methods import METHODS
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    group: str = "method"  # "method", "ablation", "settings"
+    label: str = ""
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+
+# The paper's Table 4: (1) naive = θ_{t-1}^m + τ_t, (2) null-space only, (3) adapter only, full method.
+ABLATIONS = (
+    Variant("naive", "task_arithmetic", {"scale": 1.0}, "ablation", "(1) naive merging, θ^m + τ_t"),
+    Variant("nufilt_null_only", "nufilt", {"lora_rank": 0}, "ablation", "(2) null-space only (r_l = 0)"),
+    Variant("nufilt_adapter_only", "nufilt", {"null_space": False}, "ablation", "(3) adapter only (P = I)"),
+)
+# BERT's 2-D body weights are q/k/v, attention.output.dense, intermediate.dense and output.dense;
+# the "bert" preset filters all but output.dense, so "all-linear" = bert + output.dense here.
+SETTINGS = (
+    Variant("nufilt_first_published", "nufilt", {"first_step": "published_code"}, "settings",
+            "first_step = published_code"),
+    Variant("nufilt_all_linear", "nufilt", {"preset": "all-linear"}, "settings",
+            "preset = all-linear (adds FFN output.dense)"),
+    Variant("nufilt_keep_previous", "nufilt", {"policy": "keep_previous"}, "settings", "policy = keep_previous"),
+    Variant("nufilt_average", "nufilt", {"policy": "average"}, "settings", "policy = average"),
+)
+
+
+def method_variants(methods: list[str] | None = None) -> list[Variant]:
+    """Every registered method with its default settings (nufilt first)."""
+    names = methods or sorted(METHODS, key=lambda n: (n != "nufilt", n))
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(METHODS)}")
+    return [Variant(n, n, {}, "method", n) for n in names]
+
+
+def all_variants(methods: list[str] | None = None, ablations: bool = True, settings: bool = True) -> list[Variant]:
+    out = method_variants(methods)
+    if ablations and "nufilt" in METHODS:
+        out += list(ABLATIONS)
+    if settings and "nufilt" in METHODS:
+        out += list(SETTINGS)
+    return out

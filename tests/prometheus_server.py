@@ -23,12 +23,12 @@ import pytest
 from mlflow_server import free_port
 
 
-def require_binary(name: str, package: str = "prometheus") -> str:
+def require_binary(name: str, package: str = "the Debian package prometheus") -> str:
     """The binary's path. Missing: a failure in CI (CI=true), else a skip that says how to install it."""
     path = shutil.which(name)
     if path:
         return path
-    reason = f"`{name}` not found: install the Debian package {package} (apt-get install {package}, as .ci/run does)"
+    reason = f"`{name}` not found: install {package} (as .ci/run and scripts/setup.sh do)"
     if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
         pytest.fail(f"{reason}; CI must have it")
     pytest.skip(reason)

@@ -8,6 +8,8 @@ import fnmatch
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,6 +28,7 @@ from deploy_files import (
 )
 from mlflow.server.security_utils import is_allowed_host_header
 from nufilt_daemon.config import load_settings, unknown_env_keys
+from prometheus_server import require_binary
 
 HOST_ENV = {"NUFILT_BASE_MODEL_DIR": "/srv/models/base", "GRAFANA_ADMIN_PASSWORD": "pw"}  # what README exports
 
@@ -139,6 +142,21 @@ def test_daemon_environment_is_a_valid_config_that_fits_its_volumes_and_neighbou
     assert args["backend-store-uri"].startswith("sqlite:////") and under_mount(db, ml)
     assert under_mount(args["artifacts-destination"], ml)
     assert s.mlflow.source_model and s.mlflow.target_model
+
+
+def test_compose_files_match_the_compose_specification(tmp_path: Path):
+    """Docker's compose-spec JSON schema (vendored in check-jsonschema): no engine needed."""
+    exe = Path(sys.executable).with_name("check-jsonschema")
+    if not exe.exists():
+        exe = Path(require_binary("check-jsonschema", "the PyPI package check-jsonschema (a dev extra)"))
+    proc = subprocess.run([str(exe), "--builtin-schema", "vendor.compose-spec", str(COMPOSE),
+                           str(DEPLOY / "compose.gpu.yaml")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    bad = tmp_path / "compose.yaml"  # and the check does reject a misspelt key
+    bad.write_text(COMPOSE.read_text().replace("    depends_on:", "    depend_on:", 1))
+    proc = subprocess.run([str(exe), "--builtin-schema", "vendor.compose-spec", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "depend_on" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_gpu_override_only_adds_the_gpu(monkeypatch):

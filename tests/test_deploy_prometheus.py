@@ -74,6 +74,7 @@ def has_gpu_metrics(d: DaemonProcess) -> bool:
 
 
 def test_every_dashboard_query_and_alert_evaluates_on_a_real_scrape(tiny: dict[str, Path], tmp_path: Path):
+    require_binary("prometheus")  # skip (or fail in CI) before starting anything
     d = DaemonProcess(tmp_path / "svc", tiny["base"]).start()
     try:
         target = json.loads((d.state / "daemon.json").read_text())["metrics_url"].split("/")[2]  # host:port

@@ -66,7 +66,7 @@ def verify(unit_text: str, tmp: Path) -> tuple[int, list[str]]:
     (verify exits 0 on unknown keys and bad values, which it only warns about)."""
     from prometheus_server import require_binary
 
-    analyze = require_binary("systemd-analyze", "systemd")
+    analyze = require_binary("systemd-analyze", "the Debian package systemd")
     path = tmp / "nufilt.service"
     path.write_text(unit_text)
     proc = subprocess.run([analyze, "verify", "--man=no", str(path)], capture_output=True, text=True, timeout=60)
@@ -91,7 +91,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path):
 def test_unit_security_review_stays_ok(tmp_path: Path):
     from prometheus_server import require_binary
 
-    analyze = require_binary("systemd-analyze", "systemd")
+    analyze = require_binary("systemd-analyze", "the Debian package systemd")
     path = tmp_path / "nufilt.service"
     path.write_text(UNIT.read_text().replace(f"ExecStart={INSTALLED_EXEC} ", f"ExecStart={NUFILT} "))
     # exposure 0.0 (locked down) .. 10.0 (unsafe), x10 for --threshold; the unit scores 1.6 "OK"
@@ -169,7 +169,7 @@ def test_env_example_holds_real_settings_that_load_and_fit_the_unit(monkeypatch:
 def test_sysusers_file_creates_the_units_user(tmp_path: Path):
     from prometheus_server import require_binary
 
-    sysusers = require_binary("systemd-sysusers", "systemd")
+    sysusers = require_binary("systemd-sysusers", "the Debian package systemd")
     (tmp_path / "etc").mkdir()
     proc = subprocess.run([sysusers, f"--root={tmp_path}", str(SYSTEMD / "nufilt.sysusers")],
                           capture_output=True, text=True, timeout=60)

@@ -181,6 +181,7 @@ def test_sysusers_file_creates_the_units_user(tmp_path: Path):
     assert one(unit, "Group") in (tmp_path / "etc/group").read_text()
 
 
+@pytest.mark.slow
 def test_daemon_notifies_only_from_its_main_process_and_pings_the_watchdog_during_a_merge(
         tiny: dict[str, Path], tmp_path: Path):
     """What NotifyAccess=main and WatchdogSec rely on: every message comes from the main PID

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import urllib.request
 
 import structlog
@@ -58,3 +59,19 @@ def test_metrics_are_served_with_every_label_set_from_the_start():
     assert DURATION_BUCKETS[0] == 0.5 and DURATION_BUCKETS[-1] == 3600
     assert any(k[0] == "nufilt_build_info" for k in samples)
     assert any(k[0] == "process_resident_memory_bytes" for k in samples)
+
+
+def test_gpu_memory_is_read_from_nvidia_smi_without_cuda(tmp_path, monkeypatch):
+    """No GPU here: a stand-in `nvidia-smi` on PATH prints what the real one prints."""
+    from nufilt_daemon.metrics import GpuMemoryCollector
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '0, 1024, 81559\\n1, [N/A], [N/A]\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    families = {f.name: f for f in GpuMemoryCollector().collect()}
+    used = families["nufilt_gpu_memory_used_bytes"].samples
+    assert [(s.labels["device"], s.value) for s in used] == [("cuda:0", 1024 * 1024**2)]
+    assert families["nufilt_gpu_memory_total_bytes"].samples[0].value == 81559 * 1024**2
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no nvidia-smi at all: no samples, no error
+    assert all(not f.samples for f in GpuMemoryCollector().collect())

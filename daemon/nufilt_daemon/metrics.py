@@ -8,6 +8,7 @@ or hashes (unbounded cardinality); those are in the logs and the journal.
 from __future__ import annotations
 
 import platform
+import subprocess
 from collections.abc import Iterable, Iterator
 from http.server import ThreadingHTTPServer
 
@@ -34,21 +35,39 @@ REGISTRY_OPERATIONS = ("poll", "publish", "set_production")
 
 
 class GpuMemoryCollector(Collector):
-    """Device-wide used/total memory of each CUDA device (the merges run in child processes, so
-    the daemon's own allocator would always show 0)."""
+    """Device-wide used/total memory of each NVIDIA GPU, read with `nvidia-smi`.
+
+    Not through torch: any torch.cuda memory query creates a CUDA context (hundreds of MiB per
+    GPU) in the long-running daemon, taken from the merges, which run in child processes.
+    """
+
+    QUERY = ("nvidia-smi", "--query-gpu=index,memory.used,memory.total", "--format=csv,noheader,nounits")
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        import torch
-
         used = GaugeMetricFamily("nufilt_gpu_memory_used_bytes", "GPU memory in use on the device (all processes)",
                                  labels=["device"])
         total = GaugeMetricFamily("nufilt_gpu_memory_total_bytes", "GPU memory of the device", labels=["device"])
-        for i in range(torch.cuda.device_count()):
-            free, size = torch.cuda.mem_get_info(i)
-            used.add_metric([f"cuda:{i}"], size - free)
-            total.add_metric([f"cuda:{i}"], size)
+        for index, used_mib, total_mib in read_nvidia_smi(self.QUERY):
+            used.add_metric([f"cuda:{index}"], used_mib * 1024**2)
+            total.add_metric([f"cuda:{index}"], total_mib * 1024**2)
         yield used
         yield total
+
+
+def read_nvidia_smi(query: tuple[str, ...]) -> list[tuple[int, float, float]]:
+    """Rows of (index, used MiB, total MiB); empty when nvidia-smi is missing or fails."""
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = []
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            rows.append((int(parts[0]), float(parts[1]), float(parts[2])))
+        except (IndexError, ValueError):
+            continue  # "[N/A]" on some devices
+    return rows
 
 
 class Metrics:

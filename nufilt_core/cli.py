@@ -206,7 +206,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
         return args.func(args)
     except NufiltError as e:
         print(f"nufilt: error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except KeyboardInterrupt:
         print("nufilt: interrupted; no output was written", file=sys.stderr)
         return 130

@@ -8,6 +8,8 @@ from pathlib import Path
 class NufiltError(Exception):
     """Base class for every error nufilt reports to a user (no traceback needed)."""
 
+    exit_code = 1  # what the CLI exits with
+
 
 class CheckpointError(NufiltError):
     """A checkpoint (or merged model) that cannot be used: unreadable, incomplete or mismatched."""

@@ -31,6 +31,8 @@ NESTED_DELIMITER = "__"
 class ConfigError(NufiltError):
     """The daemon's configuration is invalid (unknown key, wrong type, missing file)."""
 
+    exit_code = 78  # EX_CONFIG: the systemd unit does not restart on it (RestartPreventExitStatus)
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")

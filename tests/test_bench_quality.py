@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,22 @@ def test_second_run_reuses_the_cache(small_run) -> None:
     proc = run_bench(tmp, "--methods", "nufilt", "--no-settings")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "when built" in proc.stdout and "ACC" not in proc.stdout  # nothing merged again
+
+
+def test_report_only_shows_what_is_finished(small_run, tmp_path: Path) -> None:
+    """While a run is going: references for the finished fine-tunes, no merge results, the gap named."""
+    tmp, _ = small_run
+    (tmp_path / "cache" / "finetune").mkdir(parents=True)
+    shutil.copytree(tmp / "cache" / "data", tmp_path / "cache" / "data")
+    done = next((tmp / "cache" / "finetune").glob("fortunes-*"))
+    shutil.copytree(done, tmp_path / "cache" / "finetune" / done.name)
+    proc = run_bench(tmp_path, "--methods", "nufilt", "--no-settings", "--report-only")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "results" / "small.json").read_text())
+    assert report["missing_tasks"] == ["chat_lang"] and report["tasks"] == ["fortunes"]
+    assert report["methods"] == {}
+    assert "Partial" in (tmp_path / "results" / "small.md").read_text()
+    assert not list((tmp_path / "cache").glob("runs/*/*/order-*.json"))  # nothing was merged
 
 
 def test_unknown_method_is_a_clear_error(tmp_path: Path) -> None:

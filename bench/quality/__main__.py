@@ -28,6 +28,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="recipe (default full)")
     p.add_argument("--name", help="results name (default: the preset's)")
     p.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="run up to and including this stage")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and merge nothing: report whatever the cache holds (e.g. while a run is going)")
     p.add_argument("--cache", type=Path, default=HERE.parent / "cache", help="stage cache (default bench/cache)")
     p.add_argument("--results", type=Path, default=HERE.parent / "results", help="where results go")
     p.add_argument("--methods", help="comma-separated registered methods (default: all in METHODS)")
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:7.0f} s] {msg}", flush=True)
 
+    if args.report_only:
+        return report_only(cfg, variants, args, log)
     last = STAGES.index(args.stage) if args.stage != "all" else len(STAGES) - 1
     try:
         data_dirs = build_all(args.cache, cfg.data)
@@ -105,6 +109,25 @@ def main(argv: list[str] | None = None) -> int:
     results = {v.name: (v, load_results(runs, v)) for v in variants}
     build(cfg, load_metrics(ft_dirs), results, args.results)
     log(f"report: {args.results / cfg.name}.json, .md, .png")
+    return 0
+
+
+def report_only(cfg: BenchConfig, variants: list, args: argparse.Namespace, log) -> int:
+    """The report from finished stages only; merge results count only once every fine-tune exists."""
+    from .finetune import finetune_dir
+    from .merging import load_results, run_key
+    from .report import build, load_metrics
+
+    done = {t: finetune_dir(args.cache, t, cfg.data, cfg.train) for t in cfg.data.tasks}
+    done = {t: f for t, f in done.items() if (f / "metrics.json").exists()}
+    if not done:
+        print("error: no fine-tune is finished yet; nothing to report", file=sys.stderr)
+        return 1
+    missing = [t for t in cfg.data.tasks if t not in done]
+    runs = args.cache / "runs" / run_key(cfg)
+    results = {} if missing else {v.name: (v, load_results(runs, v)) for v in variants}
+    build(cfg, load_metrics(done), results, args.results, missing=missing)
+    log(f"report ({len(done)}/{len(cfg.data.tasks)} fine-tunes): {args.results / cfg.name}.json, .md, .png")
     return 0
 
 

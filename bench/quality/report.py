@@ -87,13 +87,14 @@ def individual_curve(records: list[dict], refs: dict[str, Any]) -> list[float] |
 
 
 def build(cfg: BenchConfig, metrics: dict[str, dict], results: dict[str, tuple[Variant, list[dict]]],
-          out_dir: Path) -> dict[str, Any]:
+          out_dir: Path, missing: list[str] | None = None) -> dict[str, Any]:
     refs = references(metrics)
     methods = {n: summarise(v, recs, refs) for n, (v, recs) in results.items() if v.group != "settings" and recs}
     settings = {n: vr for n, vr in results.items() if vr[0].group == "settings"}
     nufilt_records = results["nufilt"][1] if "nufilt" in results else []
     report = {
         "name": cfg.name, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "missing_tasks": missing or [],  # fine-tunes not finished when this report was made
         "config": {"data": cfg.data.__dict__, "train": cfg.train.__dict__, "merge": cfg.merge.__dict__},
         "tasks": list(metrics), "references": refs, "methods": methods,
         "settings_study": settings_study(nufilt_records, settings) if nufilt_records else {},
@@ -115,6 +116,8 @@ def _f(x: float | None, digits: int = 1) -> str:
 def markdown(r: dict[str, Any]) -> str:
     refs, tasks = r["references"], r["tasks"]
     lines = [f"# Quality benchmark `{r['name']}` ({r['created_at']})", "",
+             *([f"**Partial: fine-tunes of {', '.join(r['missing_tasks'])} not finished; no merge results yet.**",
+                ""] if r["missing_tasks"] else []),
              "## References per task (test accuracy, %)", "",
              "| task | train / test | classes | θ0 + head (frozen features) | individual fine-tune | gap |",
              "|---|---|---|---|---|---|"]

@@ -1,0 +1,52 @@
+"""Measuring a run in a fresh child process: wall seconds, CPU seconds and peak RSS.
+
+Each measured run gets its own interpreter so that its peak RSS (`ru_maxrss`) is its own and
+not the high-water mark of whatever ran before it in the same process. CPU seconds (user +
+system) are printed next to wall seconds because this benchmark often runs on shared machines,
+where wall time mostly measures the neighbours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPORT_PREFIX = "BENCH-RESULT "
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def report(**fields: object) -> None:
+    """What a child prints last: one JSON line the parent picks up."""
+    print(REPORT_PREFIX + json.dumps({**fields, "peak_rss_bytes": peak_rss_bytes()}), flush=True)
+
+
+def child_env(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if threads:
+        # OpenMP/MKL read these before torch starts; torch.set_num_threads alone leaves MKL's pool as is
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(threads)
+    return env
+
+
+def run_child(args: list[str], threads: int | None = None, timeout: float | None = None) -> dict:
+    """Run `python bench/speed/worker.py ARGS` and return its report (raises with its stderr on failure)."""
+    cmd = [sys.executable, str(HERE / "worker.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads), timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(REPORT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len(REPORT_PREFIX):])

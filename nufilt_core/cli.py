@@ -13,6 +13,7 @@ from typing import Any
 from . import __version__
 from .checkpoint import LINEAGE_NAME, Checkpoint
 from .demo import add_demo_parser
+from .devices import set_threads
 from .errors import NufiltError
 from .lineage import LineageRecord
 from .merge import DEFAULT_MAX_SHARD_BYTES, MergeRequest, Progress, merge_step
@@ -74,6 +75,8 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--method", choices=list(METHODS))
     m.add_argument("--seed", type=int, help="seed of NUFILT's adapter init (default: previous step's, else 0)")
     m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    m.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores); on a shared host "
+                   "give only the free cores, busy ones make torch's threads wait for each other")
     n = p.add_argument_group("NUFILT settings (defaults: the paper's)")
     n.add_argument("--null-rank", type=int, dest="null_rank", help="r_p, earlier-task directions filtered (128)")
     n.add_argument("--lora-rank", type=int, dest="lora_rank", help="r_l, adapter rank; 0 = filter only (64)")
@@ -131,6 +134,7 @@ class ProgressPrinter:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
     req = MergeRequest(
         base=args.base, checkpoint=args.checkpoint, output=args.output, previous=args.previous,
         method=args.method, options=merge_options(args), seed=args.seed, device=args.device,

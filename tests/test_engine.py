@@ -250,3 +250,12 @@ def test_kill_during_merge_leaves_no_output(tmp_path):
     proc.wait(timeout=30)
     assert not out.exists()
     assert all(".tmp-" in name for name in leftovers(tmp_path))  # only a hidden temporary sibling may remain
+
+
+def test_threads_option(tiny, tmp_path):
+    proc = run_cli("merge", "--base", tiny["base"], "--checkpoint", tiny["t1"], "--output", tmp_path / "x",
+                   "--threads", "0", check=False)
+    assert proc.returncode == 1 and "--threads 0" in proc.stderr and not (tmp_path / "x").exists()
+    run_cli("merge", "--base", tiny["base"], "--checkpoint", tiny["t1"], "--output", tmp_path / "y", "--threads", "1",
+            "--quiet")
+    assert (tmp_path / "y" / LINEAGE_NAME).exists()

@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(9180, ge=0, le=65535, description="0: any free port (see STATE/daemon.json)")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    threads: int | None = Field(None, ge=1, description="CPU threads of a merge (default: all cores); on a "
+                                "shared host, the cores really free")
     method: str = "nufilt"
     method_settings: dict[str, Any] = Field(default_factory=dict, description="passed to the method, e.g. "
                                             "{null_rank = 64}; unknown keys are rejected by the method")

@@ -80,7 +80,7 @@ def run(request: dict[str, Any], events: Events) -> int:
     import torch
 
     from nufilt_core.checkpoint import Checkpoint
-    from nufilt_core.devices import resolve_device
+    from nufilt_core.devices import resolve_device, set_threads
     from nufilt_core.merge import MergeRequest, merge_step
 
     from .config import GateSettings
@@ -89,6 +89,7 @@ def run(request: dict[str, Any], events: Events) -> int:
     m = request["merge"]
     stage = "merge"
     try:
+        set_threads(m.get("threads"))
         req = MergeRequest(
             base=Path(m["base"]), checkpoint=Path(m["checkpoint"]), output=Path(m["output"]),
             previous=Path(m["previous"]) if m.get("previous") else None, method=m.get("method"),

@@ -249,7 +249,7 @@ class MergeWorker:
         return {
             "merge": {"base": str(s.base_model), "checkpoint": job.staged_path, "output": str(candidate),
                       "previous": str(previous) if previous else None, "method": s.method,
-                      "options": s.method_settings, "seed": s.seed, "device": s.device,
+                      "options": s.method_settings, "seed": s.seed, "device": s.device, "threads": s.threads,
                       "max_shard_bytes": s.max_shard_bytes},
             "gate": s.gate.model_dump(mode="json"),
         }

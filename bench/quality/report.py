@@ -118,6 +118,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"# Quality benchmark `{r['name']}` ({r['created_at']})", "",
              *([f"**Partial: fine-tunes of {', '.join(r['missing_tasks'])} not finished; no merge results yet.**",
                 ""] if r["missing_tasks"] else []),
+             *(["**Partial: no task order has finished merging yet; references only.**", ""]
+               if not r["missing_tasks"] and not r["methods"] else []),
              "## References per task (test accuracy, %)", "",
              "| task | train / test | classes | θ0 + head (frozen features) | individual fine-tune | gap |",
              "|---|---|---|---|---|---|"]

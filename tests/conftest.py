@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import os
+
+# Tiny models gain nothing from threads, and torch's threads spin-wait for each other when the
+# cores are busy (CI runs several processes at once): one thread here and in every subprocess.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import subprocess
 import sys
 from pathlib import Path

@@ -57,7 +57,8 @@ def test_three_drops_become_versions_and_bad_or_duplicate_drops_do_not(tiny: dic
         # processed inbox entries are moved aside; the staged copies are gone once merged
         assert sorted(p.name.split("-", 1)[1] for p in (d.inbox / ".processed").iterdir()) == ["task1", "task2",
                                                                                                "task3"]
-        assert list((d.state / "staged").iterdir()) == []
+        # the worker drops a staged copy just after committing the final state: wait, do not race it
+        wait_for("staged copies removed", lambda: list((d.state / "staged").iterdir()) == [], timeout=30)
 
         # counters move right after the journal commits, gauges at the next supervisor tick
         m = wait_for("metrics of three merges", lambda: (lambda m: m[PROMOTED] == 3
@@ -140,7 +141,8 @@ def test_kill_9_during_a_merge_then_restart_merges_each_checkpoint_exactly_once(
         assert content_hash(d.store / "production") == record.model_sha256
         assert sorted(p.name for p in (d.store / "versions").iterdir()) == ["v000001", "v000002", "v000003"]
         assert list((d.store / "candidates").iterdir()) == []
-        assert list((d.state / "staged").iterdir()) == []
+        # the worker drops a staged copy just after committing the final state: wait, do not race it
+        wait_for("staged copies removed", lambda: list((d.state / "staged").iterdir()) == [], timeout=30)
     finally:
         assert d.stop() == 0
 

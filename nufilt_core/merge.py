@@ -169,12 +169,16 @@ def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeRe
     ctx = StepContext(step=step, seed=seed, device=device, names=list(base.tensors),
                       previous_state=prev_record.method_state if prev_record else {})
     method = method_cls(settings, ctx)
-    prev_ckpt = previous or base  # θ_0^m = θ0
     float_names = [n for n, i in base.tensors.items() if i.is_float]
 
     def load(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         compute = torch.float64 if base.tensors[name].torch_dtype == torch.float64 else torch.float32
-        return tuple(c.read(name).to(device=device, dtype=compute) for c in (base, prev_ckpt, new))  # type: ignore[return-value]
+
+        def get(c: Checkpoint) -> torch.Tensor:
+            return c.read(name).to(device=device, dtype=compute)
+
+        b = get(base)
+        return b, (get(previous) if previous else b), get(new)  # θ_0^m = θ0: read once at step 1
 
     t_stats = time.perf_counter()
     with torch.no_grad():

@@ -101,6 +101,7 @@ class Daemon:
         self.outbox: Outbox | None = None
         self.webhook: Any = None
         self._rollbacks_seen = 0
+        self._last_promotion_seen: float | None = None
 
     # --- start -----------------------------------------------------------------------------
 
@@ -246,6 +247,10 @@ class Daemon:
         promotions = [c for c in self.journal.production_changes(limit=100) if c.kind == "promote"]
         if promotions:
             self.metrics.last_promotion.set(promotions[0].at)
+            if promotions[0].at != self._last_promotion_seen:  # publish at the next tick, not after the idle wait
+                self._last_promotion_seen = promotions[0].at
+                if self.outbox is not None:
+                    self.outbox.wake()
 
     def _status_line(self) -> str:
         counts = self.journal.counts()

@@ -4,14 +4,22 @@ or a directory holding either. Only headers are read when it is opened."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError
-from .safetensors_io import TensorInfo, read_header, read_raw, read_tensor, tensor_digest, tensor_from_raw
+from .safetensors_io import (
+    TensorInfo,
+    combine_digests,
+    read_header,
+    read_raw,
+    read_tensor,
+    tensor_digest,
+    tensor_from_raw,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -110,6 +118,17 @@ class Checkpoint:
         for info in self.tensors.values():
             raw = read_raw(info)
             yield info, tensor_from_raw(info, raw), tensor_digest(info.name, info.dtype, info.shape, raw)
+
+    def hash_and_non_finite(self, report: Callable[[str], None] | None = None) -> tuple[str, list[TensorInfo]]:
+        """One streaming pass: the content hash, and the float tensors holding NaN/Inf."""
+        digests, non_finite = [], []
+        for info, tensor, digest in self.scan():
+            if info.is_float and tensor.numel() and not bool(torch.isfinite(tensor.float()).all()):
+                non_finite.append(info)
+            digests.append(digest)
+            if report:
+                report(info.name)
+        return combine_digests(digests), non_finite
 
 
 # Names nufilt writes into a merged model's folder; never copied from an input.

@@ -33,7 +33,7 @@ from .errors import CheckpointError, LineageError, NufiltError, SettingsError
 from .fsutil import fsync_dir
 from .lineage import CheckpointRef, LineageRecord
 from .methods import MergeMethod, StepContext, get_method
-from .safetensors_io import StreamingWriter, combine_digests
+from .safetensors_io import StreamingWriter
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DEFAULT_METHOD = "nufilt"
@@ -96,14 +96,12 @@ def check_same_layout(base: Checkpoint, other: Checkpoint, role: str) -> None:
 
 def scan_and_hash(ckpt: Checkpoint, role: str, report: Callable[[str], None]) -> str:
     """Hash every tensor and check floats are finite, in one streaming pass."""
-    digests = []
-    for info, tensor, digest in ckpt.scan():
-        if info.is_float and tensor.numel() and not bool(torch.isfinite(tensor.float()).all()):
-            bad = int((~torch.isfinite(tensor.float())).sum())
-            raise CheckpointError(info.file, f"{role} holds {bad} NaN/Inf value(s)", tensor=info.name)
-        digests.append(digest)
-        report(info.name)
-    return combine_digests(digests)
+    sha, non_finite = ckpt.hash_and_non_finite(report)
+    if non_finite:
+        first = non_finite[0]
+        raise CheckpointError(first.file, f"{role} holds NaN/Inf values ({len(non_finite)} tensor(s) "
+                              "affected, this is the first)", tensor=first.name)
+    return sha
 
 
 def resolve_settings(method_cls: type[MergeMethod], inherited: dict[str, Any], options: dict[str, Any]):

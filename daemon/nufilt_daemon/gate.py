@@ -35,7 +35,7 @@ from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.errors import NufiltError
 from nufilt_core.lineage import LineageRecord
 from nufilt_core.merge import check_same_layout
-from nufilt_core.safetensors_io import combine_digests, read_raw
+from nufilt_core.safetensors_io import read_raw
 from nufilt_core.scores import surrogate_scores
 from nufilt_core.selection import Selection, is_linear_weight
 
@@ -75,15 +75,11 @@ def check_candidate(base: Checkpoint, previous: Checkpoint | None, new: Checkpoi
         checks["layout"] = str(e)
         return {"problems": problems, "checks": checks, "scores": {}}
 
-    digests, non_finite = [], []
-    for info, tensor, digest in candidate.scan():
-        digests.append(digest)
-        if info.is_float and tensor.numel() and not bool(torch.isfinite(tensor.float()).all()):
-            non_finite.append(info.name)
+    sha, non_finite = candidate.hash_and_non_finite()
     if non_finite:
-        problems.append(f"{candidate.path}: {len(non_finite)} tensor(s) hold NaN/Inf, first '{non_finite[0]}'")
+        problems.append(f"{candidate.path}: {len(non_finite)} tensor(s) hold NaN/Inf, first '{non_finite[0].name}'")
     checks["finite"] = "ok" if not non_finite else f"{len(non_finite)} tensor(s) with NaN/Inf"
-    if combine_digests(digests) != record.model_sha256:
+    if sha != record.model_sha256:
         problems.append(f"{candidate.path}: weights do not match the lineage record's model_sha256")
         checks["lineage_hash"] = "mismatch"
     else:

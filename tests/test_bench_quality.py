@@ -144,3 +144,35 @@ def test_unknown_method_is_a_clear_error(tmp_path: Path) -> None:
     proc = run_bench(tmp_path, "--methods", "nufilt,bogus", "--stage", "merge")
     assert proc.returncode != 0
     assert "bogus" in proc.stderr and "registered" in proc.stderr
+
+
+def test_side_by_side_runs_split_the_jobs(small_run, tmp_path: Path) -> None:
+    """Two runs at once on one cache: every (variant, order) is merged exactly once, by one of them."""
+    tmp, _ = small_run
+    cache = tmp_path / "cache"
+    shutil.copytree(tmp / "cache" / "data", cache / "data")
+    shutil.copytree(tmp / "cache" / "finetune", cache / "finetune")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "bench.quality", "--preset", "small", "--cache", str(cache), "--results",
+           str(tmp_path / "results"), "--methods", "nufilt", "--no-settings", "--no-ablations", "--stage", "merge"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    merged = [line for out, _ in outs for line in out.splitlines() if "nufilt order" in line]
+    assert sorted(line.split("] ", 2)[2].split(":")[0] for line in merged) == ["nufilt order 0", "nufilt order 1"]
+    assert len(list(cache.glob("runs/*/nufilt-*/order-*.json"))) == 2
+
+
+def test_a_claimed_job_is_not_claimed_twice(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.quality.merging import claimed
+
+    job = tmp_path / "nufilt-x" / "order-0.json"
+    with claimed(job) as first, claimed(job) as second:
+        assert first and not second
+    with claimed(job) as again:  # released when its holder is done
+        assert again
+    job.write_text("{}")
+    with claimed(job) as done:  # finished meanwhile by someone else
+        assert not done

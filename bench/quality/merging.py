@@ -9,10 +9,12 @@ every task (ACC); on the first `curve_orders` orders every seen task after every
 
 from __future__ import annotations
 
+import fcntl
 import json
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,9 +88,29 @@ def run_order(variant: Variant, v: int, checkpoints: dict[str, Path], evals: dic
             "steps": steps}
 
 
+@contextmanager
+def claimed(path: Path):
+    """Yields whether this process holds the job's lock, so two runs side by side split the jobs.
+
+    An flock, not a marker file: the kernel drops it when its holder dies, so nothing goes stale.
+    """
+    lock = path.with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield not path.exists()  # another process may have finished it since our check
+
+
 def run_all(variants: list[Variant], checkpoints: dict[str, Path], evals: dict[str, EvalSet], runs: Path,
             cfg: BenchConfig, log=print) -> None:
-    """Every (variant, order) not yet cached; order by order, so partial runs cover all variants."""
+    """Every (variant, order) not yet cached; order by order, so partial runs cover all variants.
+
+    Jobs are claimed one at a time, so running this in two processes at once shares the work.
+    """
     limit = {"settings": cfg.merge.settings_orders, "ablation": cfg.merge.ablation_orders}
     jobs = [(var, v) for v in range(cfg.merge.orders) for var in variants
             if limit.get(var.group) is None or v < limit[var.group]]
@@ -97,10 +119,13 @@ def run_all(variants: list[Variant], checkpoints: dict[str, Path], evals: dict[s
         path = result_path(runs, var, v)
         if path.exists():
             continue
-        t0 = time.perf_counter()
-        record = run_order(var, v, checkpoints, evals, runs / "work" / f"{var.name}-{v}", cfg,
-                           curve=v < cfg.merge.curve_orders, encoder=encoder)
-        write_json(path, record)
+        with claimed(path) as mine:
+            if not mine:
+                continue
+            t0 = time.perf_counter()
+            record = run_order(var, v, checkpoints, evals, runs / "work" / f"{var.name}-{v}", cfg,
+                               curve=v < cfg.merge.curve_orders, encoder=encoder)
+            write_json(path, record)
         final = record["steps"][-1]["acc"]
         log(f"[{i}/{len(jobs)}] {var.name} order {v}: ACC {sum(final.values()) / len(final):.2f} "
             f"({time.perf_counter() - t0:.0f} s)")

@@ -47,9 +47,11 @@ def configure(args: argparse.Namespace) -> BenchConfig:
     cfg = PRESETS[args.preset]
     if args.tasks:
         tasks = tuple(args.tasks.split(","))
-        unknown = [t for t in tasks if t not in cfg.data.tasks]
+        from .tasks import LOADERS
+
+        unknown = [t for t in tasks if t not in LOADERS]
         if unknown:
-            raise SystemExit(f"unknown task(s) {', '.join(unknown)}; the preset has {', '.join(cfg.data.tasks)}")
+            raise SystemExit(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(LOADERS)}")
         cfg = replace(cfg, data=replace(cfg.data, tasks=tasks))
     if args.orders is not None:
         cfg = replace(cfg, merge=replace(cfg.merge, orders=args.orders))

@@ -10,13 +10,15 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-ALL_TASKS = ("bbc", "rotten", "tweets", "debates", "fortunes", "wn_noun", "wn_verb", "chat_lang")
+# bbc (also in tasks.py) is left out: θ0 + a probe already scores 95 % on it, so no fine-tune can
+# add the headroom the benchmark needs; fortunes_b (the next 10 fortune files) takes its place.
+ALL_TASKS = ("rotten", "tweets", "debates", "fortunes", "fortunes_b", "wn_noun", "wn_verb", "chat_lang")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     tasks: tuple[str, ...] = ALL_TASKS
-    n_train: int = 2000  # per task, fewer when the task is small
+    n_train: int = 3000  # per task, fewer when the task is small
     n_test: int = 400  # per task; at most test_share of a small task
     test_share: float = 0.3
     max_length: int = 64  # tokens, after truncation
@@ -27,7 +29,7 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 3
     batch_size: int = 32
-    lr_body: float = 1e-4
+    lr_body: float = 5e-4
     lr_head: float = 1e-3
     warmup_share: float = 0.1
     weight_decay: float = 0.01

@@ -18,14 +18,14 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import base_dir, body_state, mean_pool, new_encoder
 from .cache import atomic_dir
-from .config import ALL_TASKS, DataConfig, TrainConfig, key
+from .config import DataConfig, TrainConfig, key
 from .data import TaskData
 from .evaluate import features, head_accuracy
 
 
 def finetune_dir(cache: Path, task: str, data: DataConfig, train: TrainConfig) -> Path:
-    # a fine-tune does not depend on which other tasks are benchmarked: key it on the full task list
-    return cache / "finetune" / f"{task}-{key(replace(data, tasks=ALL_TASKS), train)}"
+    # a fine-tune does not depend on which other tasks are benchmarked: the task list is not in its key
+    return cache / "finetune" / f"{task}-{key(replace(data, tasks=()), train)}"
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, cfg: TrainConfig) -> dict[str, torch.Tensor]:

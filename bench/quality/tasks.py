@@ -73,16 +73,21 @@ def tweets() -> list[Example]:
         return [(row["text"], row["sentiment"]) for row in csv.DictReader(f) if row.get("text")]
 
 
-def fortunes(n_classes: int = 10) -> list[Example]:
-    """The largest `n_classes` fortune files (entries are separated by a line holding '%')."""
+def fortunes(n_classes: int = 10, skip: int = 0) -> list[Example]:
+    """The largest `n_classes` fortune files after the `skip` largest (entries are separated by a line holding '%')."""
     root = need(FORTUNES_DIR, "apt-get install fortunes")
     by_file = {}
     for f in sorted(root.iterdir()):
         if f.is_file() and "." not in f.name:
             entries = [e.strip() for e in f.read_text(encoding="utf-8", errors="replace").split("\n%\n")]
             by_file[f.name] = [e.strip("%").strip() for e in entries if e.strip("%").strip()]
-    largest = sorted(by_file, key=lambda k: (-len(by_file[k]), k))[:n_classes]
+    largest = sorted(by_file, key=lambda k: (-len(by_file[k]), k))[skip : skip + n_classes]
     return [(e, name) for name in sorted(largest) for e in by_file[name]]
+
+
+def fortunes_b() -> list[Example]:
+    """The next 10 fortune files by size (11th to 20th, 262 to 548 entries): labels disjoint from `fortunes`."""
+    return fortunes(10, skip=10)
 
 
 def _wordnet(pos: str) -> list[Example]:
@@ -132,5 +137,5 @@ def chat_lang(min_lines: int = 30) -> list[Example]:
 
 LOADERS: dict[str, Callable[[], list[Example]]] = {
     "bbc": bbc, "rotten": rotten, "tweets": tweets, "debates": debates,
-    "fortunes": fortunes, "wn_noun": wn_noun, "wn_verb": wn_verb, "chat_lang": chat_lang,
+    "fortunes": fortunes, "fortunes_b": fortunes_b, "wn_noun": wn_noun, "wn_verb": wn_verb, "chat_lang": chat_lang,
 }

@@ -34,11 +34,16 @@ def _installed() -> None:
         pytest.fail(f"CI must install the benchmark's data and backbone; missing: {', '.join(missing)}")
 
 
+BENCH_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def bench_cmd(tmp: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "bench.quality", "--preset", "small", "--cache", str(tmp / "cache"),
+            "--results", str(tmp / "results"), *args]
+
+
 def run_bench(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "bench.quality", "--preset", "small", "--cache", str(tmp / "cache"),
-                           "--results", str(tmp / "results"), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(bench_cmd(tmp, *args), cwd=ROOT, env=BENCH_ENV, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +157,8 @@ def test_side_by_side_runs_split_the_jobs(small_run, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     shutil.copytree(tmp / "cache" / "data", cache / "data")
     shutil.copytree(tmp / "cache" / "finetune", cache / "finetune")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "bench.quality", "--preset", "small", "--cache", str(cache), "--results",
-           str(tmp_path / "results"), "--methods", "nufilt", "--no-settings", "--no-ablations", "--stage", "merge"]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = bench_cmd(tmp_path, "--methods", "nufilt", "--no-settings", "--no-ablations", "--stage", "merge")
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=BENCH_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]

@@ -25,6 +25,10 @@ import torch
 
 from .checkpoint import Checkpoint
 from .linalg import top_right_singular_vectors
+from .lineage import LineageRecord
+from .selection import Selection, is_linear_weight
+
+DEFAULT_NULL_RANK, DEFAULT_TASK_RANK = 128, 8
 
 
 @dataclass
@@ -70,6 +74,16 @@ def matrix_terms(tau_prev: torch.Tensor, tau_new: torch.Tensor, tau_merged: torc
 
 def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else 0.0
+
+
+def record_scope(record: LineageRecord, names: list[str]) -> tuple[Callable[[str, tuple[int, ...]], bool], int, int]:
+    """Which matrices a step's scores cover, and r_p, r_v: NUFILT's own selection and ranks, else
+    every Linear weight with the paper's ranks (what the daemon's gate and the benchmark both use)."""
+    s = record.settings
+    if record.method == "nufilt":
+        sel = Selection.resolve(names, tuple(s.get("include") or ()), s.get("preset", "auto"))
+        return sel.is_filtered, s.get("null_rank", DEFAULT_NULL_RANK), s.get("task_rank", DEFAULT_TASK_RANK)
+    return is_linear_weight, DEFAULT_NULL_RANK, DEFAULT_TASK_RANK
 
 
 def surrogate_scores(base: Checkpoint, previous: Checkpoint | None, new: Checkpoint, merged: Checkpoint,

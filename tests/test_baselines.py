@@ -1,9 +1,10 @@
-"""The six continual baselines against their formulas, through the real engine.
+"""The seven continual baselines against their formulas, through the real engine.
 
 Each formula is re-implemented here independently, on whole in-memory state dicts, following the
 published code's structure (TIES: flatten the model, `kthvalue` trim, sign election, disjoint
 mean; OPCM: full SVD, zero the diagonal and the top-left block, rescale by the flattened norms;
-WUDI: autograd + Adam on the stacked task vectors). The engine (`merge_step`, streaming, one
+WUDI: autograd + Adam on the stacked task vectors; DOP: FusionBench's loop, two backward passes
+per Adam step and the two-point min-norm solver). The engine (`merge_step`, streaming, one
 tensor at a time, state carried through the lineage record) must agree over three steps.
 """
 
@@ -24,6 +25,7 @@ from nufilt_core.errors import LineageError
 from nufilt_core.kth_magnitude import KthMagnitude
 from nufilt_core.merge import MergeRequest, merge_step
 from nufilt_core.methods import METHODS
+from nufilt_core.methods.dop import DopSettings, dop_matrix
 from nufilt_core.methods.opcm import OpcmSettings
 from nufilt_core.methods.ties import TiesSettings
 from nufilt_core.methods.wudi import WudiSettings, wudi_matrix
@@ -160,6 +162,51 @@ def ref_wudi(base: State, tasks: list[State], iters: int = 50, lr: float = 1e-5)
     return out
 
 
+def ref_dop_matrix(w0: torch.Tensor, w_prev: torch.Tensor, w_new: torch.Tensor, iters: int = 200, lr: float = 1e-4,
+                   alpha: float = 0.8, beta: float = 0.999, eps: float = 0.99999) -> torch.Tensor:
+    """FusionBench's loop: full SVDs, autograd on each loss, loss-normalised gradients, 2-point MGDA, EMA."""
+    projections = []
+    for w in (w_prev, w_new):
+        u, s, vh = torch.linalg.svd(w - w0, full_matrices=True)
+        r = int(torch.searchsorted(s.cumsum(0) / s.sum(), torch.tensor([eps], dtype=s.dtype)))
+        projections.append((u[:, :r], s[:r], vh.T[:, :r]))
+
+    def loss(p: torch.Tensor, i: int) -> torch.Tensor:
+        u, s, v = projections[i]
+        delta = p - (w_prev, w_new)[i]
+        return (torch.diag(s) @ u.T @ delta).square().sum() + (delta @ v @ torch.diag(s)).square().sum()
+
+    p = torch.nn.Parameter((w_prev + w_new) / 2)
+    opt = torch.optim.Adam([p], lr=lr)
+    ema = [alpha, 1 - alpha]
+    for _ in range(iters):
+        grads = []
+        for i in range(2):
+            value = loss(p, i)
+            opt.zero_grad()
+            value.backward()
+            grads.append(p.grad.clone() / float(value.detach()))
+        v11, v12, v22 = (float((x * y).sum()) for x, y in ((grads[0], grads[0]), (grads[0], grads[1]),
+                                                           (grads[1], grads[1])))
+        gamma = 0.999 if v12 >= v11 else 0.001 if v12 >= v22 else -(v12 - v22) / (v11 + v22 - 2 * v12)
+        ema = [beta * ema[0] + (1 - beta) * gamma, beta * ema[1] + (1 - beta) * (1 - gamma)]
+        total = ema[0] * loss(p, 0) + ema[1] * loss(p, 1)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    return p.detach()
+
+
+def ref_dop(base: State, tasks: list[State]) -> list[State]:
+    merged = {n: tasks[0][n] for n in floats(base)}
+    out = [merged]
+    for theta in tasks[1:]:
+        merged = {n: ref_dop_matrix(base[n], merged[n], theta[n]) if is_linear_weight(n, tuple(base[n].shape))
+                  else (merged[n] + theta[n]) / 2 for n in floats(base)}
+        out.append(merged)
+    return out
+
+
 REFERENCES: dict[str, Callable[[State, list[State]], list[State]]] = {
     "weight_average": ref_weight_average,
     "task_arithmetic": ref_task_arithmetic,
@@ -167,6 +214,7 @@ REFERENCES: dict[str, Callable[[State, list[State]], list[State]]] = {
     "magmax": ref_magmax,
     "opcm": lambda base, tasks: ref_opcm(base, tasks)[0],
     "wudi": ref_wudi,
+    "dop": ref_dop,
 }
 
 
@@ -368,6 +416,31 @@ def test_kth_magnitude_equals_kthvalue_of_the_concatenation():
         assert kept == int((everything >= expected).sum())
 
 
+@pytest.mark.parametrize("shape", [(40, 8), (12, 12), (8, 40)], ids=["tall", "square", "wide"])
+def test_dop_matrix_equals_fusionbench_loop_for_every_shape(shape):
+    # the Gram and the factored products (chosen by shape and rank) must both give autograd's numbers
+    g = torch.Generator().manual_seed(5)
+    w0, w_prev, w_new = (torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(3))
+    w_prev, w_new = w0 + 0.05 * (w_prev - w0), w0 + 0.05 * (w_new - w0)
+    got, figures = dop_matrix(w0, w_prev, w_new, DopSettings(iters=60, lr=1e-3))
+    torch.testing.assert_close(got, ref_dop_matrix(w0, w_prev, w_new, iters=60, lr=1e-3), atol=1e-12, rtol=1e-10)
+    assert 0 < figures["ranks"][0] <= min(shape) and 0.001 <= figures["alpha"] <= 0.999
+    # it moved off the midpoint, towards lower stability + plasticity losses in sum
+    assert sum(figures["loss_after"]) < sum(figures["loss_before"])
+
+
+def test_dop_without_mgda_descends_the_fixed_mix_and_with_a_zero_target_stays_finite():
+    g = torch.Generator().manual_seed(6)
+    w0 = torch.randn(12, 10, generator=g, dtype=torch.float64)
+    w_new = w0 + 0.05 * torch.randn(12, 10, generator=g, dtype=torch.float64)
+    got, figures = dop_matrix(w0, w0.clone(), w_new, DopSettings(iters=30, lr=1e-3))
+    assert figures["ranks"][0] == 0 and bool(torch.isfinite(got).all())  # τ_m = 0: no directions, no NaN
+    w_prev = w0 + 0.05 * torch.randn(12, 10, generator=g, dtype=torch.float64)
+    _, figures = dop_matrix(w0, w_prev, w_new, DopSettings(iters=30, lr=1e-4, mgda=False))
+    mix = [0.8 * m + 0.2 * n for m, n in (figures["loss_before"], figures["loss_after"])]
+    assert figures["alpha"] == 0.8 and mix[1] < mix[0]
+
+
 def test_kth_magnitude_rank_zero_keeps_everything():
     sel = KthMagnitude()
     x = torch.tensor([0.0, 2.0, -3.0])
@@ -385,7 +458,10 @@ def test_defaults_are_the_papers():
     assert (TiesSettings().scale, TiesSettings().topk, TiesSettings().merge_func) == (0.3, 0.2, "mean")
     assert OpcmSettings().alpha == 0.5
     assert (WudiSettings().iters, WudiSettings().lr) == (50, 1e-5)
-    assert {"weight_average", "task_arithmetic", "ties", "magmax", "opcm", "wudi", "nufilt"} <= set(METHODS)
+    d = DopSettings()  # FusionBench's dop/dop.yaml
+    assert (d.lr, d.iters, d.mgda, d.ema, d.alpha, d.ema_beta, d.svd_epsilon, d.svd_proj_space) == \
+        (1e-4, 200, True, True, 0.8, 0.999, 0.99999, "uv")
+    assert {"dop", "weight_average", "task_arithmetic", "ties", "magmax", "opcm", "wudi", "nufilt"} <= set(METHODS)
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def run_bench(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     tmp = tmp_path_factory.mktemp("bench")
-    proc = run_bench(tmp, "--methods", "nufilt", "--no-settings")
+    proc = run_bench(tmp, "--methods", "nufilt", "--no-settings", "--no-levers")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, proc
 
@@ -73,6 +73,16 @@ def test_results_are_well_formed(small_run) -> None:
     assert (tmp / "results" / "small.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp / "results" / "small.md").read_text()
     assert "| nufilt |" in md and "Table 4" in md
+    # what the daemon ships, resolved to every setting
+    assert report["default_method"]["method"] == "nufilt" and "null_rank" in report["default_method"]["settings"]
+    # the diagnosis replays order 0: one row per step, shares within [0, 1]
+    diag = report["diagnosis"]
+    assert [s["step"] for s in diag["steps"]] == [1, 2] and diag["matrices"] == 6 * 5
+    assert diag["steps"][0]["filter_share"] == 0 and 0 < diag["steps"][1]["filter_share"] < 1
+    assert "## Diagnosis" in md
+    # the gate's scores were recorded on the fully evaluated order, for every variant's step 2
+    gate = report["gate_study"]
+    assert gate["steps_after_first"] == 4 and -1 <= gate["stability_vs_drop"] <= 1
 
 
 def test_finetunes_learn_and_checkpoints_keep_the_base_layout(small_run) -> None:
@@ -124,7 +134,7 @@ def test_orders_and_metrics_follow_the_definitions(small_run) -> None:
 
 def test_second_run_reuses_the_cache(small_run) -> None:
     tmp, _ = small_run
-    proc = run_bench(tmp, "--methods", "nufilt", "--no-settings")
+    proc = run_bench(tmp, "--methods", "nufilt", "--no-settings", "--no-levers")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "when built" in proc.stdout and "ACC" not in proc.stdout  # nothing merged again
 

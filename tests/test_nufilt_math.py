@@ -145,3 +145,83 @@ def test_fp16_and_bf16_keep_their_dtype(tmp_path: Path):
         for name, tensor in base.items():
             assert merged[name].dtype == tensor.dtype, name
             assert torch.isfinite(merged[name].float()).all() if tensor.is_floating_point() else True
+
+
+# ---- levers beyond the paper (issue 9): rescaling and r_p by energy ----------------------------
+
+def _filtered(names) -> list[str]:
+    from nufilt_core.selection import Selection
+
+    sel = Selection.resolve(names)
+    return [n for n in names if sel.is_filtered(n, (1, 1))]
+
+
+@pytest.mark.parametrize("unit", ["model", "matrix"])
+def test_rescale_follows_opcms_rule_on_the_fused_update(tiny, unit, tmp_path):
+    # an independent replay: U = λ_{t-1} τ_{≤t-1} + update (update from nufilt_matrix), λ_t = ‖U‖ / mean ‖τ_i‖
+    opts = {"rescale": unit}
+    paths = [tiny["t1"], tiny["t2"], tiny["t3"]]
+    previous, outs = None, []
+    for t, ckpt in enumerate(paths, 1):
+        out = tmp_path / f"m{t}"
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=ckpt, output=out, previous=previous,
+                                options=opts if t == 1 else {}))
+        previous = out
+        outs.append(load(out))
+    base = load(tiny["base"])
+    names = [n for n in _filtered(list(base)) if base[n].ndim == 2]
+    s = NufiltSettings(**opts)
+    merged = {n: base[n].clone() for n in names}
+    lam = {n: 1.0 for n in names} if unit == "matrix" else {"": 1.0}
+    norms: dict[str, list[float]] = {k: [] for k in lam}
+    for t, ckpt in enumerate(paths, 1):
+        theta = load(ckpt)
+        u = {}
+        for n in names:
+            a0 = seeded_normal((s.lora_rank, base[n].shape[1]), adapter_seed(0, n, t)) * 0.02
+            r = nufilt_matrix(merged[n] - base[n], theta[n] - base[n], a0, s)
+            u[n] = lam[n if unit == "matrix" else ""] * (merged[n] - base[n]) + r.update
+        groups = {n: [n] for n in names} if unit == "matrix" else {"": names}
+        for k, members in groups.items():
+            norms[k].append(sum(float((theta[n] - base[n]).double().square().sum()) for n in members) ** 0.5)
+            size = sum(float(u[n].double().square().sum()) for n in members) ** 0.5
+            lam[k] = 1.0 if t == 1 else max(1.0, size / (sum(norms[k]) / t))
+            for n in members:
+                merged[n] = base[n] + u[n] / lam[k]
+        for n in names:
+            torch.testing.assert_close(outs[t - 1][n], merged[n], atol=2e-6, rtol=1e-5)
+    assert max(lam.values()) > 1  # the rule did shrink something
+    # unfiltered tensors follow the policy, untouched by the rescaling
+    b = "encoder.layer.0.attention.self.query.bias"
+    assert torch.equal(outs[-1][b], base[b])
+
+
+def test_rescale_state_is_required_to_continue(tiny, tmp_path):
+    import json
+
+    from nufilt_core.checkpoint import LINEAGE_NAME
+    from nufilt_core.errors import LineageError
+
+    m1 = tmp_path / "m1"
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1, options={"rescale": "model"}))
+    record = json.loads((m1 / LINEAGE_NAME).read_text())
+    assert set(record["method_state"]["rescale"]) == {""} and record["method_state"]["rescale"][""]["lambda"] == 1
+    record["method_state"] = {}
+    (m1 / LINEAGE_NAME).write_text(json.dumps(record))
+    with pytest.raises(LineageError, match="rescale state"):
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=tmp_path / "m2", previous=m1))
+
+
+def test_null_energy_filters_the_fewest_directions_holding_that_share():
+    g = torch.Generator().manual_seed(3)
+    # singular values 8, 4, 2, 1, …: energies 64, 16, 4, 1 → 90 % of the energy needs 2 directions
+    u, _ = torch.linalg.qr(torch.randn(20, 6, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(12, 6, generator=g, dtype=torch.float64))
+    sv = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    tau_prev = u @ torch.diag(sv) @ v.T
+    tau_new = torch.randn(20, 12, generator=g, dtype=torch.float64)
+    for share, k in ((0.75, 1), (0.9, 2), (0.99, 4), (1.0, 6)):
+        r = nufilt_matrix(tau_prev, tau_new, None, NufiltSettings(null_energy=share, lora_rank=0))
+        assert r.v_prev.shape[1] == k, share
+    r = nufilt_matrix(tau_prev, tau_new, None, NufiltSettings(null_energy=1.0, null_rank=3, lora_rank=0))
+    assert r.v_prev.shape[1] == 3  # never more than null_rank

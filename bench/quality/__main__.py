@@ -1,6 +1,8 @@
 """One command for the whole pipeline; every stage is cached under --cache and resumes.
 
-    python -m bench.quality                     # the full benchmark → bench/results/full.{json,md,png}
+    python -m bench.quality                     # the headline: --preset paper-protocol → bench/results/paper-protocol.*
+    python -m bench.quality --preset paper-protocol-gentle   # the same with gentle fine-tunes (lr 1e-4)
+    python -m bench.quality --preset coadapted-heads         # heads trained with their bodies
     python -m bench.quality --preset small      # the CI-sized version
     python -m bench.quality --stage report      # rebuild the report from whatever orders are done
 """
@@ -25,7 +27,8 @@ HERE = Path(__file__).resolve().parent
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="recipe (default full)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper-protocol",
+                   help="recipe (default paper-protocol)")
     p.add_argument("--name", help="results name (default: the preset's)")
     p.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="run up to and including this stage")
     p.add_argument("--report-only", action="store_true",
@@ -37,6 +40,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--orders", type=int, help="number of task orders (default: the preset's)")
     p.add_argument("--no-ablations", action="store_true", help="skip NUFILT's Table 4 ablation")
     p.add_argument("--no-settings", action="store_true", help="skip the NUFILT settings study")
+    p.add_argument("--no-levers", action="store_true", help="skip the NUFILT levers beyond the paper")
+    p.add_argument("--only", help="comma-separated variant names: run (and report) just these")
     # one thread: on 2 shared cores torch's spinning thread pool loses badly to contention
     # (a merge step measured 4.5 s with 1 thread, 18.7 s with 2, load average ~9)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's default)")
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     from .variants import all_variants
 
     variants = all_variants(args.methods.split(",") if args.methods else None,
-                            ablations=not args.no_ablations, settings=not args.no_settings)
+                            ablations=not args.no_ablations, settings=not args.no_settings,
+                            levers=not args.no_levers, only=args.only.split(",") if args.only else None)
     start = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -109,9 +115,39 @@ def main(argv: list[str] | None = None) -> int:
     if last < 3:
         return 0
     results = {v.name: (v, load_results(runs, v)) for v in variants}
-    build(cfg, load_metrics(ft_dirs), results, args.results)
+    build(cfg, load_metrics(ft_dirs), results, args.results, default_method=daemon_default(),
+          diagnosis=cached_diagnosis(runs, checkpoints, log))
     log(f"report: {args.results / cfg.name}.json, .md, .png")
     return 0
+
+
+def daemon_default() -> dict:
+    """The method and settings the daemon ships (its configuration's defaults, resolved)."""
+    from nufilt_daemon.config import Settings
+
+    from nufilt_core.methods import get_method
+
+    fields = Settings.model_fields  # the defaults as shipped, not this shell's NUFILT_* variables
+    method, options = fields["method"].default, fields["method_settings"].default_factory()
+    return {"method": method, "settings": get_method(method).Settings(**options).model_dump(mode="json")}
+
+
+def cached_diagnosis(runs: Path, checkpoints: dict[str, Path], log) -> dict:
+    """The paper's NUFILT replayed on order 0 with its figures (bench.quality.diagnose), cached per run."""
+    import json
+
+    from nufilt_core.methods.nufilt import NufiltSettings
+
+    from .backbone import base_weights
+    from .cache import write_json
+    from .diagnose import diagnose
+    from .merging import task_order
+
+    path = runs / "diagnosis-order-0.json"
+    if not path.exists():
+        log("diagnosis: replaying the paper's NUFILT on order 0")
+        write_json(path, diagnose(base_weights(), checkpoints, task_order(list(checkpoints), 0), NufiltSettings()))
+    return json.loads(path.read_text())
 
 
 def report_only(cfg: BenchConfig, variants: list, args: argparse.Namespace, log) -> int:

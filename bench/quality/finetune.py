@@ -58,8 +58,12 @@ def train_body(task: TaskData, probe: dict[str, torch.Tensor], cfg: TrainConfig)
         head.weight.copy_(probe["weight"])
         head.bias.copy_(probe["bias"])
     body_params = [p for p in encoder.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": body_params, "lr": cfg.lr_body},
-                             {"params": head.parameters(), "lr": cfg.lr_head}], weight_decay=cfg.weight_decay)
+    groups = [{"params": body_params, "lr": cfg.lr_body}]
+    if cfg.freeze_head:
+        head.requires_grad_(False)  # the probe stays the head: the paper's fixed zero-shot heads
+    else:
+        groups.append({"params": list(head.parameters()), "lr": cfg.lr_head})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     n = len(task.train)
     per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
     total = per_epoch * cfg.epochs

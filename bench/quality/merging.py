@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from nufilt_core import __version__ as nufilt_version
+from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.merge import MergeRequest, merge_step
+from nufilt_core.scores import record_scope, surrogate_scores
 
 from .backbone import base_weights, load_body, new_encoder
 from .cache import write_json
@@ -71,6 +73,9 @@ def run_order(variant: Variant, v: int, checkpoints: dict[str, Path], evals: dic
                 method=variant.method, options=variant.options if t == 1 else {}, seed=cfg.merge.seed,
                 device="cpu"))
             merge_seconds = time.perf_counter() - t0
+            # the daemon gate's data-free scores, on the orders where every seen task is evaluated
+            # after every step (so their power to predict the measured drop and gain can be reported)
+            scores = gate_scores(result.record, previous, checkpoints[task], output) if curve else None
             if previous is not None:
                 shutil.rmtree(previous)
             previous = output
@@ -80,12 +85,21 @@ def run_order(variant: Variant, v: int, checkpoints: dict[str, Path], evals: dic
             acc = {name: accuracy(encoder, evals[name].test, evals[name].head, cfg.merge.eval_batch) for name in seen}
             steps.append({"task": task, "acc": acc, "merge_seconds": round(merge_seconds, 3),
                           "phase_seconds": {k: round(s, 3) for k, s in result.seconds.items()},
-                          "eval_seconds": round(time.perf_counter() - t1, 2), "summary": result.record.summary})
+                          "eval_seconds": round(time.perf_counter() - t1, 2), "summary": result.record.summary,
+                          **({"scores": scores} if scores else {})})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"variant": variant.name, "method": variant.method, "options": variant.options, "order_index": v,
             "order": order, "curve": curve, "settings": result.record.settings, "nufilt_version": nufilt_version,
             "steps": steps}
+
+
+def gate_scores(record, previous: Path | None, checkpoint: Path, merged: Path) -> dict[str, float]:
+    base = Checkpoint.open(base_weights())
+    selected, null_rank, task_rank = record_scope(record, list(base.tensors))
+    s = surrogate_scores(base, Checkpoint.open(previous) if previous else None, Checkpoint.open(checkpoint),
+                         Checkpoint.open(merged), selected, null_rank, task_rank)
+    return {"stability": s.stability, "plasticity": s.plasticity}
 
 
 @contextmanager

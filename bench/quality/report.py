@@ -86,8 +86,53 @@ def individual_curve(records: list[dict], refs: dict[str, Any]) -> list[float] |
             for i in range(1, len(curves[0]) + 1)]
 
 
+def score_points(records: list[dict], refs: dict[str, Any]) -> list[dict[str, float]]:
+    """Per step of fully evaluated orders: the gate's scores beside the measured drop and gain."""
+    probe = refs["theta0_heads"]["per_task"]
+    points = []
+    for r in records:
+        steps = r["steps"]
+        for t, st in enumerate(steps):
+            if "scores" not in st:
+                continue
+            earlier = [s["task"] for s in steps[:t]]
+            drop = (statistics.fmean(st["acc"][e] - steps[t - 1]["acc"][e] for e in earlier) if earlier else None)
+            points.append({"step": t + 1, "stability": st["scores"]["stability"],
+                           "plasticity": st["scores"]["plasticity"], "drop": drop,
+                           "gain": st["acc"][st["task"]] - probe[st["task"]]})
+    return points
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    import pandas as pd
+
+    return float(pd.Series(xs).corr(pd.Series(ys), method="spearman")) if len(xs) > 2 else None
+
+
+def gate_study(results: dict[str, tuple[Variant, list[dict]]], refs: dict[str, Any]) -> dict[str, Any]:
+    """How well the gate's stability / plasticity predict the measured drop / gain (rank correlation),
+    over every variant's fully evaluated orders, and thresholds read off the same points."""
+    pts = [p for _, (v, recs) in results.items() if v.group != "settings" for p in score_points(recs, refs)]
+    later = [p for p in pts if p["drop"] is not None]
+    if len(later) < 3:
+        return {}
+    ok = sorted(p["stability"] for p in later if p["drop"] >= -1.0)
+    bad = [p["stability"] for p in later if p["drop"] < -3.0]
+    threshold = ok[min(len(ok) - 1, int(0.95 * len(ok)))] if ok else None
+    return {
+        "points": len(pts), "steps_after_first": len(later),
+        "stability_vs_drop": spearman([p["stability"] for p in later], [p["drop"] for p in later]),
+        "plasticity_vs_gain": spearman([p["plasticity"] for p in pts], [p["gain"] for p in pts]),
+        "stability_threshold": threshold,  # accepts 95 % of the steps that cost earlier tasks ≤ 1 point
+        "bad_steps": len(bad), "bad_steps_rejected": sum(b > threshold for b in bad) if threshold is not None else 0,
+        "stability_range": [min(p["stability"] for p in later), max(p["stability"] for p in later)],
+        "plasticity_range": [min(p["plasticity"] for p in pts), max(p["plasticity"] for p in pts)],
+    }
+
+
 def build(cfg: BenchConfig, metrics: dict[str, dict], results: dict[str, tuple[Variant, list[dict]]],
-          out_dir: Path, missing: list[str] | None = None) -> dict[str, Any]:
+          out_dir: Path, missing: list[str] | None = None, default_method: dict[str, Any] | None = None,
+          diagnosis: dict[str, Any] | None = None) -> dict[str, Any]:
     refs = references(metrics)
     methods = {n: summarise(v, recs, refs) for n, (v, recs) in results.items() if v.group != "settings" and recs}
     settings = {n: vr for n, vr in results.items() if vr[0].group == "settings"}
@@ -98,6 +143,9 @@ def build(cfg: BenchConfig, metrics: dict[str, dict], results: dict[str, tuple[V
         "config": {"data": cfg.data.__dict__, "train": cfg.train.__dict__, "merge": cfg.merge.__dict__},
         "tasks": list(metrics), "references": refs, "methods": methods,
         "settings_study": settings_study(nufilt_records, settings) if nufilt_records else {},
+        "default_method": default_method or {},  # what the daemon ships
+        "gate_study": gate_study(results, refs),
+        "diagnosis": diagnosis or {},
     }
     ind_curve = individual_curve(nufilt_records, refs)
     if ind_curve:
@@ -153,6 +201,40 @@ def markdown(r: dict[str, Any]) -> str:
                 m = abl[n]
                 lines.append(f"| {m['label'] if n != 'nufilt' else '(4) full method'} | {m['orders']} | "
                              f"{_f(m['acc_mean'])} ± {_f(m['acc_std'])} | {_f(m['bwt_mean'])} ± {_f(m['bwt_std'])} |")
+    levers = {n: m for n, m in r["methods"].items() if m["group"] == "lever"}
+    if levers:
+        base = r["methods"].get("nufilt")
+        lines += ["", "## NUFILT levers beyond the paper (each alone, against the paper's NUFILT)", "",
+                  "| lever | orders | ACC | BWT | Δ ACC vs nufilt | gap kept | merge s/step |",
+                  "|---|---|---|---|---|---|---|"]
+        for n, m in sorted(levers.items(), key=lambda kv: -kv[1]["acc_mean"]):
+            delta = m["acc_mean"] - base["acc_mean"] if base else None
+            lines.append(f"| {m['label']} (`{n}`) | {m['orders']} | {_f(m['acc_mean'])} ± {_f(m['acc_std'])} | "
+                         f"{_f(m['bwt_mean'])} ± {_f(m['bwt_std'])} | {_f(delta)} | {_f(m['gap_kept'])} | "
+                         f"{_f(m['merge_seconds_per_step'], 2)} |")
+    if r.get("default_method"):
+        d = r["default_method"]
+        lines += ["", f"The daemon's default: method `{d['method']}`, settings `{d['settings']}`."]
+    g = r.get("gate_study")
+    if g:
+        lines += ["", "## What the gate's scores mean", "",
+                  f"{g['points']} merge steps of the fully evaluated orders, every method: Spearman rank correlation "
+                  f"of the stability score with the measured change on earlier tasks (steps ≥ 2, "
+                  f"{g['steps_after_first']} points) **{_f(g['stability_vs_drop'], 2)}**, of the plasticity score "
+                  f"with the new task's gain over θ0 + head **{_f(g['plasticity_vs_gain'], 2)}** (both losses: a good "
+                  "predictor correlates negatively). Stability ranged "
+                  f"{_f(g['stability_range'][0], 3)}–{_f(g['stability_range'][1], 3)}, plasticity "
+                  f"{_f(g['plasticity_range'][0], 3)}–{_f(g['plasticity_range'][1], 3)}.",
+                  "", f"Suggested `max_stability`: **{_f(g['stability_threshold'], 3)}** (accepts 95 % of the steps "
+                  f"that cost earlier tasks at most 1 point); it would have rejected {g['bad_steps_rejected']} of the "
+                  f"{g['bad_steps']} steps that cost more than 3 points."]
+    if r.get("diagnosis"):
+        from .diagnose import markdown as diagnosis_markdown
+
+        d = r["diagnosis"]
+        lines += ["", f"## Diagnosis: the paper's NUFILT, order {' → '.join(d['order'])}, per step and per kind "
+                  "of matrix", "",
+                  diagnosis_markdown(d)]
     if r["settings_study"]:
         lines += ["", "## NUFILT settings study (same orders as the default)", "",
                   "| setting | orders | filtered tensors | ACC | default ACC | Δ ACC | BWT | default BWT |",

@@ -17,7 +17,7 @@ class Variant:
     name: str
     method: str
     options: dict[str, Any] = field(default_factory=dict)
-    group: str = "method"  # "method", "ablation", "settings"
+    group: str = "method"  # "method", "ablation", "settings", "lever"
     label: str = ""
 
     def __hash__(self) -> int:
@@ -42,6 +42,22 @@ SETTINGS = (
 )
 
 
+# Beyond the paper (issue 9): levers the diagnosis points to, one at a time, each an ablation row.
+LEVERS = (
+    Variant("nufilt_rescale_model", "nufilt", {"rescale": "model"}, "lever",
+            "rescale the merged task vector, OPCM's λ_t over the model"),
+    Variant("nufilt_rescale_matrix", "nufilt", {"rescale": "matrix"}, "lever",
+            "rescale per matrix (OPCM's λ_t rule, one λ per matrix)"),
+    Variant("nufilt_rescale_sqrt", "nufilt", {"rescale": "model", "rescale_growth": 0.5}, "lever",
+            "rescale to mean ‖τ_i‖·√t (the size of t orthogonal task vectors)"),
+    Variant("nufilt_rp64", "nufilt", {"null_rank": 64}, "lever", "r_p = 64"),
+    Variant("nufilt_energy80", "nufilt", {"null_energy": 0.8}, "lever",
+            "r_p by energy: the directions holding 80 % of ‖τ_≤t−1‖² (at most 128)"),
+    Variant("nufilt_energy50", "nufilt", {"null_energy": 0.5}, "lever",
+            "r_p by energy: the directions holding 50 % of ‖τ_≤t−1‖² (at most 128)"),
+)
+
+
 def method_variants(methods: list[str] | None = None) -> list[Variant]:
     """Every registered method with its default settings (nufilt first)."""
     names = methods or sorted(METHODS, key=lambda n: (n != "nufilt", n))
@@ -51,10 +67,19 @@ def method_variants(methods: list[str] | None = None) -> list[Variant]:
     return [Variant(n, n, {}, "method", n) for n in names]
 
 
-def all_variants(methods: list[str] | None = None, ablations: bool = True, settings: bool = True) -> list[Variant]:
+def all_variants(methods: list[str] | None = None, ablations: bool = True, settings: bool = True,
+                 levers: bool = True, only: list[str] | None = None) -> list[Variant]:
     out = method_variants(methods)
     if ablations and "nufilt" in METHODS:
         out += list(ABLATIONS)
     if settings and "nufilt" in METHODS:
         out += list(SETTINGS)
+    if levers and "nufilt" in METHODS:
+        out += list(LEVERS)
+    if only:
+        known = {v.name: v for v in (*method_variants(), *ABLATIONS, *SETTINGS, *LEVERS)}
+        unknown = [n for n in only if n not in known]
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        out = [known[n] for n in only]
     return out

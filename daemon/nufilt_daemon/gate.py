@@ -36,13 +36,12 @@ from nufilt_core.errors import NufiltError
 from nufilt_core.lineage import LineageRecord
 from nufilt_core.merge import check_same_layout
 from nufilt_core.safetensors_io import read_raw
-from nufilt_core.scores import surrogate_scores
-from nufilt_core.selection import Selection, is_linear_weight
+from nufilt_core.scores import record_scope, surrogate_scores
+from nufilt_core.selection import Selection
 
 from .config import GateSettings
 
 ACCEPTED, REJECTED, FAILED = "accepted", "rejected", "failed"
-DEFAULT_NULL_RANK, DEFAULT_TASK_RANK = 128, 8
 
 
 # --- built-in checks (run in the child process) -------------------------------------------
@@ -107,10 +106,9 @@ def check_candidate(base: Checkpoint, previous: Checkpoint | None, new: Checkpoi
 
     scores: dict[str, Any] = {}
     if settings.scores:
-        def selected(name: str, shape: tuple[int, ...]) -> bool:
-            return selection.is_filtered(name, shape) if selection is not None else is_linear_weight(name, shape)
-        null_rank = settings.null_rank or record.settings.get("null_rank") or DEFAULT_NULL_RANK
-        task_rank = settings.task_rank or record.settings.get("task_rank") or DEFAULT_TASK_RANK
+        selected, null_rank, task_rank = record_scope(record, list(base.tensors))
+        null_rank = settings.null_rank or null_rank
+        task_rank = settings.task_rank or task_rank
         t0 = time.perf_counter()
         s = surrogate_scores(base, previous, new, candidate, selected, null_rank, task_rank, device)
         scores = {**s.as_dict(), "null_rank": null_rank, "task_rank": task_rank,

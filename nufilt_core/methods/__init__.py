@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import SettingsError
 from .base import MergeMethod, MethodSettings, StepContext
+from .dop import Dop
 from .magmax import MagMax
 from .nufilt import Nufilt
 from .opcm import Opcm
@@ -13,7 +14,7 @@ from .weight_average import WeightAverage
 from .wudi import Wudi
 
 METHODS: dict[str, type[MergeMethod]] = {
-    m.name: m for m in (Nufilt, WeightAverage, TaskArithmetic, Ties, MagMax, Opcm, Wudi)
+    m.name: m for m in (Nufilt, WeightAverage, TaskArithmetic, Ties, MagMax, Opcm, Wudi, Dop)
 }
 
 

@@ -19,17 +19,21 @@ Speed-ups that keep the numbers (the gradients are the loss's, in exact arithmet
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from statistics import fmean
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
+from ..errors import LineageError
 from ..linalg import adapter_seed, seeded_normal, top_right_singular_vectors
 from ..selection import Selection
 from .base import MergeMethod, MethodSettings, StepContext
 
 Policy = Literal["keep_base", "keep_previous", "average"]
+Rescale = Literal["none", "model", "matrix"]
 
 
 class NufiltSettings(MethodSettings):
@@ -47,6 +51,14 @@ class NufiltSettings(MethodSettings):
     first_step: Literal["paper", "published_code"] = Field(
         "paper", description="paper: θ_1^m = θ_1 (zero directions never filtered); published_code: filter the "
         "first r_p input coordinates at step 1, as the authors' code does through the SVD of a zero matrix")
+    # beyond the paper (issue 9's levers); the defaults above are the paper's method
+    rescale: Rescale = Field("none", description="none: fuse at full size (paper); model / matrix: OPCM's rule on the "
+                             "filtered tensors, U = λ_{t-1} τ_{≤t-1} + update, θ^m = θ0 + U / λ_t, λ_t = ‖U‖ / target, "
+                             "over the whole model or per matrix")
+    rescale_growth: float = Field(0.0, ge=0, le=1, description="target = mean_i ‖τ_i‖ · t^growth (0: OPCM's mean norm; "
+                                  "0.5: the norm of t orthogonal task vectors); λ_t ≥ 1 (never amplified)")
+    null_energy: float | None = Field(None, gt=0, le=1, description="r_p by energy: the fewest directions holding this "
+                                      "share of ‖τ_{≤t-1}‖², at most null_rank (None: null_rank directions)")
 
 
 @dataclass
@@ -60,11 +72,19 @@ class MatrixResult:
     loss_after: float
 
 
+def energy_count(projected: torch.Tensor, total: float, share: float) -> int:
+    """Fewest leading columns of τ V̂ (in singular order) whose energy reaches `share` of ‖τ‖²."""
+    cumulative = projected.double().square().sum(0).cumsum(0)
+    return min(int((cumulative < share * total).sum()) + 1, projected.shape[1])
+
+
 def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.Tensor | None,
                   s: NufiltSettings) -> MatrixResult:
     """One NUFILT step on one weight matrix (all inputs on one device, fp32 or fp64)."""
     d_out, d_in = tau_new.shape
     v_prev = top_right_singular_vectors(tau_prev, s.null_rank)
+    if s.null_energy is not None and v_prev.shape[1]:
+        v_prev = v_prev[:, : energy_count(tau_prev @ v_prev, float(tau_prev.square().sum()), s.null_energy)]
     if s.first_step == "published_code" and not bool(tau_prev.any()):
         # the authors' code: SVD(0) returns V = I, so the first r_p input coordinates are "earlier directions"
         v_prev = torch.eye(d_in, dtype=tau_new.dtype, device=tau_new.device)[:, : min(s.null_rank, d_out, d_in)]
@@ -133,24 +153,84 @@ class Nufilt(MergeMethod):
         self.loss_before = 0.0
         self.loss_after = 0.0
         self.null_dims = 0
+        # rescaling (beyond the paper): λ_{t-1} and ‖τ_1‖…‖τ_{t-1}‖ per unit ("" = the whole model)
+        self.scales: dict[str, tuple[float, list[float]]] = {}
+        self.new_sq: dict[str, float] = {}
+        self.merged_sq: dict[str, float] = {}
+        self.lambdas: dict[str, float] = {}
+        if settings.rescale != "none" and ctx.step > 1:
+            self.scales = self._read_state(ctx.previous_state)
+        self.passes = 1 if settings.rescale == "model" and ctx.step > 1 else 0  # ‖U‖ over the model first
+
+    def _read_state(self, state: dict[str, Any]) -> dict[str, tuple[float, list[float]]]:
+        scales = state.get("rescale")
+        ok = isinstance(scales, dict) and all(
+            isinstance(v, dict) and isinstance(v.get("lambda"), int | float)
+            and isinstance(v.get("norms"), list) and len(v["norms"]) == self.ctx.step - 1 for v in scales.values())
+        if not ok or not scales:
+            raise LineageError(f"the previous merged model's lineage record lacks a valid NUFILT rescale state for "
+                               f"step {self.ctx.step} (expected 'rescale' with 'lambda' and {self.ctx.step - 1} "
+                               f"'norms' per unit, got {state.get('rescale')!r})")
+        return {k: (float(v["lambda"]), [float(n) for n in v["norms"]]) for k, v in scales.items()}
 
     def is_filtered(self, name: str, shape: tuple[int, ...]) -> bool:
         return self.selection.is_filtered(name, shape)
+
+    def _unit(self, name: str) -> str:
+        return "" if self.settings.rescale == "model" else name  # type: ignore[attr-defined]
+
+    def _update(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> MatrixResult:
+        s: NufiltSettings = self.settings  # type: ignore[assignment]
+        a_init = None
+        if s.lora_rank > 0:
+            a_init = seeded_normal((s.lora_rank, base.shape[1]), adapter_seed(self.ctx.seed, name, self.ctx.step))
+            a_init = (a_init * 0.02).to(device=base.device, dtype=base.dtype)
+        return nufilt_matrix(previous - base, new - base, a_init, s)
+
+    def _unscaled(self, name: str, base: torch.Tensor, previous: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """U = λ_{t-1} τ_{≤t-1} + update (the merged task vector before this step's λ_t)."""
+        lam = self.scales[self._unit(name)][0] if self.scales else 1.0
+        return lam * (previous - base) + update
+
+    def _lambda(self, unit: str) -> float:
+        """λ_t = ‖U‖ / target (at least 1), target = mean_i ‖τ_i‖ · t^growth."""
+        s: NufiltSettings = self.settings  # type: ignore[assignment]
+        norms = [*self.scales.get(unit, (1.0, []))[1], math.sqrt(self.new_sq[unit])]
+        target = fmean(norms) * self.ctx.step ** s.rescale_growth
+        return max(1.0, math.sqrt(self.merged_sq[unit]) / target) if target > 0 else 1.0
+
+    def _accumulate(self, unit: str, new_sq: float, merged_sq: float) -> None:
+        self.new_sq[unit] = self.new_sq.get(unit, 0.0) + new_sq
+        self.merged_sq[unit] = self.merged_sq.get(unit, 0.0) + merged_sq
+
+    def observe(self, pass_index: int, name: str, base: torch.Tensor, previous: torch.Tensor,
+                new: torch.Tensor) -> None:
+        if not self.is_filtered(name, tuple(base.shape)):
+            return
+        u = self._unscaled(name, base, previous, self._update(name, base, previous, new).update)
+        self._accumulate("", float((new - base).double().square().sum()), float(u.double().square().sum()))
+
+    def end_pass(self, pass_index: int) -> None:
+        if "" in self.new_sq:
+            self.lambdas[""] = self._lambda("")
 
     def merge(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         s: NufiltSettings = self.settings  # type: ignore[assignment]
         if not self.is_filtered(name, tuple(base.shape)):
             return self._policy(base, previous, new)
-        a_init = None
-        if s.lora_rank > 0:
-            a_init = seeded_normal((s.lora_rank, base.shape[1]), adapter_seed(self.ctx.seed, name, self.ctx.step))
-            a_init = (a_init * 0.02).to(device=base.device, dtype=base.dtype)
-        result = nufilt_matrix(previous - base, new - base, a_init, s)
+        result = self._update(name, base, previous, new)
         self.filtered += 1
         self.loss_before += result.loss_before
         self.loss_after += result.loss_after
         self.null_dims += result.v_prev.shape[1]
-        return previous + result.update
+        if s.rescale == "none":
+            return previous + result.update
+        u = self._unscaled(name, base, previous, result.update)
+        unit = self._unit(name)
+        if s.rescale == "matrix" or self.ctx.step == 1:  # step 1: λ_1 = 1, only ‖τ_1‖ is recorded
+            self._accumulate(unit, float((new - base).double().square().sum()), float(u.double().square().sum()))
+            self.lambdas[unit] = 1.0 if self.ctx.step == 1 else self._lambda(unit)
+        return base + u / self.lambdas[unit]
 
     def _policy(self, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         policy = self.settings.policy  # type: ignore[attr-defined]
@@ -161,8 +241,15 @@ class Nufilt(MergeMethod):
             return new if t == 1 else previous
         return previous * ((t - 1) / t) + new / t  # running average of the fine-tuned models
 
+    def state(self) -> dict[str, Any]:
+        if self.settings.rescale == "none":  # type: ignore[attr-defined]
+            return {}
+        return {"rescale": {unit: {"lambda": lam, "norms": [*self.scales.get(unit, (1.0, []))[1],
+                                                            math.sqrt(self.new_sq[unit])]}
+                            for unit, lam in self.lambdas.items()}}
+
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "selection": self.selection.source,
             "patterns": list(self.selection.patterns),
             "filtered_tensors": self.filtered,
@@ -170,3 +257,6 @@ class Nufilt(MergeMethod):
             "adapter_loss_before": self.loss_before,
             "adapter_loss_after": self.loss_after,
         }
+        if self.lambdas:
+            out["lambda_mean"] = fmean(self.lambdas.values())
+        return out

@@ -156,10 +156,11 @@ def _filtered(names) -> list[str]:
     return [n for n in names if sel.is_filtered(n, (1, 1))]
 
 
-@pytest.mark.parametrize("unit", ["model", "matrix"])
-def test_rescale_follows_opcms_rule_on_the_fused_update(tiny, unit, tmp_path):
-    # an independent replay: U = λ_{t-1} τ_{≤t-1} + update (update from nufilt_matrix), λ_t = ‖U‖ / mean ‖τ_i‖
-    opts = {"rescale": unit}
+@pytest.mark.parametrize(("unit", "radius"), [("model", 0.0), ("matrix", 0.0), ("model", 0.05), ("matrix", 0.05)])
+def test_rescale_follows_opcms_rule_on_the_fused_update(tiny, unit, radius, tmp_path):
+    # an independent replay: U = λ_{t-1} τ_{≤t-1} + update (update from nufilt_matrix),
+    # λ_t = max(1, ‖U‖ / max(mean ‖τ_i‖, κ‖W0‖))
+    opts = {"rescale": unit, "rescale_radius": radius}
     paths = [tiny["t1"], tiny["t2"], tiny["t3"]]
     previous, outs = None, []
     for t, ckpt in enumerate(paths, 1):
@@ -185,7 +186,8 @@ def test_rescale_follows_opcms_rule_on_the_fused_update(tiny, unit, tmp_path):
         for k, members in groups.items():
             norms[k].append(sum(float((theta[n] - base[n]).double().square().sum()) for n in members) ** 0.5)
             size = sum(float(u[n].double().square().sum()) for n in members) ** 0.5
-            lam[k] = 1.0 if t == 1 else max(1.0, size / (sum(norms[k]) / t))
+            w0 = sum(float(base[n].double().square().sum()) for n in members) ** 0.5
+            lam[k] = 1.0 if t == 1 else max(1.0, size / max(sum(norms[k]) / t, radius * w0))
             for n in members:
                 merged[n] = base[n] + u[n] / lam[k]
         for n in names:
@@ -225,3 +227,17 @@ def test_null_energy_filters_the_fewest_directions_holding_that_share():
         assert r.v_prev.shape[1] == k, share
     r = nufilt_matrix(tau_prev, tau_new, None, NufiltSettings(null_energy=1.0, null_rank=3, lora_rank=0))
     assert r.v_prev.shape[1] == 3  # never more than null_rank
+
+
+def test_a_trust_radius_wider_than_the_merged_vector_leaves_the_papers_nufilt(tiny, tmp_path):
+    outs = {}
+    for label, opts in (("paper", {}), ("radius", {"rescale": "model", "rescale_radius": 10.0})):
+        previous = None
+        for t, ckpt in enumerate([tiny["t1"], tiny["t2"]], 1):
+            out = tmp_path / f"{label}{t}"
+            merge_step(MergeRequest(base=tiny["base"], checkpoint=ckpt, output=out, previous=previous,
+                                    options=opts if t == 1 else {}))
+            previous = out
+        outs[label] = load(previous)
+    for n, v in outs["paper"].items():
+        torch.testing.assert_close(outs["radius"][n], v, atol=1e-6, rtol=1e-6)

@@ -57,6 +57,8 @@ class NufiltSettings(MethodSettings):
                              "over the whole model or per matrix")
     rescale_growth: float = Field(0.0, ge=0, le=1, description="target = mean_i ‖τ_i‖ · t^growth (0: OPCM's mean norm; "
                                   "0.5: the norm of t orthogonal task vectors); λ_t ≥ 1 (never amplified)")
+    rescale_radius: float = Field(0.0, ge=0, description="κ: never shrink below κ‖W0‖ (a trust radius around θ0, "
+                                  "relative to the base weights): target = max(mean_i ‖τ_i‖ · t^growth, κ‖W0‖)")
     null_energy: float | None = Field(None, gt=0, le=1, description="r_p by energy: the fewest directions holding this "
                                       "share of ‖τ_{≤t-1}‖², at most null_rank (None: null_rank directions)")
 
@@ -157,6 +159,7 @@ class Nufilt(MergeMethod):
         self.scales: dict[str, tuple[float, list[float]]] = {}
         self.new_sq: dict[str, float] = {}
         self.merged_sq: dict[str, float] = {}
+        self.base_sq: dict[str, float] = {}
         self.lambdas: dict[str, float] = {}
         if settings.rescale != "none" and ctx.step > 1:
             self.scales = self._read_state(ctx.previous_state)
@@ -193,22 +196,22 @@ class Nufilt(MergeMethod):
         return lam * (previous - base) + update
 
     def _lambda(self, unit: str) -> float:
-        """λ_t = ‖U‖ / target (at least 1), target = mean_i ‖τ_i‖ · t^growth."""
+        """λ_t = ‖U‖ / target (at least 1), target = max(mean_i ‖τ_i‖ · t^growth, κ‖W0‖)."""
         s: NufiltSettings = self.settings  # type: ignore[assignment]
         norms = [*self.scales.get(unit, (1.0, []))[1], math.sqrt(self.new_sq[unit])]
-        target = fmean(norms) * self.ctx.step ** s.rescale_growth
+        target = max(fmean(norms) * self.ctx.step ** s.rescale_growth, s.rescale_radius * math.sqrt(self.base_sq[unit]))
         return max(1.0, math.sqrt(self.merged_sq[unit]) / target) if target > 0 else 1.0
 
-    def _accumulate(self, unit: str, new_sq: float, merged_sq: float) -> None:
-        self.new_sq[unit] = self.new_sq.get(unit, 0.0) + new_sq
-        self.merged_sq[unit] = self.merged_sq.get(unit, 0.0) + merged_sq
+    def _accumulate(self, unit: str, base: torch.Tensor, new: torch.Tensor, u: torch.Tensor) -> None:
+        for acc, x in ((self.new_sq, new - base), (self.merged_sq, u), (self.base_sq, base)):
+            acc[unit] = acc.get(unit, 0.0) + float(x.double().square().sum())
 
     def observe(self, pass_index: int, name: str, base: torch.Tensor, previous: torch.Tensor,
                 new: torch.Tensor) -> None:
         if not self.is_filtered(name, tuple(base.shape)):
             return
-        u = self._unscaled(name, base, previous, self._update(name, base, previous, new).update)
-        self._accumulate("", float((new - base).double().square().sum()), float(u.double().square().sum()))
+        update = self._update(name, base, previous, new).update
+        self._accumulate("", base, new, self._unscaled(name, base, previous, update))
 
     def end_pass(self, pass_index: int) -> None:
         if "" in self.new_sq:
@@ -228,7 +231,7 @@ class Nufilt(MergeMethod):
         u = self._unscaled(name, base, previous, result.update)
         unit = self._unit(name)
         if s.rescale == "matrix" or self.ctx.step == 1:  # step 1: λ_1 = 1, only ‖τ_1‖ is recorded
-            self._accumulate(unit, float((new - base).double().square().sum()), float(u.double().square().sum()))
+            self._accumulate(unit, base, new, u)
             self.lambdas[unit] = 1.0 if self.ctx.step == 1 else self._lambda(unit)
         return base + u / self.lambdas[unit]
 

@@ -241,3 +241,16 @@ def test_a_trust_radius_wider_than_the_merged_vector_leaves_the_papers_nufilt(ti
         outs[label] = load(previous)
     for n, v in outs["paper"].items():
         torch.testing.assert_close(outs["radius"][n], v, atol=1e-6, rtol=1e-6)
+
+
+def test_adapter_span_keeps_the_loss_and_drops_what_the_loss_never_saw():
+    tau_prev, tau_new = low_rank(24, 16, 5, 1), low_rank(24, 16, 4, 2)
+    a0 = seeded_normal((6, 16), 7) * 0.02
+    plain = nufilt_matrix(tau_prev, tau_new, a0, NufiltSettings(null_rank=4, lora_rank=6, task_rank=3))
+    span = nufilt_matrix(tau_prev, tau_new, a0, NufiltSettings(null_rank=4, lora_rank=6, task_rank=3,
+                                                                adapter_span=True))
+    assert span.loss_after == pytest.approx(plain.loss_after, rel=1e-5)
+    q = torch.linalg.qr(torch.cat([span.v_new, span.v_prev], dim=1)).Q
+    outside = span.a - (span.a @ q) @ q.T
+    assert outside.abs().max() < 1e-6  # the adapter's rows lie in span([V̂t, V̂p])
+    assert (plain.a - (plain.a @ q) @ q.T).norm() > 1e-3  # the paper's adapter does not

@@ -60,6 +60,10 @@ LEVERS = (
     Variant("nufilt_rp32", "nufilt", {"null_rank": 32}, "lever", "r_p = 32"),
     Variant("nufilt_energy50", "nufilt", {"null_energy": 0.5}, "lever",
             "r_p by energy: the directions holding 50 % of ‖τ_≤t−1‖² (at most 128)"),
+    Variant("nufilt_adapter_span", "nufilt", {"adapter_span": True}, "lever",
+            "adapter confined to span([V̂t, V̂p]), the directions its loss sees"),
+    Variant("nufilt_radius03_rp64", "nufilt", {"rescale": "matrix", "rescale_radius": 0.03, "null_rank": 64}, "lever",
+            "trust radius 0.03 and r_p = 64"),
 )
 
 

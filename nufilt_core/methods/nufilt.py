@@ -59,6 +59,8 @@ class NufiltSettings(MethodSettings):
                                   "0.5: the norm of t orthogonal task vectors); λ_t ≥ 1 (never amplified)")
     rescale_radius: float = Field(0.0, ge=0, description="κ: never shrink below κ‖W0‖ (a trust radius around θ0, "
                                   "relative to the base weights): target = max(mean_i ‖τ_i‖ · t^growth, κ‖W0‖)")
+    adapter_span: bool = Field(False, description="keep the adapter inside span([V̂t, V̂p]), the only directions its "
+                               "loss sees: A's random start outside them is dropped (the loss is unchanged)")
     null_energy: float | None = Field(None, gt=0, le=1, description="r_p by energy: the fewest directions holding this "
                                       "share of ‖τ_{≤t-1}‖², at most null_rank (None: null_rank directions)")
 
@@ -137,6 +139,11 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
             a.grad, b.grad = grad_x @ v_weighted.T, grad_b
             opt.step()
         a.grad = b.grad = None
+        if s.adapter_span:
+            # ∂L/∂A = (∂L/∂X) V̂ᵀ lies in span(V̂), so A's part outside it is its random start, unseen by the
+            # loss (A Q Qᵀ V̂ = A V̂): dropping it leaves the loss as it is and adds nothing the loss did not check
+            q = torch.linalg.qr(v_hat).Q
+            a = (a @ q) @ q.T
         tau_b = tau_new @ b
         loss_after = float((residual - tau_b @ (a @ v_weighted)).square().sum())
         update = filtered + tau_b @ a

@@ -254,3 +254,18 @@ def test_adapter_span_keeps_the_loss_and_drops_what_the_loss_never_saw():
     outside = span.a - (span.a @ q) @ q.T
     assert outside.abs().max() < 1e-6  # the adapter's rows lie in span([V̂t, V̂p])
     assert (plain.a - (plain.a @ q) @ q.T).norm() > 1e-3  # the paper's adapter does not
+
+
+def test_policy_sum_adds_unfiltered_tensors_and_rescales_them_with_the_rest(tiny, tmp_path):
+    base, t1, t2 = load(tiny["base"]), load(tiny["t1"]), load(tiny["t2"])
+    bias = "encoder.layer.0.attention.self.query.bias"
+    for opts in ({"policy": "sum"}, {"policy": "sum", "rescale": "matrix"}):
+        m1, m2 = tmp_path / "m1", tmp_path / "m2"
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1, options=opts, overwrite=True))
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=m2, previous=m1, overwrite=True))
+        got, u = load(m2)[bias], (t1[bias] - base[bias]) + (t2[bias] - base[bias])
+        if "rescale" not in opts:
+            torch.testing.assert_close(got, base[bias] + u)
+        else:  # its own unit: λ = max(1, ‖U‖ / mean(‖τ_1‖, ‖τ_2‖))
+            mean = ((t1[bias] - base[bias]).norm() + (t2[bias] - base[bias]).norm()) / 2
+            torch.testing.assert_close(got, base[bias] + u / max(1.0, float(u.norm() / mean)))

@@ -32,7 +32,7 @@ from ..linalg import adapter_seed, seeded_normal, top_right_singular_vectors
 from ..selection import Selection
 from .base import MergeMethod, MethodSettings, StepContext
 
-Policy = Literal["keep_base", "keep_previous", "average"]
+Policy = Literal["keep_base", "keep_previous", "average", "sum"]
 Rescale = Literal["none", "model", "matrix"]
 
 
@@ -47,7 +47,8 @@ class NufiltSettings(MethodSettings):
     null_space: bool = Field(True, description="apply the filter P (False: P = I, adapter only)")
     include: tuple[str, ...] = Field((), description="regexes of tensors to filter (re.search)")
     preset: str = Field("auto", description="auto, all-linear, clip, vit, bert, t5, llama")
-    policy: Policy = Field("keep_base", description="what other float tensors become")
+    policy: Policy = Field("keep_base", description="what other float tensors become; sum (beyond the paper): "
+                           "θ^m_{t-1} + τ_t, unfiltered but rescaled with the rest when rescale is on")
     first_step: Literal["paper", "published_code"] = Field(
         "paper", description="paper: θ_1^m = θ_1 (zero directions never filtered); published_code: filter the "
         "first r_p input coordinates at step 1, as the authors' code does through the SVD of a zero matrix")
@@ -213,29 +214,36 @@ class Nufilt(MergeMethod):
         for acc, x in ((self.new_sq, new - base), (self.merged_sq, u), (self.base_sq, base)):
             acc[unit] = acc.get(unit, 0.0) + float(x.double().square().sum())
 
+    def _fused(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor | None:
+        """This step's addition to the merged task vector, None for tensors the policy sets directly."""
+        if self.is_filtered(name, tuple(base.shape)):
+            result = self._update(name, base, previous, new)
+            self.filtered += 1
+            self.loss_before += result.loss_before
+            self.loss_after += result.loss_after
+            self.null_dims += result.v_prev.shape[1]
+            return result.update
+        return new - base if self.settings.policy == "sum" else None  # type: ignore[attr-defined]
+
     def observe(self, pass_index: int, name: str, base: torch.Tensor, previous: torch.Tensor,
                 new: torch.Tensor) -> None:
-        if not self.is_filtered(name, tuple(base.shape)):
-            return
-        update = self._update(name, base, previous, new).update
-        self._accumulate("", base, new, self._unscaled(name, base, previous, update))
+        update = self._fused(name, base, previous, new)
+        if update is not None:
+            self._accumulate("", base, new, self._unscaled(name, base, previous, update))
 
     def end_pass(self, pass_index: int) -> None:
         if "" in self.new_sq:
             self.lambdas[""] = self._lambda("")
+        self.filtered, self.loss_before, self.loss_after, self.null_dims = 0, 0.0, 0.0, 0  # counted in the merge pass
 
     def merge(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         s: NufiltSettings = self.settings  # type: ignore[assignment]
-        if not self.is_filtered(name, tuple(base.shape)):
+        update = self._fused(name, base, previous, new)
+        if update is None:
             return self._policy(base, previous, new)
-        result = self._update(name, base, previous, new)
-        self.filtered += 1
-        self.loss_before += result.loss_before
-        self.loss_after += result.loss_after
-        self.null_dims += result.v_prev.shape[1]
         if s.rescale == "none":
-            return previous + result.update
-        u = self._unscaled(name, base, previous, result.update)
+            return previous + update
+        u = self._unscaled(name, base, previous, update)
         unit = self._unit(name)
         if s.rescale == "matrix" or self.ctx.step == 1:  # step 1: λ_1 = 1, only ‖τ_1‖ is recorded
             self._accumulate(unit, base, new, u)

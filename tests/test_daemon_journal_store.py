@@ -139,12 +139,18 @@ def test_recovery_completes_a_promotion_cut_short_and_requeues_the_rest(tiny: di
     orphan = tmp_path / "state" / "staged" / "orphan"
     orphan.mkdir(parents=True)
 
-    report = recover(j, store, intake, max_attempts=3, publish=False)
-    assert report.completed == [a.id] and report.requeued == [b.id] and report.failed == [c.id]
+    before = time.time()
+    report = recover(j, store, intake, retry_seconds=2.0, publish=False)
+    # a daemon crash is never the checkpoint's fault: however often, the job is queued again, backing off
+    assert report.completed == [a.id] and report.requeued == [b.id, c.id] and report.failed == []
     assert store.production().number == v1.number
     assert j.job(a.id).state == PROMOTED and j.job(a.id).version == v1.number
     assert j.job(b.id).state == QUEUED and "redone" in j.job(b.id).reason
-    assert "interrupted 4 time(s)" in j.job(c.id).reason
+    assert j.job(c.id).state == QUEUED and j.job(c.id).interruptions == 1 and j.job(c.id).attempts == 4
+    assert before + 2.0 <= j.job(b.id).not_before <= time.time() + 2.0
+    j.transition(c.id, MERGING)  # interrupted again: the back-off doubles
+    recover(j, store, intake, retry_seconds=2.0, publish=False)
+    assert j.job(c.id).interruptions == 2 and j.job(c.id).not_before >= before + 4.0
     assert not store.candidate_path(b.id, 1).exists() and not orphan.exists()
 
 

@@ -29,19 +29,27 @@ def make_worker(tmp_path: Path, base: Path, **settings: object) -> tuple[MergeWo
 
 
 def test_a_merge_process_killed_like_the_oom_killer_fails_only_its_job(tiny: dict[str, Path], tmp_path: Path):
-    worker, intake, journal, store = make_worker(tmp_path, tiny["base"])
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"], max_attempts=2)
     intake.emit(Arrival(tiny["t1"], "folder", "t1"))
     intake.emit(Arrival(tiny["t2"], "folder", "t2"))
     worker.start()
     try:
-        child = wait_for("the first merge process", lambda: worker._child, timeout=30, interval=0.01)
-        os.kill(child.pid, signal.SIGKILL)  # what the kernel's OOM killer does
+        killed = []
+        for _ in range(2):  # its own process dying counts: retried once, then failed (max_attempts = 2)
+            child = wait_for("a merge process of job 1", lambda: worker._child if worker._child and
+                             worker._child.pid not in killed else None, timeout=60, interval=0.01)
+            os.kill(child.pid, signal.SIGKILL)  # what the kernel's OOM killer does
+            killed.append(child.pid)
+            if not killed[1:]:
+                wait_for("job 1 queued again", lambda: journal.job(1).child_failures == 1, timeout=30)
         wait_for("the second job", lambda: journal.job(2).state == PROMOTED, timeout=120)
         assert worker.is_alive()
     finally:
         worker.stop(0)
     first = journal.job(1)
     assert first.state == FAILED and "killed by SIGKILL" in first.reason and "out of memory" in first.reason
+    assert (first.attempts, first.child_failures) == (2, 1)
+    assert "attempt 1 of 2, retried" in journal.transitions(1)[2][2]
     assert store.production().number == 1 and store.production().lineage().step == 1  # t2 became step 1
     assert worker.metrics.merges.labels("failed")._value.get() == 1
     assert list(store.candidates_dir.iterdir()) == []

@@ -102,7 +102,12 @@ class Settings(BaseSettings):
     max_shard_bytes: int = Field(DEFAULT_MAX_SHARD_BYTES, gt=0)
     keep_versions: int = Field(5, ge=2, description="versions kept; production and its parent always are")
     keep_quarantine: int = Field(10, ge=0, description="rejected candidates kept")
-    max_attempts: int = Field(3, ge=1, description="a job interrupted by this many daemon crashes fails")
+    max_attempts: int = Field(3, ge=1, description="merge processes of one job that may end abnormally (killed "
+                              "by a signal, e.g. the OOM killer, or exiting without a result) before it fails; "
+                              "daemon crashes and restarts never count")
+    interrupted_retry_seconds: float = Field(
+        5.0, ge=0, description="back-off before a job interrupted by a daemon stop or crash starts again; "
+        "doubles with each interruption of the same job, at most 300 s")
     merge_timeout_seconds: float | None = Field(None, gt=0)
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, description="on SIGTERM, wait this long for a running merge before abandoning it")

@@ -114,6 +114,8 @@ class Metrics:
                                     "failing", ["source"], registry=r)
         self.interruptions = Counter("nufilt_job_interruptions", "Jobs found in progress after a daemon restart "
                                      "(re-queued, never failed)", registry=r)
+        self.queued_interruptions = Gauge("nufilt_queued_job_interruptions", "Most daemon restarts that interrupted "
+                                          "one job still waiting or running (alert: a crash loop)", registry=r)
         self.storage_writable = Gauge("nufilt_storage_writable", "1 while the store and state dirs accept writes",
                                       ["dir"], registry=r)
         self.build = Info("nufilt_build", "Version of the running daemon", registry=r)

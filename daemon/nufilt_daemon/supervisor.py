@@ -218,7 +218,8 @@ class Daemon:
         self._take_lock()
         try:
             self._build()
-            report = recover(self.journal, self.store, self.intake, s.max_attempts, publishing_enabled(s))
+            report = recover(self.journal, self.store, self.intake, s.interrupted_retry_seconds, publishing_enabled(s))
+            self.metrics.interruptions.inc(len(report.requeued))
             log.info("daemon_starting", pid=os.getpid(), config=s.redacted(), requeued=report.requeued,
                      failed=report.failed, completed=report.completed, removed=len(report.removed))
             self._rollbacks_seen = self.journal.count_rollbacks()
@@ -262,6 +263,8 @@ class Daemon:
     def _refresh_gauges(self) -> None:
         counts = self.journal.counts()
         self.metrics.pending.set(sum(counts[st] for st in ACTIVE_STATES))
+        active = self.journal.jobs(limit=1_000_000, states=ACTIVE_STATES)
+        self.metrics.queued_interruptions.set(max((j.interruptions for j in active), default=0))
         try:
             prod = self.store.production()
         except StoreError:

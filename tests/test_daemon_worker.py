@@ -66,3 +66,17 @@ def test_a_bad_method_setting_fails_the_job_with_the_method_s_message(tiny: dict
         worker.stop(0)
     assert "null_rnk" in journal.job(1).reason and store.production() is None
     assert journal.job(1).staged_path is None  # a failed job's copy is dropped; resubmitting retries it
+
+
+def test_an_internal_error_fails_the_job_and_removes_its_candidate(tiny: dict[str, Path], tmp_path: Path):
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"])
+    store.versions_dir.rmdir()
+    store.versions_dir.write_text("not a folder")  # promotion's rename into versions/ fails for real
+    intake.emit(Arrival(tiny["t1"], "folder", "t1"))
+    worker.start()
+    try:
+        wait_for("the job to fail", lambda: journal.job(1).state == FAILED, timeout=120)
+    finally:
+        worker.stop(0)
+    assert "internal error" in journal.job(1).reason
+    assert list(store.candidates_dir.iterdir()) == []  # not left on disk until a restart

@@ -155,11 +155,6 @@ class Daemon:
             Checkpoint.open(s.base_model)  # type: ignore[arg-type]
         except NufiltError as e:
             raise ConfigError(f"base_model: {e}") from None
-        # a read-only or full store would otherwise report ready and then fail every checkpoint
-        for d in (Path(s.store_dir), Path(s.state_dir)):
-            problem = check_writable(d)
-            if problem:
-                raise ConfigError(f"{problem}; the daemon needs to write there (store_dir / state_dir)")
         self.store = Store(s.store_dir).ensure()
         self.journal = Journal.in_state_dir(Path(s.state_dir))
         source_names = (["folder"] if s.folder.enabled else []) + (["mlflow"] if s.mlflow.source_model else [])
@@ -213,8 +208,16 @@ class Daemon:
         self.outbox.start()
         self.supervised.append(_Supervised("registry-outbox", self.outbox, self.outbox.start))
 
+    def _check_dirs(self) -> None:
+        """A read-only or full store would otherwise report ready and then fail every checkpoint."""
+        for key, d in (("state_dir", Path(self.settings.state_dir)), ("store_dir", Path(self.settings.store_dir))):
+            problem = check_writable(d)
+            if problem:
+                raise ConfigError(f"{key} {problem}; the daemon must be able to write there")
+
     def run(self) -> int:
         s = self.settings
+        self._check_dirs()
         self._take_lock()
         try:
             self._build()

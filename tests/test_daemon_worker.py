@@ -80,3 +80,26 @@ def test_an_internal_error_fails_the_job_and_removes_its_candidate(tiny: dict[st
         worker.stop(0)
     assert "internal error" in journal.job(1).reason
     assert list(store.candidates_dir.iterdir()) == []  # not left on disk until a restart
+
+
+def test_a_checkpoint_from_another_base_is_rejected_with_its_distance(tiny: dict[str, Path], tmp_path: Path):
+    import json
+
+    from models import base_state, write_model
+    from nufilt_daemon.journal import REJECTED
+
+    other = write_model(base_state(seed=7), tmp_path / "other")  # same names and shapes, unrelated values
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"])
+    intake.emit(Arrival(other, "folder", "other"))
+    intake.emit(Arrival(tiny["t1"], "folder", "t1"))
+    worker.start()
+    try:
+        wait_for("both jobs done", lambda: journal.job(2).state == PROMOTED, timeout=120)
+    finally:
+        worker.stop(0)
+    first = journal.job(1)
+    assert first.state == REJECTED and "implausibly far from the base" in first.reason
+    assert "median relative distance" in first.reason and "1.4" in first.reason  # the number, ≈ √2
+    assert store.production().lineage().step == 1  # t1 became step 1: the other model never entered
+    report = json.loads((store.production().path / "validation.json").read_text())
+    assert 0 < report["checks"]["distance_from_base"]["median"] < 0.5

@@ -127,3 +127,44 @@ def test_a_store_or_state_dir_that_cannot_be_written_stops_the_start_with_exit_7
         proc = d.cli("daemon", check=False)
         assert proc.returncode == 78, proc.stderr
         assert str(where) in proc.stderr and "not writable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_state_disk_that_fails_makes_the_source_unhealthy_and_shows_it(tmp_path: Path):
+    base = base_state()
+    b = write_model(base, tmp_path / "base")
+    t1 = write_model(finetune(base, 1), tmp_path / "t1")
+    d = DaemonProcess(tmp_path / "svc", b).start()
+    staged = d.state / "staged"
+    try:
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.write_text("in the way")  # staging fails for real, as on a full or broken state disk
+        store_dir_backup = tmp_path / "store-backup"
+        os.rename(d.store, store_dir_backup)
+        d.store.write_text("not a folder")  # the store is gone: nothing can be written there
+        d.drop(t1, "task1")
+
+        def unhealthy() -> dict:
+            data = json.loads(d.cli("status", "--json").stdout)
+            sick = not data["inbox"]["sources"].get("folder", {}).get("healthy", True)
+            return data if sick and data["inbox"]["storage"] else {}
+
+        data = wait_for("the folder source unhealthy", unhealthy, timeout=60)
+        entry = next(e for e in data["inbox"]["entries"] if e["name"] == "task1")
+        assert entry["state"] == "error" and "not journaled" in entry["reason"]
+        assert "store" in data["inbox"]["storage"] and "not writable" in data["inbox"]["storage"]["store"]
+        text = d.cli("status").stdout
+        assert "source      folder UNHEALTHY" in text and "storage     " in text
+        m = d.metrics()
+        assert m[("nufilt_source_healthy", (("source", "folder"),))] == 0
+        assert m[("nufilt_inbox_entries", (("state", "error"),))] == 1
+        assert m[("nufilt_storage_writable", (("dir", "store"),))] == 0
+        assert m[("nufilt_source_errors_total", (("source", "folder"),))] >= 3
+        # after the fifth failed intake the entry is journaled as rejected, and nothing was left behind
+        job = wait_for("task1 rejected", lambda: d.in_states("rejected"), timeout=60)[0]
+        assert "intake failed 5 times" in job["reason"] and staged.is_file()
+        d.store.unlink()
+        os.rename(store_dir_backup, d.store)
+        wait_for("healthy again", lambda: d.metrics()[("nufilt_source_healthy", (("source", "folder"),))] == 1
+                 and d.metrics()[("nufilt_storage_writable", (("dir", "store"),))] == 1, timeout=60)
+    finally:
+        assert d.stop() == 0

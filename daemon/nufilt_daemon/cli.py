@@ -189,8 +189,11 @@ def _open(settings: Settings) -> tuple[Store, Journal]:
 def status_data(settings: Settings) -> dict[str, Any]:
     store, journal = _open(settings)
     try:
-        prod = store.production()
-        production = None
+        production: dict[str, Any] | None = None
+        try:
+            prod = store.production()
+        except StoreError as e:  # show everything else all the same
+            prod, production = None, {"error": str(e)}
         if prod is not None:
             production = {"version": prod.number, "name": prod.name, "path": str(prod.path)}
             try:
@@ -229,7 +232,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     p = data["production"]
-    if p:
+    if p and "name" not in p:
+        print(f"production  unreadable: {p['error']}")
+    elif p:
         print(f"production  {p['name']} (step {p.get('step', '?')}, {p.get('method', '?')}), {p['path']}")
     else:
         print("production  none yet (no checkpoint has been promoted)")

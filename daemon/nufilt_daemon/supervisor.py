@@ -46,7 +46,7 @@ log = structlog.get_logger("nufilt.supervisor")
 
 DAEMON_INFO = "daemon.json"  # pid, metrics URL: read by `nufilt status`
 INBOX_INFO = "inbox.json"  # entries not journaled yet and the sources' health: read by `nufilt status`
-STORAGE_CHECK_SECONDS = 10.0
+STORAGE_CHECK_TICKS, STORAGE_CHECK_MAX_SECONDS = 5, 10.0  # writability probe: every 5 ticks, at most 10 s apart
 
 
 def check_writable(directory: Path) -> str | None:
@@ -256,10 +256,13 @@ class Daemon:
             if not self.worker.is_alive():  # a bug: let systemd restart us, recovery re-queues the job
                 log.error("worker_died")
                 raise RuntimeError("the merge worker thread died")
-            self._refresh_gauges()
-            self._check_storage()
-            self._write_inbox_info()
-            self.notifier.status(self._status_line())
+            try:
+                self._refresh_gauges()
+                self._check_storage()
+                self._write_inbox_info()
+                self.notifier.status(self._status_line())
+            except Exception:  # a broken store or journal must show, not stop the daemon (and its watchdog)
+                log.exception("supervisor_tick_failed")
             self.notifier.watchdog()
             self.stop_event.wait(self.settings.loop_interval_seconds)
 
@@ -296,7 +299,8 @@ class Daemon:
         now = time.monotonic()
         if now < self._next_storage_check:
             return
-        self._next_storage_check = now + STORAGE_CHECK_SECONDS
+        self._next_storage_check = now + min(STORAGE_CHECK_MAX_SECONDS,
+                                             STORAGE_CHECK_TICKS * self.settings.loop_interval_seconds)
         for label, d in (("store", Path(self.settings.store_dir)), ("state", Path(self.settings.state_dir))):
             problem = check_writable(d)
             self.metrics.storage_writable.labels(label).set(0 if problem else 1)

@@ -198,3 +198,47 @@ def test_outbox_retries_in_order_until_the_registry_is_back(tiny: dict[str, Path
     assert registry.calls == [("publish", 1)] * 3 + [("publish", 2), ("set_production", "101")]
     assert metrics.registry_errors.labels("publish")._value.get() == 2
     assert j.registry_version_of(2) == "102"
+
+
+def _promoting_job(j: Journal, store: Store, tmp_path: Path, job_id_ref: str, from_version: int | None, step: int):
+    """A job the daemon died in while promoting: its candidate already renamed into versions/."""
+    job = j.add_job("folder", job_id_ref, job_id_ref * 3, None)
+    j.mark_started(job.id, from_version)
+    j.transition(job.id, VALIDATING, step=step)
+    cand = store.candidate_path(job.id, 1)
+    cand.mkdir(parents=True)
+    (cand / "model.safetensors").write_bytes(b"x")
+    record(step).write(cand)
+    return job, store.add_version(cand, {"job_id": job.id, "attempt": 1, "parent_version": from_version})
+
+
+@pytest.mark.parametrize("point", ["renamed", "switched"])
+def test_a_crash_during_a_step_2_promotion_is_completed_at_restart(tmp_path: Path, point: str):
+    store = Store(tmp_path / "store").ensure()
+    j = Journal.in_state_dir(tmp_path / "state")
+    intake = Intake(j, tmp_path / "state" / "staged", lambda job, arrival: None)
+    v1 = make_version(store, tmp_path, 99, None)
+    store.set_production(v1.number)
+    job, v2 = _promoting_job(j, store, tmp_path, "b", from_version=v1.number, step=2)
+    if point == "switched":  # production symlink switched, the journal's promotion not committed
+        store.set_production(v2.number)
+    report = recover(j, store, intake, retry_seconds=0.0, publish=True)
+    assert report.completed == [job.id] and report.requeued == []
+    done = j.job(job.id)
+    assert (done.state, done.version, done.step) == (PROMOTED, v2.number, 2)
+    assert store.production().number == v2.number
+    assert [(o.kind, o.version) for o in j.outbox_pending()] == [("publish", v2.number)]
+
+
+def test_a_promotion_interrupted_after_production_moved_is_discarded_and_redone(tmp_path: Path):
+    store = Store(tmp_path / "store").ensure()
+    j = Journal.in_state_dir(tmp_path / "state")
+    intake = Intake(j, tmp_path / "state" / "staged", lambda job, arrival: None)
+    v1 = make_version(store, tmp_path, 98, None)
+    v2 = make_version(store, tmp_path, 99, v1.number)
+    store.set_production(v2.number)
+    job, v3 = _promoting_job(j, store, tmp_path, "c", from_version=v1.number, step=2)  # merged from v1
+    report = recover(j, store, intake, retry_seconds=0.0, publish=False)
+    assert report.requeued == [job.id] and report.completed == []
+    assert not v3.path.exists() and store.production().number == v2.number  # it continued nothing
+    assert j.job(job.id).state == QUEUED and j.job(job.id).interruptions == 1

@@ -159,6 +159,8 @@ def test_a_state_disk_that_fails_makes_the_source_unhealthy_and_shows_it(tmp_pat
         assert m[("nufilt_inbox_entries", (("state", "error"),))] == 1
         assert m[("nufilt_storage_writable", (("dir", "store"),))] == 0
         assert m[("nufilt_source_errors_total", (("source", "folder"),))] >= 3
+        wait_for("the supervisor restarting it", lambda: any(
+            e["part"] == "source:folder" for e in d.logged("restarting_unhealthy_part")), timeout=30)
         # after the fifth failed intake the entry is journaled as rejected, and nothing was left behind
         job = wait_for("task1 rejected", lambda: d.in_states("rejected"), timeout=60)[0]
         assert "intake failed 5 times" in job["reason"] and staged.is_file()

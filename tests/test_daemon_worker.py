@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
 
+import pytest
 from daemon_harness import wait_for
 from nufilt_daemon.config import Settings
 from nufilt_daemon.intake import Intake
@@ -103,3 +105,61 @@ def test_a_checkpoint_from_another_base_is_rejected_with_its_distance(tiny: dict
     assert store.production().lineage().step == 1  # t1 became step 1: the other model never entered
     report = json.loads((store.production().path / "validation.json").read_text())
     assert 0 < report["checks"]["distance_from_base"]["median"] < 0.5
+
+
+GATE_CASES = {
+    # name: (settings, final state, reason fragment)
+    "command-rejects": ({"gate": {"command": ["sh", "-c", "echo bad >&2; exit 3", "sh"]}}, "rejected", "exited with 3"),
+    "threshold-rejects": ({"gate": {"thresholds": {"stability": {"max": -1}}}}, "rejected", "above the maximum"),
+    "equal-to-threshold": ({"gate": {"command": ["sh", "-c", "echo '{\"acc\": 0.5}'", "sh"],
+                                     "thresholds": {"acc": {"min": 0.5, "max": 0.5}}}}, "promoted", None),
+    "command-missing": ({"gate": {"command": ["/nonexistent/validate"]}}, "failed", "not found"),
+    "command-timeout": ({"gate": {"command": ["sh", "-c", "sleep 30", "sh"], "command_timeout_seconds": 0.3}}, "failed",
+                        "timed out"),
+    "command-no-json": ({"gate": {"command": ["sh", "-c", "echo hello", "sh"]}}, "failed", "no JSON"),
+    "merge-timeout": ({"merge_timeout_seconds": 0.05}, "failed", "merge timed out"),
+}
+
+
+@pytest.mark.parametrize("case", list(GATE_CASES))
+def test_the_gate_in_the_worker_decides(tiny: dict[str, Path], tmp_path: Path, case: str):
+    settings, final, fragment = GATE_CASES[case]
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"], **settings)
+    intake.emit(Arrival(tiny["t1"], "folder", "t1"))
+    worker.start()
+    try:
+        wait_for("the job to end", lambda: journal.job(1).state in ("promoted", "rejected", "failed"), timeout=120)
+    finally:
+        worker.stop(0)
+    job = journal.job(1)
+    assert job.state == final and (fragment is None or fragment in job.reason), job.reason
+    assert list(store.candidates_dir.iterdir()) == []
+    quarantined = store.quarantine_dir / "job-000001"
+    if final == "promoted":
+        assert store.production().number == 1
+    else:
+        assert store.production() is None  # production never moves on a rejection or a failure
+        assert quarantined.is_dir() == (final == "rejected")
+        if final == "rejected":
+            assert json.loads((quarantined / "validation.json").read_text())["decision"] == "rejected"
+
+
+def test_a_staged_copy_changed_after_arrival_fails_the_job(tiny: dict[str, Path], tmp_path: Path):
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(tiny["t1"], mine)
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"])
+    intake.emit(Arrival(mine, "folder", "mine"))
+    staged = Path(journal.job(1).staged_path) / "model.safetensors"
+    with staged.open("r+b") as f:  # one data byte changed in place (a hard link: the inbox file too)
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    worker.start()
+    try:
+        wait_for("the job to end", lambda: journal.job(1).state == FAILED, timeout=120)
+    finally:
+        worker.stop(0)
+    assert "no longer matches the content hash" in journal.job(1).reason and store.production() is None

@@ -163,3 +163,27 @@ def test_a_staged_copy_changed_after_arrival_fails_the_job(tiny: dict[str, Path]
     finally:
         worker.stop(0)
     assert "no longer matches the content hash" in journal.job(1).reason and store.production() is None
+
+
+def test_a_rollback_while_a_merge_runs_discards_the_candidate_and_redoes_the_job(tiny: dict[str, Path],
+                                                                                  tmp_path: Path):
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"], method_settings={"iters": 50})
+    for name in ("t1", "t2"):
+        intake.emit(Arrival(tiny[name], "folder", name))
+    worker.start()
+    try:
+        wait_for("v2", lambda: journal.job(2).state == PROMOTED, timeout=120)
+        intake.emit(Arrival(tiny["t3"], "folder", "t3"))
+        wait_for("job 3 merging from v2", lambda: journal.job(3).state == "merging" and worker._child, timeout=60,
+                 interval=0.01)
+        worker.promoter.rollback("regressed")  # what `nufilt rollback` does from another process
+        wait_for("job 3 promoted", lambda: journal.job(3).state == PROMOTED, timeout=120)
+    finally:
+        worker.stop(0)
+    job = journal.job(3)
+    steps = [(t[1], t[2]) for t in journal.transitions(3)]
+    assert ("queued", "production changed during the merge (rollback); redone from the new production") in steps
+    assert job.attempts == 1 and job.from_version == 1 and job.child_failures == 0  # a requeue is not an attempt
+    prod = store.production()
+    assert prod.number == job.version == 3 and prod.parent == 1 and prod.lineage().step == 2
+    assert list(store.candidates_dir.iterdir()) == []

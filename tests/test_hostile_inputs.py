@@ -133,3 +133,17 @@ def test_sigterm_during_nufilt_merge_leaves_no_temporary_folder(tmp_path: Path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err
     assert list(out.parent.iterdir()) == []  # neither the output nor its hidden temporary
+
+
+def test_a_malformed_lineage_record_of_previous_is_one_line(tiny: dict[str, Path], tmp_path: Path):
+    from nufilt_core.checkpoint import LINEAGE_NAME
+
+    for i, text in enumerate(("[1, 2]", "[" * 100_000 + "]" * 100_000, '{"format": 1, "base": 3}')):
+        prev = tmp_path / f"prev{i}"
+        prev.mkdir()
+        (prev / "model.safetensors").write_bytes((tiny["t1"] / "model.safetensors").read_bytes())
+        (prev / LINEAGE_NAME).write_text(text)
+        rc = main(["merge", "--base", str(tiny["base"]), "--previous", str(prev), "--checkpoint", str(tiny["t2"]),
+                   "--output", str(tmp_path / "out"), "--quiet"])
+        assert rc == 1 and not (tmp_path / "out").exists()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

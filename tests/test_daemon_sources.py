@@ -210,3 +210,25 @@ def test_an_entry_whose_intake_keeps_failing_leaves_nothing_backs_off_and_is_rej
     assert len(calls) == 5 and leftovers == [[]] * 5  # all or nothing: no staged copy left by any try
     gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert all(later > 1.5 * earlier for earlier, later in itertools.pairwise(gaps)), gaps  # doubling
+
+
+def test_links_in_the_inbox_are_rejected_at_once_and_deleting_one_never_touches_its_target(tmp_path: Path):
+    journal = Journal.in_state_dir(tmp_path / "state")
+    intake = Intake(journal, tmp_path / "state" / "staged", lambda job, arrival: None)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("precious")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    os.symlink(outside, inbox / "dir-link")
+    os.symlink("/etc", inbox / "etc")
+    src = FolderSource(inbox, FolderSettings(settle_seconds=0.1, after="delete"))  # the 600 s timeout: not waited
+    src.start(intake.emit)
+    try:
+        wait_for("both journaled", lambda: len(journal.jobs()) == 2, timeout=10)
+        wait_for("both links removed", lambda: os.listdir(inbox) == [], timeout=5)
+    finally:
+        src.stop()
+    assert {j.state for j in journal.jobs()} == {REJECTED}
+    assert all("symbolic link" in j.reason for j in journal.jobs())
+    assert (outside / "keep.txt").read_text() == "precious" and Path("/etc/passwd").exists()

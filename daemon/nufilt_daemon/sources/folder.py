@@ -61,8 +61,7 @@ def is_ignored(name: str) -> bool:
 
 
 Signature = tuple[tuple[str, int, int], ...]
-WAITING, IGNORED, ERROR = "waiting", "ignored", "error"
-ENTRY_STATES = (WAITING, IGNORED, ERROR)
+WAITING, IGNORED, ERROR = "waiting", "ignored", "error"  # entry states in status and nufilt_inbox_entries
 UNHEALTHY_AFTER_ERRORS = 5  # scanner-loop errors in a row that make the source unhealthy
 UNHEALTHY_AFTER_FAILURES = 3  # failed examinations or hand-ons of one entry, same (until it is journaled)
 MAX_REMEMBERED_IGNORED = 100
@@ -88,10 +87,12 @@ def signature(path: Path) -> Signature | None:
 
 def is_special(path: Path) -> bool:
     """A link, FIFO, device or socket anywhere in the entry: refused now, waiting cannot fix it."""
+    if not os.path.lexists(path):
+        return False
     try:
         check_tree(path)
-    except CheckpointError as e:
-        return "does not exist" not in str(e)
+    except CheckpointError:
+        return True
     return False
 
 
@@ -160,7 +161,7 @@ class FolderSource:
         self._thread: threading.Thread | None = None
         self._emit: Emit | None = None
         self._emit_failures = 0
-        self._errors_in_a_row = 0  # scanner-loop errors and failed hand-ons; healthy() looks at it
+        self._errors_in_a_row = 0  # scanner-loop errors in a row (reset by a clean pass); healthy() looks at it
         self.last_error: str | None = None
         self.errors_total = 0
         self._ignored: deque[dict[str, object]] = deque(maxlen=MAX_REMEMBERED_IGNORED)

@@ -49,11 +49,13 @@ INBOX_INFO = "inbox.json"  # entries not journaled yet and the sources' health: 
 STORAGE_CHECK_TICKS, STORAGE_CHECK_MAX_SECONDS = 5, 10.0  # writability probe: every 5 ticks, at most 10 s apart
 
 
-def check_writable(directory: Path) -> str | None:
-    """None when a file can be created, written, synced and removed in `directory`; else why not."""
+def check_writable(directory: Path, create: bool = False) -> str | None:
+    """None when a file can be created, written, synced and removed in `directory` (created first
+    with `create`, at start); else why not."""
     probe = directory / f".nufilt-write-check-{os.getpid()}"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, b"x" * 4096)
@@ -211,7 +213,7 @@ class Daemon:
     def _check_dirs(self) -> None:
         """A read-only or full store would otherwise report ready and then fail every checkpoint."""
         for key, d in (("state_dir", Path(self.settings.state_dir)), ("store_dir", Path(self.settings.store_dir))):
-            problem = check_writable(d)
+            problem = check_writable(d, create=True)
             if problem:
                 raise ConfigError(f"{key} {problem}; the daemon must be able to write there")
 

@@ -147,3 +147,26 @@ def test_a_malformed_lineage_record_of_previous_is_one_line(tiny: dict[str, Path
                    "--output", str(tmp_path / "out"), "--quiet"])
         assert rc == 1 and not (tmp_path / "out").exists()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_sigterm_during_nufilt_submit_leaves_no_temporary_copy(tiny: dict[str, Path], tmp_path: Path):
+    import shutil
+
+    src = tmp_path / "many"
+    shutil.copytree(tiny["t1"], src)
+    for i in range(3000):  # a copy that takes a while
+        (src / f"extra-{i:04d}.txt").write_bytes(b"x" * 2048)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUFILT_")}
+    exe = Path(sys.executable).parent / "nufilt"
+    proc = subprocess.Popen([str(exe), "submit", str(src)], stderr=subprocess.PIPE, text=True,
+                            env={**env, "NUFILT_WATCH_DIR": str(inbox)})
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith("tmp-") for p in inbox.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the copy ended before it could be interrupted"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert list(inbox.iterdir()) == []  # no hidden half copy for the daemon to trip over

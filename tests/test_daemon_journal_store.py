@@ -242,3 +242,24 @@ def test_a_promotion_interrupted_after_production_moved_is_discarded_and_redone(
     assert report.requeued == [job.id] and report.completed == []
     assert not v3.path.exists() and store.production().number == v2.number  # it continued nothing
     assert j.job(job.id).state == QUEUED and j.job(job.id).interruptions == 1
+
+
+def test_a_journal_from_before_the_new_columns_is_upgraded_on_open(tmp_path: Path):
+    import sqlite3
+
+    from nufilt_daemon.journal import SCHEMA
+
+    db = tmp_path / "journal.db"
+    with sqlite3.connect(db) as con:  # the schema as released, without interruptions/child_failures/not_before
+        con.executescript(SCHEMA)
+        con.execute("INSERT INTO jobs (source, reference, state, created_at, updated_at) "
+                    "VALUES ('folder', 'old', 'queued', 0, 0)")
+    reader = Journal(db, create=False)  # `nufilt status` on an old journal: defaults, no upgrade
+    assert (reader.job(1).interruptions, reader.job(1).not_before) == (0, None)
+    reader.close()
+    j = Journal(db)
+    assert j.job(1).interruptions == 0 and j.job(1).child_failures == 0
+    j.transition(1, MERGING)
+    assert recover(j, Store(tmp_path / "store").ensure(), Intake(j, tmp_path / "staged", lambda *a: None),
+                   retry_seconds=1.0, publish=False).requeued == [1]
+    assert j.job(1).interruptions == 1

@@ -7,7 +7,7 @@ parameters; biases and norms are small and noisy), the relative distance
 
 and the median over those tensors. Fine-tuning moves weights a little: on the quality
 benchmark's MiniLM fine-tunes (3 epochs, embeddings frozen) the median is 0.007-0.012 at lr 1e-4
-and 0.031-0.047 at lr 5e-4 (largest single matrix 0.096). A model with the same names and
+and 0.031-0.049 at lr 5e-4 (largest single matrix 0.096). A model with the same names and
 shapes but unrelated values is about as far from θ0 as θ0 is from zero: r ≈ √2 ≈ 1.41 for
 independent weights of the same scale (measured on MiniLM: 1.414 for fresh values with each
 tensor's mean and std, 1.414 for each tensor's values permuted, 1.39 for the trained layers

@@ -26,3 +26,18 @@ def test_fine_tunes_are_within_the_default_bound_and_unrelated_models_never(tmp_
         assert d.median > 2 * DEFAULT_MAX_RELATIVE_DISTANCE and abs(d.median - 2 ** 0.5) < 0.15, d
     same = distance_from_base(b, b)
     assert same.median == 0.0 and same.max == 0.0
+
+
+def test_the_report_script_prints_the_verdicts(tmp_path: Path):
+    import subprocess
+    import sys
+
+    base = base_state()
+    b = write_model(base, tmp_path / "base")
+    ft = write_model(finetune(base, 1), tmp_path / "ft")
+    other = write_model(base_state(seed=7), tmp_path / "other")
+    script = Path(__file__).parent.parent / "scripts" / "distance_from_base.py"
+    out = subprocess.run([sys.executable, str(script), str(b), str(ft), str(other)], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert len(out) == 2 and " ok " in out[0] and out[0].endswith(str(ft))
+    assert " REJECTED " in out[1] and out[1].endswith(str(other))

@@ -4,6 +4,8 @@ or a directory holding either. Only headers are read when it is opened."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .fsguard import check_tree, entry_stat, open_regular, plain_file_name
 from .safetensors_io import (
     TensorInfo,
     combine_digests,
@@ -31,6 +34,7 @@ CONVERT_HINT = (
 # Files that belong to the weights or to nufilt itself; everything else small is copied along.
 NOT_COPIED_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 MAX_COPIED_FILE_BYTES = 64 * 1024 * 1024
+MAX_INDEX_BYTES = 100 * 1024 * 1024  # an index this big is not an index
 
 
 @dataclass
@@ -39,19 +43,36 @@ class Checkpoint:
     directory: Path  # where the weight files and side files live
     tensors: dict[str, TensorInfo]  # in storage order: shard by shard, by offset
 
+    strict: bool = False  # refuse links and special files everywhere (the daemon's inbox)
+
     @classmethod
-    def open(cls, path: str | Path) -> Checkpoint:
+    def open(cls, path: str | Path, strict: bool = False) -> Checkpoint:
+        """Read the headers. Every way a path can be unusable raises CheckpointError naming the file
+        (and tensor): a malformed file is the input's fault, never a traceback. `strict`: nothing
+        outside the entry is ever read (no symbolic links, no FIFOs/devices/sockets, at any depth)."""
         path = Path(path)
-        if not path.exists():
-            raise CheckpointError(path, "does not exist")
-        if path.is_file():
-            return cls._from_file(path)
+        try:
+            if strict:
+                check_tree(path)
+            return cls._open(path, strict)
+        except CheckpointError:
+            raise
+        except RecursionError:
+            raise CheckpointError(path, "cannot be read (nested too deeply)") from None
+        except (OSError, ValueError, TypeError, KeyError, OverflowError) as e:
+            raise CheckpointError(path, f"cannot be read ({type(e).__name__}: {e})") from e
+
+    @classmethod
+    def _open(cls, path: Path, strict: bool) -> Checkpoint:
+        st = entry_stat(path, strict)
+        if not stat.S_ISDIR(st.st_mode):
+            return cls._from_file(path, strict)
         index = path / INDEX_NAME
-        if index.exists():
-            return cls._from_index(path, index)
+        if index.exists() or index.is_symlink():
+            return cls._from_index(path, index, strict)
         files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
         if len(files) == 1:
-            return cls(path, path, read_header(files[0])[0])
+            return cls(path, path, read_header(files[0], strict)[0], strict)
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if not files and pickles:
             raise CheckpointError(path, f"holds only pickle weights ({', '.join(pickles)}). {CONVERT_HINT}")
@@ -61,30 +82,40 @@ class Checkpoint:
             path, f"holds {len(files)} .safetensors files but no {INDEX_NAME} to say how they fit together")
 
     @classmethod
-    def _from_file(cls, path: Path) -> Checkpoint:
+    def _from_file(cls, path: Path, strict: bool) -> Checkpoint:
         if path.suffix in PICKLE_SUFFIXES:
             raise CheckpointError(path, f"is a pickle checkpoint. {CONVERT_HINT}")
         if path.name == INDEX_NAME:
-            return cls._from_index(path.parent, path)
+            return cls._from_index(path.parent, path, strict)
         if path.suffix != ".safetensors":
             raise CheckpointError(path, "is not a .safetensors file (nor a directory holding one)")
-        return cls(path, path.parent, read_header(path)[0])
+        return cls(path, path.parent, read_header(path, strict)[0], strict)
 
     @classmethod
-    def _from_index(cls, path: Path, index: Path) -> Checkpoint:
+    def _from_index(cls, path: Path, index: Path, strict: bool) -> Checkpoint:
+        fd = open_regular(index, strict)
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            with os.fdopen(fd, "rb") as f:
+                data = json.loads(f.read(MAX_INDEX_BYTES + 1))
+            weight_map = data["weight_map"]
             if not isinstance(weight_map, dict):
-                raise TypeError
+                raise TypeError("'weight_map' is not an object")
+        except RecursionError:
+            raise CheckpointError(index, "is not a valid index (nested too deeply)") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(index, f"is not a valid index (needs a 'weight_map' object): {e}") from e
+        for name, shard_name in weight_map.items():
+            # a shard is a plain file beside the index: never '../x', '/abs/x' or 'sub/x' (path traversal)
+            if not plain_file_name(shard_name):
+                raise CheckpointError(index, f"names shard {shard_name!r}, which is not a plain file name in the "
+                                      "index's folder", tensor=name)
         shard_names = list(dict.fromkeys(weight_map.values()))  # first-seen order
         tensors: dict[str, TensorInfo] = {}
         for shard_name in sorted(shard_names):
             shard = index.parent / shard_name
-            if not shard.is_file():
+            if not os.path.lexists(shard):
                 raise CheckpointError(index, f"names shard '{shard_name}', which is missing")
-            infos, _ = read_header(shard)
+            infos, _ = read_header(shard, strict)
             for name, info in infos.items():
                 if weight_map.get(name) != shard_name:
                     raise CheckpointError(shard, f"holds a tensor the index places in "
@@ -93,7 +124,7 @@ class Checkpoint:
         for name, shard_name in weight_map.items():
             if name not in tensors:
                 raise CheckpointError(index.parent / shard_name, "lacks a tensor the index lists", tensor=name)
-        return cls(path, index.parent, tensors)
+        return cls(path, index.parent, tensors, strict)
 
     def weight_files(self) -> list[Path]:
         return sorted({i.file for i in self.tensors.values()})
@@ -104,6 +135,8 @@ class Checkpoint:
             return []
         out = []
         for p in sorted(self.directory.iterdir()):
+            if self.strict:  # checked when opened, but never copy a link made since
+                entry_stat(p, strict=True)
             if (p.is_file() and not p.name.startswith((".", "_")) and p.name != INDEX_NAME
                     and not p.name.endswith(NOT_COPIED_SUFFIXES) and p.name not in RESERVED_NAMES
                     and p.stat().st_size <= MAX_COPIED_FILE_BYTES):

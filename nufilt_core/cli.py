@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -134,6 +135,8 @@ class ProgressPrinter:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    # SIGTERM unwinds like Ctrl-C, so merge_step removes its hidden temporary output folder
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     set_threads(args.threads)
     req = MergeRequest(
         base=args.base, checkpoint=args.checkpoint, output=args.output, previous=args.previous,
@@ -212,7 +215,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
         print(f"nufilt: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("nufilt: interrupted; no output was written", file=sys.stderr)
+        print("nufilt: interrupted; no output was written", file=sys.stderr)  # SIGINT or SIGTERM
         return 130
 
 

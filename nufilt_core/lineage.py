@@ -68,5 +68,7 @@ class LineageRecord:
             data["base"] = CheckpointRef(**data["base"])
             data["checkpoints"] = [CheckpointRef(**c) for c in data["checkpoints"]]
             return cls(**data)
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
             raise LineageError(f"{path}: unreadable lineage record ({e})") from e
+        except RecursionError:
+            raise LineageError(f"{path}: unreadable lineage record (nested too deeply)") from None

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .fsguard import open_regular
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -67,15 +68,18 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def read_header(path: Path, strict: bool = False) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and check a safetensors header against the file's size.
 
     Returns the tensors (in file order) and the `__metadata__` dict. Raises CheckpointError
-    naming the file and tensor when the header is unreadable or the file is truncated.
+    naming the file and tensor when the header is unreadable, of the wrong types, or the file is
+    truncated; nothing else escapes (a malformed file must never look like a bug). `strict`
+    refuses a symbolic link (the daemon's inbox).
     """
+    fd = open_regular(path, strict)
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
+        size = os.fstat(fd).st_size
+        with os.fdopen(fd, "rb", closefd=False) as f:
             raw_len = f.read(8)
             if len(raw_len) < 8:
                 raise CheckpointError(path, f"file is {size} bytes, too short for a safetensors header")
@@ -87,35 +91,23 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raw = f.read(header_len)
     except OSError as e:
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(path, f"header is not valid JSON ({e})") from e
+    except RecursionError:
+        raise CheckpointError(path, "header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(path, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict):
+        raise CheckpointError(path, f"__metadata__ is a JSON {_json_type(metadata)}, not an object")
     data_start = 8 + header_len
     data_len = size - data_start
-    infos: list[TensorInfo] = []
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(path, "malformed header entry", tensor=name) from e
-        if dtype not in DTYPES:
-            raise CheckpointError(path, f"unsupported dtype {dtype!r}", tensor=name)
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise CheckpointError(path, f"invalid shape {shape!r}", tensor=name)
-        expected = math.prod(shape) * DTYPES[dtype].itemsize
-        if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != expected or begin < 0:
-            raise CheckpointError(
-                path, f"byte range {begin}..{end} does not hold {dtype}{list(shape)} "
-                f"({expected} bytes)", tensor=name)
-        if end > data_len:
-            raise CheckpointError(
-                path, f"data ends at byte {end} but the file holds only {data_len} data bytes "
-                "(truncated file?)", tensor=name)
-        infos.append(TensorInfo(name, path, dtype, tuple(shape), data_start + begin, expected))
+    infos = [_tensor_info(path, name, entry, data_start, data_len) for name, entry in header.items()]
     infos.sort(key=lambda i: i.start)
     covered = 0
     for info in infos:
@@ -129,16 +121,55 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return {i.name: i for i in infos}, {str(k): str(v) for k, v in metadata.items()}
 
 
+def _json_type(v: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(v), "number")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+    """One header entry, every field's JSON type checked before it is used."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(path, f"header entry is a JSON {_json_type(entry)}, not an object", tensor=name)
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise CheckpointError(path, f"malformed header entry (no {', '.join(missing)})", tensor=name)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(path, f"unsupported dtype {dtype!r}", tensor=name)
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(path, f"invalid shape {shape!r} (a list of non-negative integers)", tensor=name)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise CheckpointError(path, f"invalid data_offsets {offsets!r} (two integers)", tensor=name)
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != expected or begin < 0:
+        raise CheckpointError(
+            path, f"byte range {begin}..{end} does not hold {dtype}{list(shape)} "
+            f"({expected} bytes)", tensor=name)
+    if end > data_len:
+        raise CheckpointError(
+            path, f"data ends at byte {end} but the file holds only {data_len} data bytes "
+            "(truncated file?)", tensor=name)
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, expected)
+
+
 def read_raw(info: TensorInfo) -> bytearray:
     """The tensor's bytes, read with one pread into a fresh buffer (no mmap)."""
     buf = bytearray(info.nbytes)
     if info.nbytes:
-        fd = os.open(info.file, os.O_RDONLY)
+        fd = open_regular(info.file, strict=False)
         try:
             got = 0
             view = memoryview(buf)
             while got < info.nbytes:
-                n = os.preadv(fd, [view[got:]], info.start + got)
+                try:
+                    n = os.preadv(fd, [view[got:]], info.start + got)
+                except OSError as e:
+                    raise CheckpointError(info.file, f"cannot read: {e.strerror or e}", tensor=info.name) from e
                 if n == 0:
                     raise CheckpointError(info.file, "file ended while reading", tensor=info.name)
                 got += n

@@ -47,7 +47,7 @@ class DaemonProcess:
         settings: dict[str, Any] = {
             "base_model": str(base), "watch_dir": str(self.inbox), "store_dir": str(self.store),
             "state_dir": str(self.state), "metrics_port": 0, "log_format": "json", "loop_interval_seconds": 0.2,
-            "shutdown_grace_seconds": 2, "device": "cpu",
+            "shutdown_grace_seconds": 2, "device": "cpu", "interrupted_retry_seconds": 0.2,
             "method_settings": {"iters": 3},  # keep merges fast; the math is tested elsewhere
         }
         sections: dict[str, dict[str, Any]] = {"folder": {"settle_seconds": 0.2, "rescan_interval_seconds": 1}}

@@ -139,12 +139,18 @@ def test_recovery_completes_a_promotion_cut_short_and_requeues_the_rest(tiny: di
     orphan = tmp_path / "state" / "staged" / "orphan"
     orphan.mkdir(parents=True)
 
-    report = recover(j, store, intake, max_attempts=3, publish=False)
-    assert report.completed == [a.id] and report.requeued == [b.id] and report.failed == [c.id]
+    before = time.time()
+    report = recover(j, store, intake, retry_seconds=2.0, publish=False)
+    # a daemon crash is never the checkpoint's fault: however often, the job is queued again, backing off
+    assert report.completed == [a.id] and report.requeued == [b.id, c.id] and report.failed == []
     assert store.production().number == v1.number
     assert j.job(a.id).state == PROMOTED and j.job(a.id).version == v1.number
     assert j.job(b.id).state == QUEUED and "redone" in j.job(b.id).reason
-    assert "interrupted 4 time(s)" in j.job(c.id).reason
+    assert j.job(c.id).state == QUEUED and j.job(c.id).interruptions == 1 and j.job(c.id).attempts == 4
+    assert before + 2.0 <= j.job(b.id).not_before <= time.time() + 2.0
+    j.transition(c.id, MERGING)  # interrupted again: the back-off doubles
+    recover(j, store, intake, retry_seconds=2.0, publish=False)
+    assert j.job(c.id).interruptions == 2 and j.job(c.id).not_before >= before + 4.0
     assert not store.candidate_path(b.id, 1).exists() and not orphan.exists()
 
 
@@ -192,3 +198,68 @@ def test_outbox_retries_in_order_until_the_registry_is_back(tiny: dict[str, Path
     assert registry.calls == [("publish", 1)] * 3 + [("publish", 2), ("set_production", "101")]
     assert metrics.registry_errors.labels("publish")._value.get() == 2
     assert j.registry_version_of(2) == "102"
+
+
+def _promoting_job(j: Journal, store: Store, tmp_path: Path, job_id_ref: str, from_version: int | None, step: int):
+    """A job the daemon died in while promoting: its candidate already renamed into versions/."""
+    job = j.add_job("folder", job_id_ref, job_id_ref * 3, None)
+    j.mark_started(job.id, from_version)
+    j.transition(job.id, VALIDATING, step=step)
+    cand = store.candidate_path(job.id, 1)
+    cand.mkdir(parents=True)
+    (cand / "model.safetensors").write_bytes(b"x")
+    record(step).write(cand)
+    return job, store.add_version(cand, {"job_id": job.id, "attempt": 1, "parent_version": from_version})
+
+
+@pytest.mark.parametrize("point", ["renamed", "switched"])
+def test_a_crash_during_a_step_2_promotion_is_completed_at_restart(tmp_path: Path, point: str):
+    store = Store(tmp_path / "store").ensure()
+    j = Journal.in_state_dir(tmp_path / "state")
+    intake = Intake(j, tmp_path / "state" / "staged", lambda job, arrival: None)
+    v1 = make_version(store, tmp_path, 99, None)
+    store.set_production(v1.number)
+    job, v2 = _promoting_job(j, store, tmp_path, "b", from_version=v1.number, step=2)
+    if point == "switched":  # production symlink switched, the journal's promotion not committed
+        store.set_production(v2.number)
+    report = recover(j, store, intake, retry_seconds=0.0, publish=True)
+    assert report.completed == [job.id] and report.requeued == []
+    done = j.job(job.id)
+    assert (done.state, done.version, done.step) == (PROMOTED, v2.number, 2)
+    assert store.production().number == v2.number
+    assert [(o.kind, o.version) for o in j.outbox_pending()] == [("publish", v2.number)]
+
+
+def test_a_promotion_interrupted_after_production_moved_is_discarded_and_redone(tmp_path: Path):
+    store = Store(tmp_path / "store").ensure()
+    j = Journal.in_state_dir(tmp_path / "state")
+    intake = Intake(j, tmp_path / "state" / "staged", lambda job, arrival: None)
+    v1 = make_version(store, tmp_path, 98, None)
+    v2 = make_version(store, tmp_path, 99, v1.number)
+    store.set_production(v2.number)
+    job, v3 = _promoting_job(j, store, tmp_path, "c", from_version=v1.number, step=2)  # merged from v1
+    report = recover(j, store, intake, retry_seconds=0.0, publish=False)
+    assert report.requeued == [job.id] and report.completed == []
+    assert not v3.path.exists() and store.production().number == v2.number  # it continued nothing
+    assert j.job(job.id).state == QUEUED and j.job(job.id).interruptions == 1
+
+
+def test_a_journal_from_before_the_new_columns_is_upgraded_on_open(tmp_path: Path):
+    import sqlite3
+
+    from nufilt_daemon.journal import SCHEMA
+
+    db = tmp_path / "journal.db"
+    with sqlite3.connect(db) as con:  # the schema as released, without interruptions/child_failures/not_before
+        con.executescript(SCHEMA)
+        con.execute("INSERT INTO jobs (source, reference, state, created_at, updated_at) "
+                    "VALUES ('folder', 'old', 'queued', 0, 0)")
+    reader = Journal(db, create=False)  # `nufilt status` on an old journal: defaults, no upgrade
+    assert (reader.job(1).interruptions, reader.job(1).not_before) == (0, None)
+    reader.close()
+    j = Journal(db)
+    assert j.job(1).interruptions == 0 and j.job(1).child_failures == 0
+    j.transition(1, MERGING)
+    assert recover(j, Store(tmp_path / "store").ensure(), Intake(j, tmp_path / "staged", lambda *a: None),
+                   retry_seconds=1.0, publish=False).requeued == [1]
+    assert j.job(1).interruptions == 1

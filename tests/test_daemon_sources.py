@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -165,3 +166,69 @@ def test_intake_stages_a_private_copy_and_journals_it(tiny: dict[str, Path], tmp
     (tmp_path / "state" / "staged" / "leftover").mkdir()
     assert [p.name for p in intake.gc_staged()] == ["leftover"]
     assert json.loads(json.dumps(job.sha256)) == job.sha256
+
+
+def test_an_entry_whose_intake_keeps_failing_leaves_nothing_backs_off_and_is_rejected_after_n(
+        tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import nufilt_daemon.sources.folder as folder_module
+
+    monkeypatch.setattr(folder_module, "FIRST_RETRY_SECONDS", 0.1)  # the same doubling, faster
+    journal = Journal.in_state_dir(tmp_path / "state")
+    # a real SQLite error at the commit of the queued job, after the copy was staged (as a full disk
+    # or a name the journal cannot encode did): the rejection at the end may still be written
+    journal._db.execute("CREATE TRIGGER full BEFORE INSERT ON jobs WHEN NEW.state = 'queued' "
+                        "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    staged = tmp_path / "state" / "staged"
+    intake = Intake(journal, staged, lambda job, arrival: None)
+    calls: list[float] = []
+    leftovers: list[list[str]] = []
+
+    def emit(arrival: Arrival) -> None:
+        calls.append(time.monotonic())
+        try:
+            intake.emit(arrival)
+        finally:
+            leftovers.append(os.listdir(staged) if staged.exists() else [])
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    rename_in(tiny["t1"], inbox, "task1")
+    src = FolderSource(inbox, FolderSettings(settle_seconds=0.1, rescan_interval_seconds=30))
+    src.start(emit)
+    try:
+        wait_for("the source unhealthy", lambda: not src.healthy(), timeout=20)
+        entry = src.entries()[0]
+        assert entry["name"] == "task1" and entry["state"] == "error" and "disk is full" in entry["reason"]
+        assert src.health()["errors_total"] >= 3
+        wait_for("the rejection", lambda: journal.jobs() and journal.jobs()[0].state == REJECTED, timeout=20)
+        wait_for("the entry set aside", lambda: not (inbox / "task1").exists(), timeout=5)
+        assert src.healthy() and src.entries() == []
+    finally:
+        src.stop()
+    job = journal.jobs()[0]
+    assert "intake failed 5 times" in job.reason and "disk is full" in job.reason
+    assert len(calls) == 5 and leftovers == [[]] * 5  # all or nothing: no staged copy left by any try
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert all(later > 1.5 * earlier for earlier, later in itertools.pairwise(gaps)), gaps  # doubling
+
+
+def test_links_in_the_inbox_are_rejected_at_once_and_deleting_one_never_touches_its_target(tmp_path: Path):
+    journal = Journal.in_state_dir(tmp_path / "state")
+    intake = Intake(journal, tmp_path / "state" / "staged", lambda job, arrival: None)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("precious")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    os.symlink(outside, inbox / "dir-link")
+    os.symlink("/etc", inbox / "etc")
+    src = FolderSource(inbox, FolderSettings(settle_seconds=0.1, after="delete"))  # the 600 s timeout: not waited
+    src.start(intake.emit)
+    try:
+        wait_for("both journaled", lambda: len(journal.jobs()) == 2, timeout=10)
+        wait_for("both links removed", lambda: os.listdir(inbox) == [], timeout=5)
+    finally:
+        src.stop()
+    assert {j.state for j in journal.jobs()} == {REJECTED}
+    assert all("symbolic link" in j.reason for j in journal.jobs())
+    assert (outside / "keep.txt").read_text() == "precious" and Path("/etc/passwd").exists()

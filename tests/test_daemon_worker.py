@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
 
+import pytest
 from daemon_harness import wait_for
 from nufilt_daemon.config import Settings
 from nufilt_daemon.intake import Intake
@@ -29,19 +31,27 @@ def make_worker(tmp_path: Path, base: Path, **settings: object) -> tuple[MergeWo
 
 
 def test_a_merge_process_killed_like_the_oom_killer_fails_only_its_job(tiny: dict[str, Path], tmp_path: Path):
-    worker, intake, journal, store = make_worker(tmp_path, tiny["base"])
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"], max_attempts=2)
     intake.emit(Arrival(tiny["t1"], "folder", "t1"))
     intake.emit(Arrival(tiny["t2"], "folder", "t2"))
     worker.start()
     try:
-        child = wait_for("the first merge process", lambda: worker._child, timeout=30, interval=0.01)
-        os.kill(child.pid, signal.SIGKILL)  # what the kernel's OOM killer does
+        killed = []
+        for _ in range(2):  # its own process dying counts: retried once, then failed (max_attempts = 2)
+            child = wait_for("a merge process of job 1", lambda: worker._child if worker._child and
+                             worker._child.pid not in killed else None, timeout=60, interval=0.01)
+            os.kill(child.pid, signal.SIGKILL)  # what the kernel's OOM killer does
+            killed.append(child.pid)
+            if not killed[1:]:
+                wait_for("job 1 queued again", lambda: journal.job(1).child_failures == 1, timeout=30)
         wait_for("the second job", lambda: journal.job(2).state == PROMOTED, timeout=120)
         assert worker.is_alive()
     finally:
         worker.stop(0)
     first = journal.job(1)
     assert first.state == FAILED and "killed by SIGKILL" in first.reason and "out of memory" in first.reason
+    assert (first.attempts, first.child_failures) == (2, 1)
+    assert "attempt 1 of 2, retried" in journal.transitions(1)[2][2]
     assert store.production().number == 1 and store.production().lineage().step == 1  # t2 became step 1
     assert worker.metrics.merges.labels("failed")._value.get() == 1
     assert list(store.candidates_dir.iterdir()) == []
@@ -58,3 +68,122 @@ def test_a_bad_method_setting_fails_the_job_with_the_method_s_message(tiny: dict
         worker.stop(0)
     assert "null_rnk" in journal.job(1).reason and store.production() is None
     assert journal.job(1).staged_path is None  # a failed job's copy is dropped; resubmitting retries it
+
+
+def test_an_internal_error_fails_the_job_and_removes_its_candidate(tiny: dict[str, Path], tmp_path: Path):
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"])
+    store.versions_dir.rmdir()
+    store.versions_dir.write_text("not a folder")  # promotion's rename into versions/ fails for real
+    intake.emit(Arrival(tiny["t1"], "folder", "t1"))
+    worker.start()
+    try:
+        wait_for("the job to fail", lambda: journal.job(1).state == FAILED, timeout=120)
+    finally:
+        worker.stop(0)
+    assert "internal error" in journal.job(1).reason
+    assert list(store.candidates_dir.iterdir()) == []  # not left on disk until a restart
+
+
+def test_a_checkpoint_from_another_base_is_rejected_with_its_distance(tiny: dict[str, Path], tmp_path: Path):
+    import json
+
+    from models import base_state, write_model
+    from nufilt_daemon.journal import REJECTED
+
+    other = write_model(base_state(seed=7), tmp_path / "other")  # same names and shapes, unrelated values
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"])
+    intake.emit(Arrival(other, "folder", "other"))
+    intake.emit(Arrival(tiny["t1"], "folder", "t1"))
+    worker.start()
+    try:
+        wait_for("both jobs done", lambda: journal.job(2).state == PROMOTED, timeout=120)
+    finally:
+        worker.stop(0)
+    first = journal.job(1)
+    assert first.state == REJECTED and "implausibly far from the base" in first.reason
+    assert "median relative distance" in first.reason and "1.4" in first.reason  # the number, ≈ √2
+    assert store.production().lineage().step == 1  # t1 became step 1: the other model never entered
+    report = json.loads((store.production().path / "validation.json").read_text())
+    assert 0 < report["checks"]["distance_from_base"]["median"] < 0.5
+
+
+GATE_CASES = {
+    # name: (settings, final state, reason fragment)
+    "command-rejects": ({"gate": {"command": ["sh", "-c", "echo bad >&2; exit 3", "sh"]}}, "rejected", "exited with 3"),
+    "threshold-rejects": ({"gate": {"thresholds": {"stability": {"max": -1}}}}, "rejected", "above the maximum"),
+    "equal-to-threshold": ({"gate": {"command": ["sh", "-c", "echo '{\"acc\": 0.5}'", "sh"],
+                                     "thresholds": {"acc": {"min": 0.5, "max": 0.5}}}}, "promoted", None),
+    "command-missing": ({"gate": {"command": ["/nonexistent/validate"]}}, "failed", "not found"),
+    "command-timeout": ({"gate": {"command": ["sh", "-c", "sleep 30", "sh"], "command_timeout_seconds": 0.3}}, "failed",
+                        "timed out"),
+    "command-no-json": ({"gate": {"command": ["sh", "-c", "echo hello", "sh"]}}, "failed", "no JSON"),
+    "merge-timeout": ({"merge_timeout_seconds": 0.05}, "failed", "merge timed out"),
+}
+
+
+@pytest.mark.parametrize("case", list(GATE_CASES))
+def test_the_gate_in_the_worker_decides(tiny: dict[str, Path], tmp_path: Path, case: str):
+    settings, final, fragment = GATE_CASES[case]
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"], **settings)
+    intake.emit(Arrival(tiny["t1"], "folder", "t1"))
+    worker.start()
+    try:
+        wait_for("the job to end", lambda: journal.job(1).state in ("promoted", "rejected", "failed"), timeout=120)
+    finally:
+        worker.stop(0)
+    job = journal.job(1)
+    assert job.state == final and (fragment is None or fragment in job.reason), job.reason
+    assert list(store.candidates_dir.iterdir()) == []
+    quarantined = store.quarantine_dir / "job-000001"
+    if final == "promoted":
+        assert store.production().number == 1
+    else:
+        assert store.production() is None  # production never moves on a rejection or a failure
+        assert quarantined.is_dir() == (final == "rejected")
+        if final == "rejected":
+            assert json.loads((quarantined / "validation.json").read_text())["decision"] == "rejected"
+
+
+def test_a_staged_copy_changed_after_arrival_fails_the_job(tiny: dict[str, Path], tmp_path: Path):
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(tiny["t1"], mine)
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"])
+    intake.emit(Arrival(mine, "folder", "mine"))
+    staged = Path(journal.job(1).staged_path) / "model.safetensors"
+    with staged.open("r+b") as f:  # one data byte changed in place (a hard link: the inbox file too)
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    worker.start()
+    try:
+        wait_for("the job to end", lambda: journal.job(1).state == FAILED, timeout=120)
+    finally:
+        worker.stop(0)
+    assert "no longer matches the content hash" in journal.job(1).reason and store.production() is None
+
+
+def test_a_rollback_while_a_merge_runs_discards_the_candidate_and_redoes_the_job(tiny: dict[str, Path],
+                                                                                  tmp_path: Path):
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"], method_settings={"iters": 50})
+    for name in ("t1", "t2"):
+        intake.emit(Arrival(tiny[name], "folder", name))
+    worker.start()
+    try:
+        wait_for("v2", lambda: journal.job(2).state == PROMOTED, timeout=120)
+        intake.emit(Arrival(tiny["t3"], "folder", "t3"))
+        wait_for("job 3 merging from v2", lambda: journal.job(3).state == "merging" and worker._child, timeout=60,
+                 interval=0.01)
+        worker.promoter.rollback("regressed")  # what `nufilt rollback` does from another process
+        wait_for("job 3 promoted", lambda: journal.job(3).state == PROMOTED, timeout=120)
+    finally:
+        worker.stop(0)
+    job = journal.job(3)
+    steps = [(t[1], t[2]) for t in journal.transitions(3)]
+    assert ("queued", "production changed during the merge (rollback); redone from the new production") in steps
+    assert job.attempts == 1 and job.from_version == 1 and job.child_failures == 0  # a requeue is not an attempt
+    prod = store.production()
+    assert prod.number == job.version == 3 and prod.parent == 1 and prod.lineage().step == 2
+    assert list(store.candidates_dir.iterdir()) == []

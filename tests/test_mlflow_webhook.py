@@ -138,11 +138,82 @@ def test_without_secret_unsigned_requests_wake() -> None:
     assert not server.healthy()
 
 
-def test_secret_never_logged(listener: tuple[WebhookServer, Wakes], capsys: pytest.CaptureFixture[str]) -> None:
+def test_secret_never_logged(listener: tuple[WebhookServer, Wakes]) -> None:
+    """Reads what the daemon's own log handler writes (not captured stderr, which an earlier test's
+    logging setup may have bypassed), and checks it saw the events, so the test can fail."""
+    import io
+
+    from nufilt_daemon.logging import configure_logging
+
     server, _ = listener
-    body = payload()
-    post(server.url, body, signed_headers(body, secret="not-the-secret"))
-    post(server.url, body, signed_headers(body))
-    out = capsys.readouterr()
-    assert SECRET not in out.out + out.err
-    assert "not-the-secret" not in out.out + out.err
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream=stream)
+    try:
+        body = payload()
+        post(server.url, body, signed_headers(body, secret="not-the-secret"))
+        post(server.url, body, signed_headers(body))
+    finally:
+        configure_logging("warning")
+    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    assert "webhook_rejected" in events and "webhook_wake" in events
+    assert SECRET not in stream.getvalue() and "not-the-secret" not in stream.getvalue()
+
+
+def test_without_secret_wake_ups_are_rate_limited() -> None:
+    wakes = Wakes()
+    server = WebhookServer("127.0.0.1", 0, None, wakes, unsigned_min_interval_seconds=60)
+    server.start()
+    try:
+        codes = [post(server.url, payload(), {"X-MLflow-Delivery-Id": str(uuid.uuid4())})[0] for _ in range(5)]
+    finally:
+        server.stop()
+    assert codes == [200, 429, 429, 429, 429] and wakes.count == 1 and server.rate_limited == 4
+
+
+def test_a_half_sent_request_is_dropped_after_the_socket_timeout() -> None:
+    import socket
+
+    wakes = Wakes()
+    server = WebhookServer("127.0.0.1", 0, SecretStr(SECRET), wakes, request_timeout_seconds=0.5)
+    server.start()
+    stalled = []
+    try:
+        for _ in range(20):  # each would hold a thread for ever without a timeout
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"{" * 10)
+            stalled.append(s)
+        t0 = time.monotonic()
+        for s in stalled:
+            assert s.recv(100) == b""  # closed by the server, not by us
+        assert time.monotonic() - t0 < 5
+        body = payload()
+        assert post(server.url, body, signed_headers(body))[0] == 200  # and it still serves
+        assert wakes.count == 1 and server.timed_out == 20
+    finally:
+        for s in stalled:
+            s.close()
+        server.stop()
+
+
+def test_a_wake_up_never_cuts_the_error_back_off_short(tmp_path) -> None:
+    from nufilt_daemon.config import MlflowSettings
+    from nufilt_daemon.journal import Journal
+    from nufilt_daemon.sources.mlflow_registry import MlflowRegistrySource
+
+    class RegistryDown(MlflowRegistrySource):
+        def poll_once(self, emit) -> None:  # the registry refuses every poll (an outage we script)
+            raise ConnectionError("registry down")
+
+    source = RegistryDown(MlflowSettings(tracking_uri="http://127.0.0.1:9", source_model="m",
+                                         poll_interval_seconds=30), tmp_path / "downloads",
+                          Journal.in_state_dir(tmp_path / "state"), backoff_initial_seconds=0.5)
+    source.start(lambda arrival: None)
+    try:
+        deadline = time.monotonic() + 2.4
+        while time.monotonic() < deadline:  # a flood of wake-ups (an unsigned webhook, say)
+            source.wake()
+            time.sleep(0.02)
+    finally:
+        source.stop()
+    # polls at 0, 0.5 and 1.5 s (back-off 0.5, 1, 2 s); without the back-off, one per wake-up
+    assert 2 <= source.polls <= 4, source.polls

@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -24,12 +25,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.cli import build_parser as build_core_parser
 from nufilt_core.cli import run
 from nufilt_core.errors import NufiltError
 
 from .config import CONFIG_ENV, Settings, load_settings
 from .journal import ACTIVE_STATES, Job, Journal
+from .names import printable
 from .promoter import Promoter
 from .store import Store, StoreError, version_name
 from .supervisor import Daemon, publishing_enabled, state_paths
@@ -186,8 +189,11 @@ def _open(settings: Settings) -> tuple[Store, Journal]:
 def status_data(settings: Settings) -> dict[str, Any]:
     store, journal = _open(settings)
     try:
-        prod = store.production()
-        production = None
+        production: dict[str, Any] | None = None
+        try:
+            prod = store.production()
+        except StoreError as e:  # show everything else all the same
+            prod, production = None, {"error": str(e)}
         if prod is not None:
             production = {"version": prod.number, "name": prod.name, "path": str(prod.path)}
             try:
@@ -199,13 +205,21 @@ def status_data(settings: Settings) -> dict[str, Any]:
             production["scores"] = prod.report().get("scores")
         counts = journal.counts()
         last = journal.last_finished()
+        daemon = daemon_state(settings)
+        inbox: dict[str, Any] = {"entries": [], "sources": {}, "storage": {}}
+        if daemon["running"]:  # written by the daemon at each tick; stale once it stopped
+            try:
+                inbox.update(json.loads(state_paths(Path(settings.state_dir))["inbox"].read_text()))
+            except (OSError, ValueError):
+                pass
         return {
             "production": production,
             "queue": {s: counts[s] for s in ACTIVE_STATES},
             "totals": counts,
             "last": job_dict(last) if last else None,
             "pending_publications": len(journal.outbox_pending()),
-            "daemon": daemon_state(settings),
+            "inbox": inbox,
+            "daemon": daemon,
         }
     finally:
         journal.close()
@@ -218,7 +232,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     p = data["production"]
-    if p:
+    if p and "name" not in p:
+        print(f"production  unreadable: {p['error']}")
+    elif p:
         print(f"production  {p['name']} (step {p.get('step', '?')}, {p.get('method', '?')}), {p['path']}")
     else:
         print("production  none yet (no checkpoint has been promoted)")
@@ -229,10 +245,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         what = f"{last['state']}" + (f" as {version_name(last['version'])}" if last["version"] else "")
         why = f": {last['reason']}" if last["reason"] and last["state"] != "promoted" else ""
         finished = datetime.fromisoformat(last["finished_at"]).timestamp() if last["finished_at"] else None
-        print(f"last        job {last['id']} {what}, {_ago(finished)} ({last['reference']}){why}")
+        print(f"last        job {last['id']} {what}, {_ago(finished)} ({printable(last['reference'])})"
+              f"{printable(why)}")
     t = data["totals"]
     print(f"totals      {t['promoted']} promoted, {t['rejected']} rejected, {t['failed']} failed, "
           f"{t['duplicate']} duplicate")
+    inbox = data["inbox"]
+    for e in inbox["entries"]:
+        print(f"inbox       {printable(str(e['name']))}: {e['state']}"
+              + (f" ({printable(str(e['reason']))})" if e.get("reason") else ""))
+    for name, h in inbox["sources"].items():
+        if not h.get("healthy", True):
+            print(f"source      {name} UNHEALTHY: {h.get('errors_total', '?')} error(s), last: "
+                  f"{printable(str(h.get('last_error')))}")
+    for problem in inbox["storage"].values():
+        print(f"storage     {printable(problem)}")
     if data["pending_publications"]:
         print(f"registry    {data['pending_publications']} update(s) waiting to be published")
     d = data["daemon"]
@@ -257,10 +284,10 @@ def cmd_history(args: argparse.Namespace) -> int:
                 print(json.dumps({**job_dict(job), "transitions": steps}, indent=2))
             else:
                 for k, v in job_dict(job).items():
-                    print(f"{k:<13} {v}")
+                    print(f"{k:<13} {printable(str(v))}")
                 print("transitions")
                 for st in steps:
-                    print(f"  {st['at']}  {st['from'] or '-':>10} → {st['to']:<10} {st['reason'] or ''}")
+                    print(f"  {st['at']}  {st['from'] or '-':>10} → {st['to']:<10} {printable(st['reason'] or '')}")
             return 0
         jobs = journal.jobs(limit=args.limit)
         changes = journal.production_changes(limit=args.limit)
@@ -273,14 +300,14 @@ def cmd_history(args: argparse.Namespace) -> int:
     print(f"{'job':>5}  {'state':<10} {'version':<8} {'step':>4}  {'source':<7} {'finished':<20} checkpoint / reason")
     for j in jobs:
         ver = version_name(j.version) if j.version else "-"
-        reason = f"  ({j.reason})" if j.reason and j.state != "promoted" else ""
+        reason = f"  ({printable(j.reason)})" if j.reason and j.state != "promoted" else ""
         print(f"{j.id:>5}  {j.state:<10} {ver:<8} {j.step or '-':>4}  {j.source:<7} "
-              f"{_short(j.finished_at):<20} {j.reference}{reason}")
+              f"{_short(j.finished_at):<20} {printable(j.reference)}{reason}")
     if changes:
         print("\nproduction changes")
         for c in changes:
             src = version_name(c.from_version) if c.from_version else "none"
-            extra = f" (job {c.job_id})" if c.job_id else f" ({c.reason})" if c.reason else ""
+            extra = f" (job {c.job_id})" if c.job_id else f" ({printable(c.reason)})" if c.reason else ""
             print(f"  {_short(c.at)}  {c.kind:<8} {src} → {version_name(c.to_version)}{extra}")
     return 0
 
@@ -317,11 +344,13 @@ def _fsync_tree(path: Path) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind: the temporary copy is removed
     src: Path = args.path
-    if not src.exists():
+    if not src.exists() and not src.is_symlink():
         raise NufiltError(f"{src}: does not exist")
     if src.is_file() and src.suffix != ".safetensors":
         raise NufiltError(f"{src}: not a .safetensors file (submit a file or a checkpoint folder)")
+    Checkpoint.open(src, strict=True)  # what the daemon will accept: refused here with the same reason
     inbox = Path(settings.watch_dir)
     inbox.mkdir(parents=True, exist_ok=True)
     name = args.name or src.name
@@ -335,7 +364,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     tmp = inbox / f"tmp-{uuid.uuid4().hex[:8]}-{name}"  # ignored by the watcher until renamed
     try:
         if src.is_dir():
-            shutil.copytree(src, tmp)
+            shutil.copytree(src, tmp, symlinks=True)  # a link swapped in since the check is refused, not followed
         else:
             shutil.copy2(src, tmp)
         _fsync_tree(tmp)

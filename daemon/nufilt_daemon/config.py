@@ -22,6 +22,7 @@ from pydantic_settings import (
 
 from nufilt_core.errors import NufiltError
 from nufilt_core.merge import DEFAULT_MAX_SHARD_BYTES
+from nufilt_core.plausibility import DEFAULT_MAX_RELATIVE_DISTANCE
 
 ENV_PREFIX = "NUFILT_"
 CONFIG_ENV = "NUFILT_CONFIG"  # path of the TOML file, when --config is not given
@@ -60,6 +61,9 @@ class GateSettings(_Section):
     null_rank: int | None = Field(None, ge=1, description="r_p for the scores; default: the method's, else 128")
     task_rank: int | None = Field(None, ge=1, description="r_v for the scores; default: the method's, else 8")
     check_untouched: bool = Field(True, description="tensors the policy leaves alone must be bit-identical")
+    max_relative_distance: float = Field(
+        DEFAULT_MAX_RELATIVE_DISTANCE, ge=0, description="reject a checkpoint whose median ‖θ_t − θ0‖/‖θ0‖ over "
+        "its weight matrices exceeds this (not fine-tuned from this base); 0: off")
     command: list[str] | None = Field(
         None, description="argv of a validation command; gets the candidate folder as last argument (and "
         "NUFILT_CANDIDATE), prints a JSON object of numeric metrics")
@@ -102,7 +106,12 @@ class Settings(BaseSettings):
     max_shard_bytes: int = Field(DEFAULT_MAX_SHARD_BYTES, gt=0)
     keep_versions: int = Field(5, ge=2, description="versions kept; production and its parent always are")
     keep_quarantine: int = Field(10, ge=0, description="rejected candidates kept")
-    max_attempts: int = Field(3, ge=1, description="a job interrupted by this many daemon crashes fails")
+    max_attempts: int = Field(3, ge=1, description="merge processes of one job that may end abnormally (killed "
+                              "by a signal, e.g. the OOM killer, or exiting without a result) before it fails; "
+                              "daemon crashes and restarts never count")
+    interrupted_retry_seconds: float = Field(
+        5.0, ge=0, description="back-off before a job interrupted by a daemon stop or crash starts again; "
+        "doubles with each interruption of the same job, at most 300 s")
     merge_timeout_seconds: float | None = Field(None, gt=0)
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, description="on SIGTERM, wait this long for a running merge before abandoning it")

@@ -8,7 +8,11 @@ space), else a full copy, so deleting or moving the inbox entry cannot lose a qu
 merge later re-hashes the staged copy and fails the job if it no longer matches.
 
 An arrival that cannot be opened or read is journaled as rejected with the reason, so people see
-it in `nufilt history` instead of it vanishing.
+it in `nufilt history` instead of it vanishing. Arrivals are opened strictly: links, FIFOs,
+devices and sockets anywhere in the entry are refused, so nothing outside it is ever read or
+copied. Intake is all or nothing: a failure (full disk, journal error) removes the staged copy
+and raises IntakeError; the source retries with back-off, and the `max_failures`-th failure is
+journaled as rejected. Names are stored as printable text (names.py).
 """
 
 from __future__ import annotations
@@ -19,84 +23,135 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from nufilt_core.checkpoint import Checkpoint
-from nufilt_core.errors import NufiltError
+from nufilt_core.errors import CheckpointError, NufiltError
+from nufilt_core.fsguard import check_tree
 from nufilt_core.safetensors_io import combine_digests
 
 from .journal import DUPLICATE, QUEUED, REJECTED, Job, Journal
+from .names import printable, staged_name
 from .sources.base import Arrival
 
 log = structlog.get_logger("nufilt.intake")
 
+DEFAULT_MAX_FAILURES = 5  # failed intakes of one entry (disk, journal) before it is journaled as rejected
 
-def content_hash(path: Path) -> str:
+
+def content_hash(path: Path, strict: bool = False) -> str:
     """The same layout-independent hash merge_step records for its inputs."""
-    return combine_digests(digest for _, _, digest in Checkpoint.open(path).scan())
+    return combine_digests(digest for _, _, digest in Checkpoint.open(path, strict=strict).scan())
+
+
+class IntakeError(NufiltError):
+    """Staging or journaling one arrival failed (not the checkpoint's fault: disk, journal); retried."""
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
-        os.link(src, dst)
+        os.link(src, dst, follow_symlinks=False)  # a link swapped in since the check stays a link (refused)
     except OSError:  # other filesystem, or links not allowed: copy and make it durable
-        shutil.copy2(src, dst)
-        with dst.open("rb+") as f:
-            os.fsync(f.fileno())
+        shutil.copy2(src, dst, follow_symlinks=False)
+        if not dst.is_symlink():
+            with dst.open("rb+") as f:
+                os.fsync(f.fileno())
 
 
 def stage_copy(src: Path, dst: Path) -> None:
-    """Hard-link (or copy) a file or folder tree to `dst`, which must not exist."""
-    if src.is_file():
+    """Hard-link (or copy) a file or folder tree to `dst`, which must not exist. Links are never
+    followed (the copy is checked with check_tree afterwards)."""
+    if not src.is_dir() or src.is_symlink():
         _link_or_copy(src, dst)
         return
     dst.mkdir()
     for root, dirs, files in os.walk(src):
         rel = Path(root).relative_to(src)
         for d in dirs:
-            (dst / rel / d).mkdir()
+            if (Path(root) / d).is_symlink():
+                _link_or_copy(Path(root) / d, dst / rel / d)
+            else:
+                (dst / rel / d).mkdir()
         for f in files:
             _link_or_copy(Path(root) / f, dst / rel / f)
 
 
 class Intake:
-    def __init__(self, journal: Journal, staged_dir: Path, on_journaled: Callable[[Job, Arrival], None]):
+    def __init__(self, journal: Journal, staged_dir: Path, on_journaled: Callable[[Job, Arrival], None],
+                 max_failures: int = DEFAULT_MAX_FAILURES):
         self.journal = journal
         self.staged_dir = Path(staged_dir)
         self.on_journaled = on_journaled  # metrics, waking the worker
+        self.max_failures = max_failures
         self._lock = threading.Lock()
+        self._failures: dict[tuple[str, str], int] = {}  # (source, reference) -> intakes failed in a row
 
     def emit(self, arrival: Arrival) -> None:
-        bound = log.bind(source=arrival.source, checkpoint=arrival.reference)
+        """Journal the arrival. The checkpoint's own faults are journaled as rejected at once; any other
+        failure leaves nothing behind and raises IntakeError (the source retries with back-off) until
+        the `max_failures`-th, which is journaled as rejected with the error."""
+        reference = printable(arrival.reference)
+        key = (arrival.source, reference)
         try:
-            sha = content_hash(arrival.path)
-        except NufiltError as e:
-            job = self.journal.add_job(arrival.source, arrival.reference, None, None, REJECTED, str(e))
-            bound.warning("checkpoint_unreadable", job=job.id, reason=str(e))
+            self._emit(arrival, reference)
+        except Exception as e:
+            n = self._failures.get(key, 0) + 1
+            self._failures[key] = n
+            error = f"{type(e).__name__}: {printable(str(e))}"
+            log.warning("intake_failed", source=arrival.source, checkpoint=reference, failures=n, error=error)
+            if n < self.max_failures:
+                raise IntakeError(f"{reference}: intake failed ({n} of {self.max_failures}): {error}") from e
+            job = self.journal.add_job(arrival.source, reference, None, None, REJECTED,
+                                       f"intake failed {n} times, last: {error}")
+            self._failures.pop(key, None)
             self.on_journaled(job, arrival)
             return
+        self._failures.pop(key, None)
+
+    def _emit(self, arrival: Arrival, reference: str) -> None:
+        bound = log.bind(source=arrival.source, checkpoint=reference)
+        try:
+            sha = content_hash(arrival.path, strict=True)
+        except NufiltError as e:
+            self._reject(arrival, reference, str(e), bound)
+            return
         with self._lock:  # one arrival at a time from here: two copies of new content cannot both queue
-            job = self.journal.add_if_duplicate(arrival.source, arrival.reference, sha)
+            job = self.journal.add_if_duplicate(arrival.source, reference, sha)
             if job is None:
-                job = self._stage_and_queue(arrival, sha)
+                try:
+                    job = self._stage_and_queue(arrival, reference, sha)
+                except CheckpointError as e:  # changed into something refused while we copied it
+                    self._reject(arrival, reference, str(e), bound)
+                    return
         event = "checkpoint_duplicate" if job.state == DUPLICATE else "checkpoint_queued"
         bound.info(event, job=job.id, sha256=sha[:16], duplicate_of=job.duplicate_of)
         self.on_journaled(job, arrival)
 
-    def _stage_and_queue(self, arrival: Arrival, sha: str) -> Job:
+    def _reject(self, arrival: Arrival, reference: str, reason: str, bound: Any) -> None:
+        reason = printable(reason)
+        job = self.journal.add_job(arrival.source, reference, None, None, REJECTED, reason)
+        bound.warning("checkpoint_unreadable", job=job.id, reason=reason)
+        self.on_journaled(job, arrival)
+
+    def _stage_and_queue(self, arrival: Arrival, reference: str, sha: str) -> Job:
+        """All or nothing: the staged copy exists afterwards only if a queued job owns it."""
         self.staged_dir.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex[:12]
         partial = self.staged_dir / f".{token}.partial"
         final = self.staged_dir / token
+        name = staged_name(arrival.path.name)
         try:
             partial.mkdir()
-            stage_copy(arrival.path, partial / arrival.path.name)
+            stage_copy(arrival.path, partial / name)
+            check_tree(partial / name)
             os.rename(partial, final)  # a crash before the commit below leaves an orphan: gc_staged
+            job = self.journal.add_job(arrival.source, reference, sha, str(final / name), QUEUED)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)
             raise
-        job = self.journal.add_job(arrival.source, arrival.reference, sha, str(final / arrival.path.name), QUEUED)
         if job.state == DUPLICATE:  # cannot happen under our lock, but never keep a copy nobody owns
             shutil.rmtree(final, ignore_errors=True)
         return job

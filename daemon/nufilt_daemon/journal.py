@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,
     reason TEXT,
     duplicate_of INTEGER REFERENCES jobs(id),
-    attempts INTEGER NOT NULL DEFAULT 0,   -- merges started (a crash mid-job leaves one used)
+    attempts INTEGER NOT NULL DEFAULT 0,   -- merges started (names candidates and logs; never fails a job)
     from_version INTEGER,        -- production version the merge started from (NULL: step 1)
     version INTEGER,             -- store version once promoted
     step INTEGER,                -- continual step of the candidate
@@ -89,6 +89,12 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Columns added after the first release: (name, declaration), added to older journals on open.
+ADDED_JOB_COLUMNS = (
+    ("interruptions", "INTEGER NOT NULL DEFAULT 0"),   # daemon stops/crashes that interrupted the job
+    ("child_failures", "INTEGER NOT NULL DEFAULT 0"),  # merge processes of this job that ended abnormally
+    ("not_before", "REAL"),                            # back-off: not started again before this time
+)
 
 
 class JournalError(NufiltError):
@@ -113,6 +119,9 @@ class Job:
     updated_at: float
     started_at: float | None
     finished_at: float | None
+    interruptions: int = 0
+    child_failures: int = 0
+    not_before: float | None = None
 
 
 @dataclass(frozen=True)
@@ -154,8 +163,15 @@ class Journal:
             self._db.execute("PRAGMA foreign_keys=ON")
             if create:
                 self._db.executescript(SCHEMA)
+                self._add_columns()
         except sqlite3.DatabaseError as e:
             raise JournalError(f"{self.path}: cannot open the journal ({e})") from e
+
+    def _add_columns(self) -> None:
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, decl in ADDED_JOB_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
     @classmethod
     def in_state_dir(cls, state_dir: Path, *, create: bool = True) -> Journal:
@@ -228,7 +244,8 @@ class Journal:
 
     def transition(self, job_id: int, to_state: str, reason: str | None = None, **fields: Any) -> Job:
         """Move a job to `to_state` (checked against the lifecycle), setting extra columns."""
-        allowed_fields = {"staged_path", "from_version", "version", "step", "attempts"}
+        allowed_fields = {"staged_path", "from_version", "version", "step", "attempts", "interruptions",
+                          "child_failures", "not_before"}
         unknown = set(fields) - allowed_fields
         if unknown:
             raise JournalError(f"transition cannot set {sorted(unknown)}")

@@ -76,11 +76,29 @@ def describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, NufiltError) else f"{type(exc).__name__}: {exc}"
 
 
+def check_plausible(base: Path, checkpoint: Path, bound: float) -> dict[str, Any] | None:
+    """The data-free different-base check (nufilt_core.plausibility), before any merging; None when off."""
+    from nufilt_core.checkpoint import Checkpoint
+    from nufilt_core.errors import CheckpointError
+    from nufilt_core.plausibility import distance_from_base
+
+    if not bound:
+        return None
+    d = distance_from_base(Checkpoint.open(base), Checkpoint.open(checkpoint))
+    if d.median > bound:
+        raise CheckpointError(checkpoint, f"implausibly far from the base: the median relative distance "
+                              f"‖θ_t − θ0‖/‖θ0‖ over its {d.tensors} weight matrices is {d.median:.4g} (bound "
+                              f"gate.max_relative_distance = {bound:g}; fine-tunes are typically 0.005-0.05, "
+                              f"unrelated weights ≈ 1.41); was it fine-tuned from another base?")
+    return d.as_dict()
+
+
 def run(request: dict[str, Any], events: Events) -> int:
     import torch
 
     from nufilt_core.checkpoint import Checkpoint
     from nufilt_core.devices import resolve_device, set_threads
+    from nufilt_core.fsguard import check_tree
     from nufilt_core.merge import MergeRequest, merge_step
 
     from .config import GateSettings
@@ -90,6 +108,9 @@ def run(request: dict[str, Any], events: Events) -> int:
     stage = "merge"
     try:
         set_threads(m.get("threads"))
+        gate = GateSettings(**request["gate"])
+        check_tree(Path(m["checkpoint"]))  # the staged copy: regular files only (intake checked; never trust)
+        distance = check_plausible(Path(m["base"]), Path(m["checkpoint"]), gate.max_relative_distance)
         req = MergeRequest(
             base=Path(m["base"]), checkpoint=Path(m["checkpoint"]), output=Path(m["output"]),
             previous=Path(m["previous"]) if m.get("previous") else None, method=m.get("method"),
@@ -101,11 +122,12 @@ def run(request: dict[str, Any], events: Events) -> int:
                     gpu_peak_bytes=gpu_peak)
         stage = "validate"
         t0 = time.perf_counter()
-        gate = GateSettings(**request["gate"])
         open_ = Checkpoint.open
         report = check_candidate(open_(req.base), open_(req.previous) if req.previous else None,
                                  open_(req.checkpoint), open_(req.output), result.record, gate,
                                  resolve_device(req.device))
+        if distance is not None:
+            report["checks"]["distance_from_base"] = distance
         events.send("validated", report=report, seconds=round(time.perf_counter() - t0, 3))
         return 0
     except BaseException as e:  # report everything, including KeyboardInterrupt from SIGINT

@@ -32,6 +32,7 @@ DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 2700, 
 OUTCOMES = ("promoted", "rejected", "failed")
 BUILTIN_SCORES = ("stability", "plasticity", "harmonic_mean")
 REGISTRY_OPERATIONS = ("poll", "publish", "set_production")
+INBOX_STATES = ("waiting", "ignored", "error")
 
 
 class GpuMemoryCollector(Collector):
@@ -105,12 +106,30 @@ class Metrics:
                                     "process", registry=r)
         self.merge_gpu_peak = Gauge("nufilt_merge_gpu_peak_bytes", "Peak GPU memory allocated by the last merge",
                                     registry=r)
+        self.inbox_entries = Gauge("nufilt_inbox_entries", "Inbox entries not journaled yet (waiting, error) and "
+                                   "set aside unread (ignored, since start)", ["state"], registry=r)
+        self.source_errors = Counter("nufilt_source_errors", "Errors of a source while examining or handing on "
+                                     "entries", ["source"], registry=r)
+        self.source_healthy = Gauge("nufilt_source_healthy", "1 while a source is healthy, 0 while it keeps "
+                                    "failing", ["source"], registry=r)
+        self.interruptions = Counter("nufilt_job_interruptions", "Jobs found in progress after a daemon restart "
+                                     "(re-queued, never failed)", registry=r)
+        self.queued_interruptions = Gauge("nufilt_queued_job_interruptions", "Most daemon restarts that interrupted "
+                                          "one job still waiting or running (alert: a crash loop)", registry=r)
+        self.storage_writable = Gauge("nufilt_storage_writable", "1 while the store and state dirs accept writes",
+                                      ["dir"], registry=r)
         self.build = Info("nufilt_build", "Version of the running daemon", registry=r)
         self.build.info({"version": __version__, "python": platform.python_version(), "torch": _torch_version()})
         for o in OUTCOMES:
             self.merges.labels(o)
         for s in sources:
             self.detected.labels(s)
+            self.source_errors.labels(s)
+            self.source_healthy.labels(s).set(1)
+        for st in INBOX_STATES:
+            self.inbox_entries.labels(st)
+        for d in ("store", "state"):
+            self.storage_writable.labels(d).set(1)
         for m in dict.fromkeys((*BUILTIN_SCORES, *score_names)):
             self.validation_score.labels(m)
         for op in REGISTRY_OPERATIONS:

@@ -130,6 +130,9 @@ class Store:
             target = os.readlink(self.production_link)
         except FileNotFoundError:
             return None
+        except OSError as e:  # not a link, or the store itself is not a folder any more
+            raise StoreError(f"{self.production_link}: cannot be read as the production link "
+                             f"({e.strerror or e})") from None
         m = VERSION_RE.match(Path(target).name)
         if not m:
             raise StoreError(f"{self.production_link}: points at {target}, not a version folder")

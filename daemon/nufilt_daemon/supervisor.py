@@ -32,7 +32,7 @@ from .config import ConfigError, Settings
 from .intake import Intake
 from .journal import ACTIVE_STATES, DUPLICATE, Job, Journal
 from .logging import adopt_library_loggers
-from .metrics import Metrics
+from .metrics import INBOX_STATES, Metrics
 from .notify import Notifier
 from .promoter import Promoter
 from .publishers.outbox import Outbox
@@ -45,6 +45,31 @@ from .worker import MergeWorker
 log = structlog.get_logger("nufilt.supervisor")
 
 DAEMON_INFO = "daemon.json"  # pid, metrics URL: read by `nufilt status`
+INBOX_INFO = "inbox.json"  # entries not journaled yet and the sources' health: read by `nufilt status`
+STORAGE_CHECK_TICKS, STORAGE_CHECK_MAX_SECONDS = 5, 10.0  # writability probe: every 5 ticks, at most 10 s apart
+
+
+def check_writable(directory: Path, create: bool = False) -> str | None:
+    """None when a file can be created, written, synced and removed in `directory` (created first
+    with `create`, at start); else why not."""
+    probe = directory / f".nufilt-write-check-{os.getpid()}"
+    try:
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"x" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as e:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return f"{directory}: not writable ({e.strerror or e})"
+    return None
 
 
 class AlreadyRunning(NufiltError):
@@ -53,7 +78,7 @@ class AlreadyRunning(NufiltError):
 
 def state_paths(state_dir: Path) -> dict[str, Path]:
     return {"staged": state_dir / "staged", "downloads": state_dir / "downloads", "logs": state_dir / "logs",
-            "lock": state_dir / "daemon.lock", "info": state_dir / DAEMON_INFO}
+            "lock": state_dir / "daemon.lock", "info": state_dir / DAEMON_INFO, "inbox": state_dir / INBOX_INFO}
 
 
 def publishing_enabled(settings: Settings) -> bool:
@@ -102,6 +127,9 @@ class Daemon:
         self.webhook: Any = None
         self._rollbacks_seen = 0
         self._last_promotion_seen: float | None = None
+        self._storage_problems: dict[str, str] = {}
+        self._next_storage_check = 0.0
+        self._inbox_written: str | None = None
 
     # --- start -----------------------------------------------------------------------------
 
@@ -150,6 +178,7 @@ class Daemon:
         s = self.settings
         if s.folder.enabled:
             folder = FolderSource(Path(s.watch_dir), s.folder)
+            folder.on_error = lambda: self.metrics.source_errors.labels("folder").inc()
             self._add_source(folder)
         if s.mlflow.tracking_uri and s.mlflow.source_model:
             from .sources.mlflow_registry import MlflowRegistrySource  # lazy: MLflow is optional
@@ -181,12 +210,21 @@ class Daemon:
         self.outbox.start()
         self.supervised.append(_Supervised("registry-outbox", self.outbox, self.outbox.start))
 
+    def _check_dirs(self) -> None:
+        """A read-only or full store would otherwise report ready and then fail every checkpoint."""
+        for key, d in (("state_dir", Path(self.settings.state_dir)), ("store_dir", Path(self.settings.store_dir))):
+            problem = check_writable(d, create=True)
+            if problem:
+                raise ConfigError(f"{key} {problem}; the daemon must be able to write there")
+
     def run(self) -> int:
         s = self.settings
+        self._check_dirs()
         self._take_lock()
         try:
             self._build()
-            report = recover(self.journal, self.store, self.intake, s.max_attempts, publishing_enabled(s))
+            report = recover(self.journal, self.store, self.intake, s.interrupted_retry_seconds, publishing_enabled(s))
+            self.metrics.interruptions.inc(len(report.requeued))
             log.info("daemon_starting", pid=os.getpid(), config=s.redacted(), requeued=report.requeued,
                      failed=report.failed, completed=report.completed, removed=len(report.removed))
             self._rollbacks_seen = self.journal.count_rollbacks()
@@ -220,14 +258,21 @@ class Daemon:
             if not self.worker.is_alive():  # a bug: let systemd restart us, recovery re-queues the job
                 log.error("worker_died")
                 raise RuntimeError("the merge worker thread died")
-            self._refresh_gauges()
-            self.notifier.status(self._status_line())
+            try:
+                self._refresh_gauges()
+                self._check_storage()
+                self._write_inbox_info()
+                self.notifier.status(self._status_line())
+            except Exception:  # a broken store or journal must show, not stop the daemon (and its watchdog)
+                log.exception("supervisor_tick_failed")
             self.notifier.watchdog()
             self.stop_event.wait(self.settings.loop_interval_seconds)
 
     def _refresh_gauges(self) -> None:
         counts = self.journal.counts()
         self.metrics.pending.set(sum(counts[st] for st in ACTIVE_STATES))
+        active = self.journal.jobs(limit=1_000_000, states=ACTIVE_STATES)
+        self.metrics.queued_interruptions.set(max((j.interruptions for j in active), default=0))
         try:
             prod = self.store.production()
         except StoreError:
@@ -252,6 +297,49 @@ class Daemon:
                 if self.outbox is not None:
                     self.outbox.wake()
 
+    def _check_storage(self) -> None:
+        now = time.monotonic()
+        if now < self._next_storage_check:
+            return
+        self._next_storage_check = now + min(STORAGE_CHECK_MAX_SECONDS,
+                                             STORAGE_CHECK_TICKS * self.settings.loop_interval_seconds)
+        for label, d in (("store", Path(self.settings.store_dir)), ("state", Path(self.settings.state_dir))):
+            problem = check_writable(d)
+            self.metrics.storage_writable.labels(label).set(0 if problem else 1)
+            if problem and self._storage_problems.get(label) != problem:
+                log.error("storage_not_writable", dir=label, problem=problem)
+            if problem:
+                self._storage_problems[label] = problem
+            else:
+                self._storage_problems.pop(label, None)
+
+    def inbox_info(self) -> dict[str, Any]:
+        entries: list[dict[str, Any]] = []
+        sources: dict[str, Any] = {}
+        for src in self.sources:
+            healthy = bool(src.healthy())
+            health = src.health() if hasattr(src, "health") else {"healthy": healthy}
+            sources[src.name] = health
+            self.metrics.source_healthy.labels(src.name).set(1 if healthy else 0)
+            if hasattr(src, "entries"):
+                entries += [{**e, "source": src.name} for e in src.entries()]
+        for state in INBOX_STATES:
+            self.metrics.inbox_entries.labels(state).set(sum(e["state"] == state for e in entries))
+        return {"entries": entries, "sources": sources, "storage": dict(self._storage_problems)}
+
+    def _write_inbox_info(self) -> None:
+        info = self.inbox_info()
+        text = json.dumps(info, indent=1) + "\n"
+        if text == self._inbox_written:
+            return
+        try:
+            tmp = self.paths["inbox"].with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.paths["inbox"])
+            self._inbox_written = text
+        except OSError as e:  # a full state disk: the metric and the log say so
+            log.warning("inbox_info_not_written", error=str(e))
+
     def _status_line(self) -> str:
         counts = self.journal.counts()
         try:
@@ -260,8 +348,14 @@ class Daemon:
             prod = None
         current = self.worker.current
         busy = f"merging job {current.id}" if current else "idle"
-        return (f"production {prod.name if prod else 'none'}; {counts['queued']} queued; {busy}; "
+        line = (f"production {prod.name if prod else 'none'}; {counts['queued']} queued; {busy}; "
                 f"{counts['promoted']} promoted, {counts['rejected']} rejected, {counts['failed']} failed")
+        unhealthy = [src.name for src in self.sources if not src.healthy()]
+        if unhealthy:
+            line += f"; UNHEALTHY source(s): {', '.join(unhealthy)}"
+        if self._storage_problems:
+            line += "; " + "; ".join(self._storage_problems.values())
+        return line
 
     def _metrics_url(self) -> str | None:
         return f"http://{self.settings.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else None
@@ -299,6 +393,7 @@ class Daemon:
         if hasattr(self, "journal"):
             self.journal.close()
         self.paths["info"].unlink(missing_ok=True)
+        self.paths["inbox"].unlink(missing_ok=True)
         if self._lock_file is not None:
             self._lock_file.close()
         log.info("daemon_stopped")

@@ -10,8 +10,12 @@ A request is acted on only if its signature is valid and its timestamp within
 and does nothing. A valid `model_version.created` (or the test event MLflow sends for it) calls
 `on_wake()`, nothing more: the poll that follows decides what is new, so a lost, forged or
 repeated webhook can at worst cause one extra poll. With no secret configured the signature is
-not checked (MLflow sends none then); the server warns once at start. Secrets and signatures
-are never logged.
+not checked (MLflow sends none then) and the server warns once at start; any local process can
+then send wake-ups, so they are rate-limited (one per `unsigned_min_interval_seconds`, others get
+429) and, like every wake-up, never cut the MLflow source's error back-off short. Every
+connection has a socket timeout (`request_timeout_seconds`): a client that sends half a request
+and stalls is dropped instead of holding a thread for ever. Secrets and signatures are never
+logged.
 
 MLflow delivers only to https and public addresses unless its server runs with
 `MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https` and `MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true`; put
@@ -44,6 +48,8 @@ WAKE_EVENTS = {("model_version", "created")}
 MAX_BODY_BYTES = 1 << 20
 TOLERANCE_SECONDS = 300.0
 SEEN_DELIVERIES = 1024
+REQUEST_TIMEOUT_SECONDS = 10.0  # per connection: reading the request, idle keep-alive
+UNSIGNED_MIN_INTERVAL_SECONDS = 10.0  # without a secret: at most one wake-up this often
 
 
 def sign(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
@@ -61,12 +67,18 @@ def signature_valid(secret: str, delivery_id: str, timestamp: str, body: bytes, 
 
 class WebhookServer:
     def __init__(self, host: str, port: int, secret: SecretStr | None, on_wake: Callable[[], None], *,
-                 tolerance_seconds: float = TOLERANCE_SECONDS):
+                 tolerance_seconds: float = TOLERANCE_SECONDS, request_timeout_seconds: float = REQUEST_TIMEOUT_SECONDS,
+                 unsigned_min_interval_seconds: float = UNSIGNED_MIN_INTERVAL_SECONDS):
         self.host = host
         self.requested_port = port
         self._secret = secret
         self.on_wake = on_wake
         self.tolerance_seconds = tolerance_seconds
+        self.request_timeout_seconds = request_timeout_seconds
+        self.unsigned_min_interval_seconds = unsigned_min_interval_seconds
+        self._last_unsigned_wake: float | None = None
+        self.rate_limited = 0
+        self.timed_out = 0
         # counters for the daemon's metrics/status
         self.accepted = 0
         self.rejected = 0
@@ -139,11 +151,24 @@ class WebhookServer:
         if event not in WAKE_EVENTS:
             log.debug("webhook_ignored", webhook_event=".".join(event))
             return 200, {"status": "ignored"}
+        if self._secret is None and not self._unsigned_wake_allowed():
+            return 429, {"status": "rate-limited", "retry_after_seconds": self.unsigned_min_interval_seconds}
         data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
         log.info("webhook_wake", webhook_event=".".join(event), model=str(data.get("name", "")),
                  version=str(data.get("version", "")))
         self.on_wake()
         return 200, {"status": "woken"}
+
+    def _unsigned_wake_allowed(self) -> bool:
+        """Unauthenticated wake-ups: one per unsigned_min_interval_seconds (a local flood cannot force polls)."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last_unsigned_wake
+            if last is not None and now - last < self.unsigned_min_interval_seconds:
+                self.rate_limited += 1
+                return False
+            self._last_unsigned_wake = now
+        return True
 
     def _authentication_problem(self, delivery_id: str, timestamp: str, body: bytes, signature: str) -> str | None:
         assert self._secret is not None
@@ -171,6 +196,20 @@ class WebhookServer:
         class Handler(BaseHTTPRequestHandler):
             server_version = "nufilt-webhook"
             protocol_version = "HTTP/1.1"
+            timeout = owner.request_timeout_seconds  # socket timeout of each connection (StreamRequestHandler)
+
+            def handle(self) -> None:
+                try:
+                    super().handle()  # a socket timeout ends up in log_error below (the stdlib catches it)
+                except ConnectionError as e:  # a vanished client: drop it quietly
+                    log.info("webhook_connection_dropped", reason=type(e).__name__)
+                    self.close_connection = True
+
+            def log_error(self, format: str, *args: Any) -> None:
+                if format.startswith("Request timed out"):
+                    with owner._lock:
+                        owner.timed_out += 1
+                    log.info("webhook_connection_timed_out", seconds=owner.request_timeout_seconds)
 
             def do_POST(self) -> None:
                 try:

@@ -117,8 +117,9 @@ class MergeWorker:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             job = self.journal.next_queued()
-            if job is None:
-                self._wake.wait(1.0)
+            wait = None if job is None else (job.not_before or 0) - time.time()
+            if job is None or (wait is not None and wait > 0):  # idle, or the queue's head is backing off
+                self._wake.wait(1.0 if wait is None else min(1.0, wait))
                 self._wake.clear()
                 continue
             try:
@@ -132,6 +133,8 @@ class MergeWorker:
     def _fail_after_internal_error(self, job: Job, e: Exception) -> None:
         try:
             now = self.journal.job(job.id)
+            if now is not None:  # the candidate is half-done work either way (a full disk must not keep it)
+                shutil.rmtree(self.store.candidate_path(job.id, now.attempts), ignore_errors=True)
             if now is not None and now.state not in ("promoted", "rejected", "failed", "duplicate"):
                 self.journal.transition(job.id, FAILED, f"internal error: {type(e).__name__}: {e}")
                 self.metrics.merges.labels("failed").inc()
@@ -176,8 +179,25 @@ class MergeWorker:
             self.metrics.validation_duration.observe(validation_seconds)
             for name, value in decision.metrics.items():
                 self.metrics.validation_score.labels(name).set(value)
+        if outcome == FAILED and self._abnormal(res) and job.child_failures + 1 < self.settings.max_attempts:
+            return self._retry_after_child_failure(job, candidate, reasons, jlog)
         report.update(decision=outcome, reasons=reasons, created_at=datetime.now(UTC).isoformat(timespec="seconds"))
         self._settle(job, candidate, outcome, report, jlog)
+
+    @staticmethod
+    def _abnormal(res: ChildResult) -> bool:
+        """The job's own merge process died (a signal, or an exit without a result), not by our hand."""
+        if res.timed_out or res.error is not None:
+            return False
+        return (res.returncode is not None and res.returncode < 0) or res.record is None or res.validation is None
+
+    def _retry_after_child_failure(self, job: Job, candidate: Path, reasons: list[str], jlog: Any) -> None:
+        """Counted against max_attempts (this is the job's own process), then queued again."""
+        shutil.rmtree(candidate, ignore_errors=True)
+        n = job.child_failures + 1
+        reason = f"{'; '.join(reasons)}; attempt {n} of {self.settings.max_attempts}, retried"
+        self.journal.transition(job.id, QUEUED, reason, child_failures=n)
+        jlog.warning("merge_process_failed_retrying", reason=reason, child_failures=n)
 
     def _settle(self, job: Job, candidate: Path, outcome: str, report: dict[str, Any], jlog: Any) -> None:
         """Promote, quarantine or fail; count it; one summary event."""

@@ -25,9 +25,12 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import stat
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,10 +39,12 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from nufilt_core.checkpoint import Checkpoint
-from nufilt_core.errors import NufiltError
+from nufilt_core.checkpoint import PICKLE_SUFFIXES, Checkpoint
+from nufilt_core.errors import CheckpointError, NufiltError
+from nufilt_core.fsguard import check_tree
 
 from ..config import FolderSettings
+from ..names import printable
 from .base import Arrival, Emit
 
 log = structlog.get_logger("nufilt.sources.folder")
@@ -48,6 +53,7 @@ COMPLETE_MARKER = "_COMPLETE"
 PROCESSED_DIR = ".processed"
 # whitelisted event types: our own reads inside the inbox raise opened/closed_no_write events
 RELEVANT_EVENTS = {"created", "modified", "moved", "closed"}
+FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS = 0.5, 300.0  # back-off of an entry whose intake failed
 
 
 def is_ignored(name: str) -> bool:
@@ -55,34 +61,54 @@ def is_ignored(name: str) -> bool:
 
 
 Signature = tuple[tuple[str, int, int], ...]
+WAITING, IGNORED, ERROR = "waiting", "ignored", "error"  # entry states in status and nufilt_inbox_entries
+UNHEALTHY_AFTER_ERRORS = 5  # scanner-loop errors in a row that make the source unhealthy
+UNHEALTHY_AFTER_FAILURES = 3  # failed examinations or hand-ons of one entry, same (until it is journaled)
+MAX_REMEMBERED_IGNORED = 100
 
 
 def signature(path: Path) -> Signature | None:
-    """(relative path, size, mtime) of every file; None when the entry vanished."""
+    """(relative path, size or file type, mtime) of every entry, by lstat (links are not followed);
+    None when the entry vanished."""
     try:
-        if not path.exists():
-            return None
-        if path.is_file():
-            st = path.stat()
-            return (("", st.st_size, st.st_mtime_ns),)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            size = st.st_size if stat.S_ISREG(st.st_mode) else -stat.S_IFMT(st.st_mode)
+            return (("", size, st.st_mtime_ns),)
         out = []
-        for root, _, files in os.walk(path):
-            for f in files:
-                st = (Path(root) / f).stat()
+        for root, dirs, files in os.walk(path):
+            for f in (*files, *(d for d in dirs if (Path(root) / d).is_symlink())):
+                st = os.lstat(Path(root) / f)
                 out.append((str((Path(root) / f).relative_to(path)), st.st_size, st.st_mtime_ns))
         return tuple(sorted(out))
     except FileNotFoundError:
         return None
 
 
+def is_special(path: Path) -> bool:
+    """A link, FIFO, device or socket anywhere in the entry: refused now, waiting cannot fix it."""
+    if not os.path.lexists(path):
+        return False
+    try:
+        check_tree(path)
+    except CheckpointError:
+        return True
+    return False
+
+
 def completeness(path: Path) -> tuple[bool, str | None]:
-    """(ready to hand on, why not yet). A marker makes a folder ready even if it will not open."""
+    """(ready to hand on, why not yet). A marker makes a folder ready even if it will not open;
+    an entry refused for what it is (a link, a FIFO, a pickle) is ready at once, to be rejected."""
+    if is_special(path):
+        return True, None
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        return True, None
     if path.is_dir() and (path / COMPLETE_MARKER).exists():
         return True, None
     if path.is_file() and path.suffix != ".safetensors":
         return False, "not a .safetensors file"
     try:
-        Checkpoint.open(path)
+        Checkpoint.open(path, strict=True)
     except NufiltError as e:
         return False, str(e)
     return True, None
@@ -94,6 +120,11 @@ class _Entry:
     stable_since: float
     sig: Signature | None
     warned: bool = False
+    state: str = WAITING  # waiting | error, for status and the gauge
+    reason: str | None = None
+    failures: int = 0  # hand-ons (intake) failed in a row
+    next_try: float = 0.0  # back-off after a failed hand-on
+    seen_at: float = field(default_factory=time.time)
 
 
 class _Handler(FileSystemEventHandler):
@@ -130,6 +161,12 @@ class FolderSource:
         self._thread: threading.Thread | None = None
         self._emit: Emit | None = None
         self._emit_failures = 0
+        self._errors_in_a_row = 0  # scanner-loop errors in a row (reset by a clean pass); healthy() looks at it
+        self.last_error: str | None = None
+        self.errors_total = 0
+        self._ignored: deque[dict[str, object]] = deque(maxlen=MAX_REMEMBERED_IGNORED)
+        self._view_lock = threading.Lock()
+        self.on_error: Callable[[], None] | None = None  # the supervisor's metric
 
     # --- Source protocol -------------------------------------------------------------------
 
@@ -165,7 +202,29 @@ class FolderSource:
             self._thread = None
 
     def healthy(self) -> bool:
-        return bool(self._observer and self._observer.is_alive() and self._thread and self._thread.is_alive())
+        """False when a thread died, the scanner loop keeps failing, or an entry cannot be journaled."""
+        with self._view_lock:
+            stuck = any(e.failures >= UNHEALTHY_AFTER_FAILURES for e in self._pending.values())
+        return bool(self._observer and self._observer.is_alive() and self._thread and self._thread.is_alive()
+                    and self._errors_in_a_row < UNHEALTHY_AFTER_ERRORS and not stuck)
+
+    def entries(self) -> list[dict[str, object]]:
+        """Every entry seen and not yet journaled (waiting, error), and the ones set aside as ignored."""
+        with self._view_lock:
+            pending = [{"name": printable(n), "state": e.state, "reason": e.reason, "seen_at": e.seen_at,
+                        "failures": e.failures} for n, e in self._pending.items()]
+            return pending + list(self._ignored)
+
+    def health(self) -> dict[str, object]:
+        return {"healthy": self.healthy(), "errors_in_a_row": self._errors_in_a_row,
+                "errors_total": self.errors_total, "last_error": self.last_error}
+
+    def _error(self, what: str) -> None:
+        self._errors_in_a_row += 1
+        self.errors_total += 1
+        self.last_error = printable(what)
+        if self.on_error is not None:
+            self.on_error()
 
     # --- the scanner thread ----------------------------------------------------------------
 
@@ -180,15 +239,18 @@ class FolderSource:
                     next_rescan = now + self.settings.rescan_interval_seconds
                 self._drain_events()
                 self._check_pending()
-            except Exception:  # keep scanning; a bug here must not silently stop the inbox
+                self._errors_in_a_row = 0
+            except Exception as e:  # keep scanning; a bug here must not silently stop the inbox
                 log.exception("folder_source_error")
+                self._error(f"{type(e).__name__}: {e}")
             self._stop.wait(tick)
 
     def _note(self, name: str) -> None:
         if is_ignored(name) or name in self._pending:
             return
         now = time.monotonic()
-        self._pending[name] = _Entry(first_seen=now, stable_since=now, sig=signature(self.root / name))
+        with self._view_lock:
+            self._pending[name] = _Entry(first_seen=now, stable_since=now, sig=signature(self.root / name))
 
     def _rescan(self) -> None:
         try:
@@ -207,45 +269,78 @@ class FolderSource:
                 return
 
     def _check_pending(self) -> None:
-        s = self.settings
         for name in list(self._pending):
             if self._stop.is_set():
                 return
             entry = self._pending[name]
-            path = self.root / name
-            now = time.monotonic()
-            sig = signature(path)
-            if sig is None:  # gone (moved away by someone)
-                del self._pending[name]
-                continue
-            if sig != entry.sig:
-                entry.sig, entry.stable_since = sig, now
-                continue
-            if now - entry.stable_since < s.settle_seconds:
-                continue
+            try:
+                self._check_one(name, entry)
+            except Exception as e:  # contained: this entry shows as `error` and backs off, the others go on
+                log.exception("inbox_entry_error", checkpoint=printable(name))
+                self._entry_failed(entry, f"{type(e).__name__}: {e}")
+                self._error(f"{printable(name)}: {type(e).__name__}: {e}")
+
+    def _check_one(self, name: str, entry: _Entry) -> None:
+        s = self.settings
+        path = self.root / name
+        now = time.monotonic()
+        if now < entry.next_try:
+            return
+        if entry.state == ERROR and entry.failures >= UNHEALTHY_AFTER_FAILURES:
+            ready, timed_out, why = True, True, None  # cannot be examined: intake opens it and journals why
+        elif self._not_settled(name, path, entry, now):
+            return
+        else:
             ready, why = completeness(path)
             timed_out = now - entry.first_seen >= s.incomplete_timeout_seconds
-            if not ready and not timed_out:
-                if not entry.warned:
-                    log.info("inbox_entry_waiting", checkpoint=name, reason=why)
-                    entry.warned = True
-                continue
-            if not ready and path.is_file() and path.suffix != ".safetensors":
-                log.warning("inbox_entry_ignored", checkpoint=name, reason=why)
-                self._set_aside(name)
-                del self._pending[name]
-                continue
-            if self._hand_on(name, path):
-                del self._pending[name]
+        if not ready and not timed_out:
+            entry.reason = printable(why or "")
+            if not entry.warned:
+                log.info("inbox_entry_waiting", checkpoint=printable(name), reason=entry.reason)
+                entry.warned = True
+            return
+        if not ready and path.is_file() and path.suffix != ".safetensors":
+            log.warning("inbox_entry_ignored", checkpoint=printable(name), reason=why)
+            self._set_aside(name)
+            self._forget(name)
+            self._ignored.append({"name": printable(name), "state": IGNORED, "reason": why, "seen_at": time.time(),
+                                  "failures": 0})
+            return
+        if self._hand_on(name, path, entry):
+            self._forget(name)
 
-    def _hand_on(self, name: str, path: Path) -> bool:
+    def _not_settled(self, name: str, path: Path, entry: _Entry, now: float) -> bool:
+        sig = signature(path)
+        if sig is None:  # gone (moved away by someone)
+            self._forget(name)
+            return True
+        if sig != entry.sig:
+            entry.sig, entry.stable_since = sig, now
+            return True
+        return now - entry.stable_since < self.settings.settle_seconds
+
+    def _entry_failed(self, entry: _Entry, error: str) -> float:
+        entry.failures += 1
+        delay = min(MAX_RETRY_SECONDS, FIRST_RETRY_SECONDS * 2 ** (entry.failures - 1))
+        entry.next_try = time.monotonic() + delay
+        entry.state, entry.reason = ERROR, printable(error)
+        return delay
+
+    def _forget(self, name: str) -> None:
+        with self._view_lock:
+            self._pending.pop(name, None)
+
+    def _hand_on(self, name: str, path: Path, entry: _Entry) -> bool:
         assert self._emit is not None
         try:
             self._emit(Arrival(path=path, source=self.name, reference=name))
-        except Exception:
+        except Exception as e:  # intake removed what it staged; retried with exponential back-off
             self._emit_failures += 1
-            log.exception("inbox_entry_not_journaled", checkpoint=name, failures=self._emit_failures)
-            return False  # stays pending: retried on the next tick
+            delay = self._entry_failed(entry, f"not journaled ({entry.failures + 1}x): {e}")
+            log.error("inbox_entry_not_journaled", checkpoint=printable(name), failures=entry.failures,
+                      retry_in=delay, error=printable(str(e)))
+            self._error(f"{printable(name)}: {e}")
+            return False  # stays pending
         self._emit_failures = 0
         self._set_aside(name)
         return True
@@ -253,12 +348,13 @@ class FolderSource:
     def _set_aside(self, name: str) -> None:
         path = self.root / name
         try:
-            if self.settings.after == "delete":
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if self.settings.after == "delete":  # lstat: a link is removed, never what it points at
+                is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
+                shutil.rmtree(path) if is_dir else path.unlink()
             else:
                 done = self.root / PROCESSED_DIR
                 done.mkdir(exist_ok=True)
                 stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
                 os.rename(path, done / f"{stamp}-{name}")
         except OSError as e:
-            log.error("inbox_entry_not_moved", checkpoint=name, error=str(e))
+            log.error("inbox_entry_not_moved", checkpoint=printable(name), error=str(e))

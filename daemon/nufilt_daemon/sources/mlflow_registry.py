@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -117,6 +118,8 @@ class MlflowRegistrySource:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: MlflowClient | None = None
+        self._last_attempt: float | None = None  # monotonic start of the last poll
+        self.polls = 0
 
     # --- Source protocol -------------------------------------------------------------------
 
@@ -154,7 +157,8 @@ class MlflowRegistrySource:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     def wake(self) -> None:
-        """Poll now instead of at the next interval (the webhook calls this)."""
+        """Poll now instead of at the next interval (the webhook calls this); while polls are failing,
+        not before the back-off has passed (a wake-up never makes a failing registry busier)."""
         self._wake.set()
 
     # --- the loop --------------------------------------------------------------------------
@@ -165,6 +169,12 @@ class MlflowRegistrySource:
             self._wake.clear()
             if self._stop.is_set():
                 break
+            if self.consecutive_errors and self._last_attempt is not None:  # woken early: honour the back-off
+                remaining = self._last_attempt + self._next_delay() - time.monotonic()
+                if remaining > 0 and self._stop.wait(remaining):
+                    break
+            self._last_attempt = time.monotonic()
+            self.polls += 1
             try:
                 self.poll_once(emit)
             except Exception as e:  # anything: the thread must live on and retry

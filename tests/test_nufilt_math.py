@@ -269,3 +269,20 @@ def test_policy_sum_adds_unfiltered_tensors_and_rescales_them_with_the_rest(tiny
         else:  # its own unit: λ = max(1, ‖U‖ / mean(‖τ_1‖, ‖τ_2‖))
             mean = ((t1[bias] - base[bias]).norm() + (t2[bias] - base[bias]).norm()) / 2
             torch.testing.assert_close(got, base[bias] + u / max(1.0, float(u.norm() / mean)))
+
+
+def test_profile_plus_is_a_named_setting_that_explicit_settings_override(tiny, tmp_path):
+    from nufilt_core.methods.nufilt import PROFILES
+
+    out = tmp_path / "m1"
+    run_cli("merge", "--base", tiny["base"], "--checkpoint", tiny["t1"], "--output", out, "--quiet",
+            "--profile", "plus", "--null-rank", "8")
+    import json
+
+    from nufilt_core.checkpoint import LINEAGE_NAME
+
+    settings = json.loads((out / LINEAGE_NAME).read_text())["settings"]
+    assert settings["profile"] == "plus" and settings["null_rank"] == 8  # the explicit one wins
+    assert {k: settings[k] for k in PROFILES["plus"] if k != "null_rank"} == \
+        {k: v for k, v in PROFILES["plus"].items() if k != "null_rank"}
+    assert NufiltSettings().profile == "paper" and NufiltSettings().rescale == "none"  # the paper's by default

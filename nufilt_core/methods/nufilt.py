@@ -25,7 +25,7 @@ from statistics import fmean
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..errors import LineageError
 from ..linalg import adapter_seed, seeded_normal, top_right_singular_vectors
@@ -34,9 +34,20 @@ from .base import MergeMethod, MethodSettings, StepContext
 
 Policy = Literal["keep_base", "keep_previous", "average", "sum"]
 Rescale = Literal["none", "model", "matrix"]
+# Named settings: "paper" is the paper's method (what the parity tests check); "plus" is the
+# combination chosen on the quality benchmark's dev split (bench/quality/README.md, issue 9):
+# every Linear weight filtered, the other tensors averaged, a trust radius of 0.03‖W0‖ per matrix
+# below which the merged task vector is never shrunk (OPCM's λ_t above it), and r_p = 32.
+PROFILES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "plus": {"preset": "all-linear", "policy": "average", "rescale": "matrix", "rescale_radius": 0.03,
+             "null_rank": 32},
+}
 
 
 class NufiltSettings(MethodSettings):
+    profile: Literal["paper", "plus"] = Field("paper", description="named settings: paper (the paper's NUFILT) or "
+                                              "plus (beyond the paper, see PROFILES); explicit settings override it")
     null_rank: int = Field(128, ge=0, description="r_p: directions of earlier tasks filtered out")
     lora_rank: int = Field(64, ge=0, description="r_l: adapter rank (0 = null-space filter only)")
     task_rank: int = Field(8, ge=0, description="r_v: directions of the new task kept in the loss")
@@ -64,6 +75,14 @@ class NufiltSettings(MethodSettings):
                                "loss sees: A's random start outside them is dropped (the loss is unchanged)")
     null_energy: float | None = Field(None, gt=0, le=1, description="r_p by energy: the fewest directions holding this "
                                       "share of ‖τ_{≤t-1}‖², at most null_rank (None: null_rank directions)")
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("profile") in PROFILES:
+            return {**PROFILES[data["profile"]], **data}
+        return data
 
 
 @dataclass

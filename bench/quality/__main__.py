@@ -152,6 +152,8 @@ def cached_diagnosis(runs: Path, checkpoints: dict[str, Path], log) -> dict:
 
 def report_only(cfg: BenchConfig, variants: list, args: argparse.Namespace, log) -> int:
     """The report from finished stages only; merge results count only once every fine-tune exists."""
+    import json
+
     from .finetune import finetune_dir
     from .merging import load_results, run_key
     from .report import build, load_metrics
@@ -164,7 +166,9 @@ def report_only(cfg: BenchConfig, variants: list, args: argparse.Namespace, log)
     missing = [t for t in cfg.data.tasks if t not in done]
     runs = args.cache / "runs" / run_key(cfg)
     results = {} if missing else {v.name: (v, load_results(runs, v)) for v in variants}
-    build(cfg, load_metrics(done), results, args.results, missing=missing)
+    diagnosis = runs / "diagnosis-order-0.json"
+    build(cfg, load_metrics(done), results, args.results, missing=missing, default_method=daemon_default(),
+          diagnosis=json.loads(diagnosis.read_text()) if diagnosis.exists() else None)
     log(f"report ({len(done)}/{len(cfg.data.tasks)} fine-tunes): {args.results / cfg.name}.json, .md, .png")
     return 0
 

@@ -89,6 +89,8 @@ LEVERS = (
     Variant("nufilt_plus_rp32_r05", "nufilt",
             {"preset": "all-linear", "policy": "average", "rescale": "matrix", "rescale_radius": 0.05, "null_rank": 32},
             "lever", "all-linear, other tensors averaged, trust radius 0.05 per matrix, r_p = 32"),
+    Variant("nufilt_all_linear_avg_rp32", "nufilt", {"preset": "all-linear", "policy": "average", "null_rank": 32},
+            "lever", "all-linear, other tensors averaged, r_p = 32 (plus without its trust radius)"),
     Variant("nufilt_radius03_rp64", "nufilt", {"rescale": "matrix", "rescale_radius": 0.03, "null_rank": 64}, "lever",
             "trust radius 0.03 and r_p = 64"),
 )

@@ -286,3 +286,13 @@ def test_profile_plus_is_a_named_setting_that_explicit_settings_override(tiny, t
     assert {k: settings[k] for k in PROFILES["plus"] if k != "null_rank"} == \
         {k: v for k, v in PROFILES["plus"].items() if k != "null_rank"}
     assert NufiltSettings().profile == "paper" and NufiltSettings().rescale == "none"  # the paper's by default
+
+
+def test_the_benchmarks_plus_variant_is_the_profile():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
+    from bench.quality.variants import LEVER_GRID, PLUS
+    from nufilt_core.methods.nufilt import PROFILES
+
+    assert next(v for v in LEVER_GRID if v.name == PLUS).options == PROFILES["plus"]

@@ -42,8 +42,10 @@ SETTINGS = (
 )
 
 
-# Beyond the paper (issue 9): levers the diagnosis points to, one at a time, each an ablation row.
-LEVERS = (
+# Beyond the paper (issue 9): levers the diagnosis points to, alone and combined. The whole grid
+# was screened on the dev split (DEV_TASKS, orders 0–2; `--only`); FULL_RUN_LEVERS are the rows
+# every preset's full run reports (the chosen combination, its parts, and the rescaling alone).
+LEVER_GRID = (
     Variant("nufilt_rescale_model", "nufilt", {"rescale": "model"}, "lever",
             "rescale the merged task vector, OPCM's λ_t over the model"),
     Variant("nufilt_rescale_matrix", "nufilt", {"rescale": "matrix"}, "lever",
@@ -79,7 +81,7 @@ LEVERS = (
             "all-linear, other tensors averaged, trust radius 0.03 over the model"),
     Variant("nufilt_plus_rp32", "nufilt",
             {"preset": "all-linear", "policy": "average", "rescale": "matrix", "rescale_radius": 0.03, "null_rank": 32},
-            "lever", "all-linear, other tensors averaged, trust radius 0.03 per matrix, r_p = 32"),
+            "lever", "profile plus: all-linear, other tensors averaged, trust radius 0.03 per matrix, r_p = 32"),
     Variant("nufilt_plus_rp16", "nufilt",
             {"preset": "all-linear", "policy": "average", "rescale": "matrix", "rescale_radius": 0.03, "null_rank": 16},
             "lever", "all-linear, other tensors averaged, trust radius 0.03 per matrix, r_p = 16"),
@@ -91,9 +93,18 @@ LEVERS = (
             "lever", "all-linear, other tensors averaged, trust radius 0.05 per matrix, r_p = 32"),
     Variant("nufilt_all_linear_avg_rp32", "nufilt", {"preset": "all-linear", "policy": "average", "null_rank": 32},
             "lever", "all-linear, other tensors averaged, r_p = 32 (plus without its trust radius)"),
+    Variant("nufilt_plus_rv32", "nufilt",
+            {"preset": "all-linear", "policy": "average", "rescale": "matrix", "rescale_radius": 0.03, "null_rank": 32,
+             "task_rank": 32}, "lever", "plus with r_v = 32 (more of the new task's directions in the adapter's loss)"),
     Variant("nufilt_radius03_rp64", "nufilt", {"rescale": "matrix", "rescale_radius": 0.03, "null_rank": 64}, "lever",
             "trust radius 0.03 and r_p = 64"),
 )
+
+
+PLUS = "nufilt_plus_rp32"  # its options are nufilt's PROFILES["plus"] (a test keeps them equal)
+FULL_RUN_LEVERS = (PLUS, "nufilt_all_linear_avg_rp32", "nufilt_all_linear_avg", "nufilt_rp32", "nufilt_radius03",
+                   "nufilt_rescale_model", "nufilt_adapter_span")
+LEVERS = tuple(v for v in LEVER_GRID if v.name in FULL_RUN_LEVERS)
 
 
 def method_variants(methods: list[str] | None = None) -> list[Variant]:
@@ -115,7 +126,7 @@ def all_variants(methods: list[str] | None = None, ablations: bool = True, setti
     if levers and "nufilt" in METHODS:
         out += list(LEVERS)
     if only:
-        known = {v.name: v for v in (*method_variants(), *ABLATIONS, *SETTINGS, *LEVERS)}
+        known = {v.name: v for v in (*method_variants(), *ABLATIONS, *SETTINGS, *LEVER_GRID)}
         unknown = [n for n in only if n not in known]
         if unknown:
             raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(known)}")

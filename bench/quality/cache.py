@@ -19,9 +19,14 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if target.exists():  # a stale partial result cannot exist (we rename), so this is a rebuild
-            shutil.rmtree(target)
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)  # fails when the target exists and is not empty
+        except OSError:
+            if not target.exists():
+                raise
+            # another run built the same stage meanwhile (same recipe, same content): keep theirs, since
+            # replacing it would pull the folder from under a run that is reading it
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -264,10 +264,14 @@ def plot(r: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     n_orders = 0
+    from .variants import PLUS
+
     for n, m in r["methods"].items():
+        if m["group"] == "lever" and n != PLUS:
+            continue  # the levers are in the tables; the plot shows the methods and the chosen combination
         if m["seen_curve"]:
             steps = range(1, len(m["seen_curve"]) + 1)
-            ax.plot(steps, m["seen_curve"], marker="o", ms=3, label=n, lw=2.2 if n == "nufilt" else 1.2,
+            ax.plot(steps, m["seen_curve"], marker="o", ms=3, label=n, lw=2.2 if n in ("nufilt", PLUS) else 1.2,
                     ls="--" if m["group"] == "ablation" else "-")
             n_orders = m["seen_curve_orders"]
     ind = r["references"].get("individual_seen_curve")

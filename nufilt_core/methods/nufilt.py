@@ -15,6 +15,15 @@ Speed-ups that keep the numbers (the gradients are the loss's, in exact arithmet
   * when d_in < 2 d_out they go through G = τ_tᵀτ_t and H = τ_tᵀC, formed once:
     ∂B = 2 (G B)(X Xᵀ) − 2 H Xᵀ, ∂X = 2 Bᵀ(G B) X − 2 Bᵀ H — one d_in × d_in × r_l product per
     Adam step instead of two d_out × d_in × r_l ones. G (in fp64) also yields V̂t (linalg.py).
+
+Beyond the paper (issue 9; the defaults are the paper's method, profile "plus" a named combination):
+  * rescale = model | matrix: U = λ_{t-1} τ_{≤t-1} + fused update, W^m_t = W_0 + U / λ_t with
+    λ_t = max(1, ‖U‖ / target), target = max(mean_i ‖τ_i‖ · t^growth, κ‖W0‖) (OPCM's rule when
+    growth = κ = 0); κ = rescale_radius is a trust radius: updates that stay within κ‖W0‖ of θ0
+    (gentle fine-tunes) are never shrunk. λ_t and the norms per unit live in the lineage record;
+  * null_energy: r_p = the fewest directions holding that share of ‖τ_{≤t-1}‖²;
+  * adapter_span: A projected onto span([V̂t, V̂p]) after the loop (the loss only sees A V̂);
+  * policy sum: other float tensors take θ^m + τ_t (rescaled with the rest when rescale is on).
 """
 
 from __future__ import annotations

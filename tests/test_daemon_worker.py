@@ -30,6 +30,15 @@ def make_worker(tmp_path: Path, base: Path, **settings: object) -> tuple[MergeWo
     return worker, intake, journal, store
 
 
+
+def run_until(worker, what: str, done, timeout: float = 120) -> None:
+    """Start the worker, wait for `done()`, and stop the worker whatever happened."""
+    worker.start()
+    try:
+        wait_for(what, done, timeout=timeout)
+    finally:
+        worker.stop(0)
+
 def test_a_merge_process_killed_like_the_oom_killer_fails_only_its_job(tiny: dict[str, Path], tmp_path: Path):
     worker, intake, journal, store = make_worker(tmp_path, tiny["base"], max_attempts=2)
     intake.emit(Arrival(tiny["t1"], "folder", "t1"))
@@ -61,11 +70,7 @@ def test_a_merge_process_killed_like_the_oom_killer_fails_only_its_job(tiny: dic
 def test_a_bad_method_setting_fails_the_job_with_the_method_s_message(tiny: dict[str, Path], tmp_path: Path):
     worker, intake, journal, store = make_worker(tmp_path, tiny["base"], method_settings={"null_rnk": 4})
     intake.emit(Arrival(tiny["t1"], "folder", "t1"))
-    worker.start()
-    try:
-        wait_for("the job to end", lambda: journal.job(1).state == FAILED, timeout=120)
-    finally:
-        worker.stop(0)
+    run_until(worker, "the job to end", lambda: journal.job(1).state == FAILED, timeout=120)
     assert "null_rnk" in journal.job(1).reason and store.production() is None
     assert journal.job(1).staged_path is None  # a failed job's copy is dropped; resubmitting retries it
 
@@ -75,11 +80,7 @@ def test_an_internal_error_fails_the_job_and_removes_its_candidate(tiny: dict[st
     store.versions_dir.rmdir()
     store.versions_dir.write_text("not a folder")  # promotion's rename into versions/ fails for real
     intake.emit(Arrival(tiny["t1"], "folder", "t1"))
-    worker.start()
-    try:
-        wait_for("the job to fail", lambda: journal.job(1).state == FAILED, timeout=120)
-    finally:
-        worker.stop(0)
+    run_until(worker, "the job to fail", lambda: journal.job(1).state == FAILED, timeout=120)
     assert "internal error" in journal.job(1).reason
     assert list(store.candidates_dir.iterdir()) == []  # not left on disk until a restart
 
@@ -94,11 +95,7 @@ def test_a_checkpoint_from_another_base_is_rejected_with_its_distance(tiny: dict
     worker, intake, journal, store = make_worker(tmp_path, tiny["base"])
     intake.emit(Arrival(other, "folder", "other"))
     intake.emit(Arrival(tiny["t1"], "folder", "t1"))
-    worker.start()
-    try:
-        wait_for("both jobs done", lambda: journal.job(2).state == PROMOTED, timeout=120)
-    finally:
-        worker.stop(0)
+    run_until(worker, "both jobs done", lambda: journal.job(2).state == PROMOTED, timeout=120)
     first = journal.job(1)
     assert first.state == REJECTED and "implausibly far from the base" in first.reason
     assert "median relative distance" in first.reason and "1.4" in first.reason  # the number, ≈ √2
@@ -126,11 +123,7 @@ def test_the_gate_in_the_worker_decides(tiny: dict[str, Path], tmp_path: Path, c
     settings, final, fragment = GATE_CASES[case]
     worker, intake, journal, store = make_worker(tmp_path, tiny["base"], **settings)
     intake.emit(Arrival(tiny["t1"], "folder", "t1"))
-    worker.start()
-    try:
-        wait_for("the job to end", lambda: journal.job(1).state in ("promoted", "rejected", "failed"), timeout=120)
-    finally:
-        worker.stop(0)
+    run_until(worker, "the job to end", lambda: journal.job(1).state in ("promoted", "rejected", "failed"), timeout=120)
     job = journal.job(1)
     assert job.state == final and (fragment is None or fragment in job.reason), job.reason
     assert list(store.candidates_dir.iterdir()) == []
@@ -157,11 +150,7 @@ def test_a_staged_copy_changed_after_arrival_fails_the_job(tiny: dict[str, Path]
         last = f.read(1)
         f.seek(-1, 2)
         f.write(bytes([last[0] ^ 1]))
-    worker.start()
-    try:
-        wait_for("the job to end", lambda: journal.job(1).state == FAILED, timeout=120)
-    finally:
-        worker.stop(0)
+    run_until(worker, "the job to end", lambda: journal.job(1).state == FAILED, timeout=120)
     assert "no longer matches the content hash" in journal.job(1).reason and store.production() is None
 
 

@@ -76,18 +76,29 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else 0.0
 
 
-def record_scope(record: LineageRecord, names: list[str]) -> tuple[Callable[[str, tuple[int, ...]], bool], int, int]:
-    """Which matrices a step's scores cover, and r_p, r_v: NUFILT's own selection and ranks, else
-    every Linear weight with the paper's ranks (what the daemon's gate and the benchmark both use)."""
+def record_selection(record: LineageRecord, names: list[str]) -> Selection | None:
+    """The tensors a NUFILT step filtered, from its lineage record (None for other methods)."""
+    if record.method != "nufilt":
+        return None
     s = record.settings
-    if record.method == "nufilt":
-        sel = Selection.resolve(names, tuple(s.get("include") or ()), s.get("preset", "auto"))
-        return sel.is_filtered, s.get("null_rank", DEFAULT_NULL_RANK), s.get("task_rank", DEFAULT_TASK_RANK)
-    return is_linear_weight, DEFAULT_NULL_RANK, DEFAULT_TASK_RANK
+    return Selection.resolve(names, tuple(s.get("include") or ()), s.get("preset", "auto"))
+
+
+def record_scope(record: LineageRecord, names: list[str]) -> tuple[Callable[[str, tuple[int, ...]], bool], int, int]:
+    """Which matrices a step's scores cover, and r_p, r_v: NUFILT's own selection and ranks (the
+    paper's where a rank is 0 or unset), else every Linear weight with the paper's ranks (what the
+    daemon's gate and the benchmark both use)."""
+    selection = record_selection(record, names)
+    if selection is None:
+        return is_linear_weight, DEFAULT_NULL_RANK, DEFAULT_TASK_RANK
+    s = record.settings
+    return (selection.is_filtered, s.get("null_rank") or DEFAULT_NULL_RANK,
+            s.get("task_rank") or DEFAULT_TASK_RANK)
 
 
 def surrogate_scores(base: Checkpoint, previous: Checkpoint | None, new: Checkpoint, merged: Checkpoint,
-                     selected: Callable[[str, tuple[int, ...]], bool], null_rank: int = 128, task_rank: int = 8,
+                     selected: Callable[[str, tuple[int, ...]], bool], null_rank: int = DEFAULT_NULL_RANK,
+                     task_rank: int = DEFAULT_TASK_RANK,
                      device: torch.device | str = "cpu") -> SurrogateScores:
     """Stream the selected 2-D float tensors of the four models and sum the terms.
 

@@ -36,7 +36,7 @@ from nufilt_core.errors import NufiltError
 from nufilt_core.lineage import LineageRecord
 from nufilt_core.merge import check_same_layout
 from nufilt_core.safetensors_io import read_raw
-from nufilt_core.scores import record_scope, surrogate_scores
+from nufilt_core.scores import record_scope, record_selection, surrogate_scores
 from nufilt_core.selection import Selection
 
 from .config import GateSettings
@@ -49,11 +49,10 @@ ACCEPTED, REJECTED, FAILED = "accepted", "rejected", "failed"
 
 def _untouched_sources(record: LineageRecord, names: list[str]) -> tuple[Selection | None, str | None]:
     """(which tensors NUFILT filters, what the others must equal: 'base' | 'previous' | 'new' | None)."""
-    if record.method != "nufilt":
+    selection = record_selection(record, names)
+    if selection is None:
         return None, None
-    s = record.settings
-    selection = Selection.resolve(names, tuple(s.get("include") or ()), s.get("preset", "auto"))
-    policy = s.get("policy", "keep_base")
+    policy = record.settings.get("policy", "keep_base")
     if policy == "keep_base":
         return selection, "base"
     if policy == "keep_previous":

@@ -132,6 +132,10 @@ def daemon_default() -> dict:
     return {"method": method, "settings": get_method(method).Settings(**options).model_dump(mode="json")}
 
 
+def diagnosis_path(runs: Path) -> Path:
+    return runs / "diagnosis-order-0.json"
+
+
 def cached_diagnosis(runs: Path, checkpoints: dict[str, Path], log) -> dict:
     """The paper's NUFILT replayed on order 0 with its figures (bench.quality.diagnose), cached per run."""
     import json
@@ -143,7 +147,7 @@ def cached_diagnosis(runs: Path, checkpoints: dict[str, Path], log) -> dict:
     from .diagnose import diagnose
     from .merging import task_order
 
-    path = runs / "diagnosis-order-0.json"
+    path = diagnosis_path(runs)
     if not path.exists():
         log("diagnosis: replaying the paper's NUFILT on order 0")
         write_json(path, diagnose(base_weights(), checkpoints, task_order(list(checkpoints), 0), NufiltSettings()))
@@ -166,7 +170,7 @@ def report_only(cfg: BenchConfig, variants: list, args: argparse.Namespace, log)
     missing = [t for t in cfg.data.tasks if t not in done]
     runs = args.cache / "runs" / run_key(cfg)
     results = {} if missing else {v.name: (v, load_results(runs, v)) for v in variants}
-    diagnosis = runs / "diagnosis-order-0.json"
+    diagnosis = diagnosis_path(runs)
     build(cfg, load_metrics(done), results, args.results, missing=missing, default_method=daemon_default(),
           diagnosis=json.loads(diagnosis.read_text()) if diagnosis.exists() else None)
     log(f"report ({len(done)}/{len(cfg.data.tasks)} fine-tunes): {args.results / cfg.name}.json, .md, .png")

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from nufilt_core.linalg import adapter_seed, seeded_normal
-from nufilt_core.methods.nufilt import NufiltSettings, nufilt_matrix
+from nufilt_core.methods.nufilt import NufiltSettings, adapter_init, nufilt_matrix
 from nufilt_core.selection import Selection
 
 KINDS = (("query", r"self\.query"), ("key", r"self\.key"), ("value", r"self\.value"),
@@ -44,10 +43,7 @@ def matrix_figures(w0: torch.Tensor, prev: torch.Tensor, new: torch.Tensor, name
                    s: NufiltSettings) -> tuple[torch.Tensor, dict[str, float]]:
     """One NUFILT matrix step and its figures; returns the new merged weight too."""
     tau_prev, tau_new = prev - w0, new - w0
-    a_init = None
-    if s.lora_rank > 0:
-        a_init = seeded_normal((s.lora_rank, w0.shape[1]), adapter_seed(seed, name, step)) * 0.02
-    r = nufilt_matrix(tau_prev, tau_new, a_init, s)
+    r = nufilt_matrix(tau_prev, tau_new, adapter_init(s.lora_rank, w0.shape[1], seed, name, step), s)
     adapter = tau_new @ r.b @ r.a
     span = torch.cat([r.v_new, r.v_prev], dim=1)
     q = torch.linalg.qr(span).Q if span.shape[1] else span

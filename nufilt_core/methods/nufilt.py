@@ -20,7 +20,9 @@ Beyond the paper (issue 9; the defaults are the paper's method, profile "plus" a
   * rescale = model | matrix: U = λ_{t-1} τ_{≤t-1} + fused update, W^m_t = W_0 + U / λ_t with
     λ_t = max(1, ‖U‖ / target), target = max(mean_i ‖τ_i‖ · t^growth, κ‖W0‖) (OPCM's rule when
     growth = κ = 0); κ = rescale_radius is a trust radius: updates that stay within κ‖W0‖ of θ0
-    (gentle fine-tunes) are never shrunk. λ_t and the norms per unit live in the lineage record;
+    (gentle fine-tunes) are never shrunk. λ_t and the norms per unit live in the lineage record.
+    `matrix` needs no extra pass; `model` needs ‖U‖ over the whole model first, so its statistics
+    pass runs the NUFILT step of every matrix and the merge pass runs it again (twice the work);
   * null_energy: r_p = the fewest directions holding that share of ‖τ_{≤t-1}‖²;
   * adapter_span: A projected onto span([V̂t, V̂p]) after the loop (the loss only sees A V̂);
   * policy sum: other float tensors take θ^m + τ_t (rescaled with the rest when rescale is on).
@@ -85,7 +87,6 @@ class NufiltSettings(MethodSettings):
     null_energy: float | None = Field(None, gt=0, le=1, description="r_p by energy: the fewest directions holding this "
                                       "share of ‖τ_{≤t-1}‖², at most null_rank (None: null_rank directions)")
 
-
     @model_validator(mode="before")
     @classmethod
     def _profile_defaults(cls, data: Any) -> Any:
@@ -109,6 +110,13 @@ def energy_count(projected: torch.Tensor, total: float, share: float) -> int:
     """Fewest leading columns of τ V̂ (in singular order) whose energy reaches `share` of ‖τ‖²."""
     cumulative = projected.double().square().sum(0).cumsum(0)
     return min(int((cumulative < share * total).sum()) + 1, projected.shape[1])
+
+
+def adapter_init(lora_rank: int, d_in: int, seed: int, name: str, step: int) -> torch.Tensor | None:
+    """A's start [r_l, d_in]: 0.02·N(0, 1), seeded per (seed, tensor, step), fp32 on the CPU; None if r_l = 0."""
+    if lora_rank <= 0:
+        return None
+    return seeded_normal((lora_rank, d_in), adapter_seed(seed, name, step)) * 0.02
 
 
 def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.Tensor | None,
@@ -220,10 +228,9 @@ class Nufilt(MergeMethod):
 
     def _update(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> MatrixResult:
         s: NufiltSettings = self.settings  # type: ignore[assignment]
-        a_init = None
-        if s.lora_rank > 0:
-            a_init = seeded_normal((s.lora_rank, base.shape[1]), adapter_seed(self.ctx.seed, name, self.ctx.step))
-            a_init = (a_init * 0.02).to(device=base.device, dtype=base.dtype)
+        a_init = adapter_init(s.lora_rank, base.shape[1], self.ctx.seed, name, self.ctx.step)
+        if a_init is not None:
+            a_init = a_init.to(device=base.device, dtype=base.dtype)
         return nufilt_matrix(previous - base, new - base, a_init, s)
 
     def _unscaled(self, name: str, base: torch.Tensor, previous: torch.Tensor, update: torch.Tensor) -> torch.Tensor:

@@ -120,11 +120,15 @@ def test_sigterm_during_nufilt_merge_leaves_no_temporary_folder(tmp_path: Path):
     g = torch.Generator().manual_seed(0)
     base = {f"layers.{i}.attn.q_proj.weight": torch.randn(256, 256, generator=g) for i in range(6)}
     b = write_model(base, tmp_path / "base")
-    t1 = write_model({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, tmp_path / "t1")
-    out = tmp_path / "work" / "m1"
+    t1, t2 = (write_model({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, tmp_path / n)
+              for n in ("t1", "t2"))
+    m1, out = tmp_path / "m1", tmp_path / "work" / "m2"
     exe = Path(sys.executable).parent / "nufilt"
-    proc = subprocess.Popen([str(exe), "merge", "--base", str(b), "--checkpoint", str(t1), "--output", str(out),
-                             "--iters", "100000"], stderr=subprocess.PIPE, text=True)
+    # SIGTERM during step 2: step 1 only copies the checkpoint, so it can finish before the poll sees it
+    subprocess.run([str(exe), "merge", "--base", str(b), "--checkpoint", str(t1), "--output", str(m1), "--quiet"],
+                   check=True)
+    proc = subprocess.Popen([str(exe), "merge", "--base", str(b), "--previous", str(m1), "--checkpoint", str(t2),
+                             "--output", str(out), "--iters", "100000"], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out.parent.is_dir() and any(".tmp-" in p.name for p in out.parent.iterdir())):
         assert proc.poll() is None and time.monotonic() < deadline

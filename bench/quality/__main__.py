@@ -32,7 +32,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="results name (default: the preset's)")
     p.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="run up to and including this stage")
     p.add_argument("--report-only", action="store_true",
-                   help="train and merge nothing: report whatever the cache holds (e.g. while a run is going)")
+                   help="train and merge nothing: report whatever the cache holds (e.g. while a run is going); "
+                        "only the diagnosis (one order of the paper's NUFILT) is replayed when missing")
     p.add_argument("--cache", type=Path, default=HERE.parent / "cache", help="stage cache (default bench/cache)")
     p.add_argument("--results", type=Path, default=HERE.parent / "results", help="where results go")
     p.add_argument("--methods", help="comma-separated registered methods (default: all in METHODS)")
@@ -156,8 +157,6 @@ def cached_diagnosis(runs: Path, checkpoints: dict[str, Path], log) -> dict:
 
 def report_only(cfg: BenchConfig, variants: list, args: argparse.Namespace, log) -> int:
     """The report from finished stages only; merge results count only once every fine-tune exists."""
-    import json
-
     from .finetune import finetune_dir
     from .merging import load_results, run_key
     from .report import build, load_metrics
@@ -170,9 +169,10 @@ def report_only(cfg: BenchConfig, variants: list, args: argparse.Namespace, log)
     missing = [t for t in cfg.data.tasks if t not in done]
     runs = args.cache / "runs" / run_key(cfg)
     results = {} if missing else {v.name: (v, load_results(runs, v)) for v in variants}
-    diagnosis = diagnosis_path(runs)
+    # the diagnosis replays one order of the paper's NUFILT (seconds), so it is made once every fine-tune exists
+    diagnosis = None if missing else cached_diagnosis(runs, {t: f / "body" for t, f in done.items()}, log)
     build(cfg, load_metrics(done), results, args.results, missing=missing, default_method=daemon_default(),
-          diagnosis=json.loads(diagnosis.read_text()) if diagnosis.exists() else None)
+          diagnosis=diagnosis)
     log(f"report ({len(done)}/{len(cfg.data.tasks)} fine-tunes): {args.results / cfg.name}.json, .md, .png")
     return 0
 

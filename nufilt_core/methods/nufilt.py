@@ -112,18 +112,45 @@ def energy_count(projected: torch.Tensor, total: float, share: float) -> int:
     return min(int((cumulative < share * total).sum()) + 1, projected.shape[1])
 
 
+# A starts as ADAPTER_INIT_SCALE·N(0, 1) and B at 0 (the published FilterLoRA's init): B A = 0 at the
+# start, so the first Adam step moves B only, and the fused update begins as the filter alone.
+ADAPTER_INIT_SCALE = 0.02
+
+
 def adapter_init(lora_rank: int, d_in: int, seed: int, name: str, step: int) -> torch.Tensor | None:
-    """A's start [r_l, d_in]: 0.02·N(0, 1), seeded per (seed, tensor, step), fp32 on the CPU; None if r_l = 0."""
+    """A's start [r_l, d_in]: ADAPTER_INIT_SCALE·N(0, 1), seeded per (seed, tensor, step), fp32 on the CPU;
+    None if r_l = 0."""
     if lora_rank <= 0:
         return None
-    return seeded_normal((lora_rank, d_in), adapter_seed(seed, name, step)) * 0.02
+    return seeded_normal((lora_rank, d_in), adapter_seed(seed, name, step)) * ADAPTER_INIT_SCALE
+
+
+def paper_loss(tau_prev: torch.Tensor, tau_new: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+               v_prev: torch.Tensor, v_new: torch.Tensor, s: NufiltSettings) -> torch.Tensor:
+    """The paper's objective in its plain form, every matrix formed in full: the reference that
+    `nufilt_matrix`'s fast path is tested against (tests, bench/speed). Differentiable in A and B.
+
+      P = I − V̂p V̂pᵀ                                  (Eq. 8; P = I when null_space is off)
+      M = τ_{≤t-1} + τ_t P,  𝒯 = [τ_t V̂t, τ_{≤t-1} V̂p],  V̂ = [V̂t, V̂p]     (Eq. 17)
+      R = 𝒯 − (M + τ_t B A) V̂,  L = λ1 ‖R[:, :r_v]‖² + λ2 ‖R[:, r_v:]‖²     (Eq. 16, blocks weighted)
+    """
+    d_in = tau_new.shape[1]
+    p = torch.eye(d_in, dtype=tau_new.dtype, device=tau_new.device)
+    if s.null_space:
+        p = p - v_prev @ v_prev.T
+    m = tau_prev + tau_new @ p
+    v_hat = torch.cat([v_new, v_prev], dim=1)
+    target = torch.cat([tau_new @ v_new, tau_prev @ v_prev], dim=1)
+    r = target - (m + tau_new @ b @ a) @ v_hat
+    k = v_new.shape[1]
+    return s.lambda_new * r[:, :k].square().sum() + s.lambda_old * r[:, k:].square().sum()
 
 
 def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.Tensor | None,
                   s: NufiltSettings) -> MatrixResult:
     """One NUFILT step on one weight matrix (all inputs on one device, fp32 or fp64)."""
     d_out, d_in = tau_new.shape
-    v_prev = top_right_singular_vectors(tau_prev, s.null_rank)
+    v_prev = top_right_singular_vectors(tau_prev, s.null_rank)  # V̂_{≤t-1} of τ̃_{≤t-1} (Eq. 7)
     if s.null_energy is not None and v_prev.shape[1]:
         v_prev = v_prev[:, : energy_count(tau_prev @ v_prev, float(tau_prev.square().sum()), s.null_energy)]
     if s.first_step == "published_code" and not bool(tau_prev.any()):
@@ -133,17 +160,19 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
     gram64 = None  # τ_tᵀτ_t in fp64, shared by V̂t's eigendecomposition and the Adam loop
     if d_in <= d_out and tau_new.dtype != torch.float64:
         gram64 = tau_new.double().T @ tau_new.double()
-    v_new = top_right_singular_vectors(tau_new, s.task_rank, gram=gram64)
+    v_new = top_right_singular_vectors(tau_new, s.task_rank, gram=gram64)  # V̂t
     v_filter = v_prev if s.null_space else v_prev[:, :0]  # ablation "adapter only": P = I
     tau_vf = tau_new @ v_filter
-    filtered = tau_new - tau_vf @ v_filter.T  # τ_t P
+    filtered = tau_new - tau_vf @ v_filter.T  # τ_t P, P = I − V̂p V̂pᵀ (Eq. 8) never formed
 
-    v_hat = torch.cat([v_new, v_prev], dim=1)
-    # 𝒯 − M V̂ with M V̂ = τ_{≤t-1} V̂ + τ_t V̂ − (τ_t V̂p)(V̂pᵀ V̂); with the filter on, its V̂p
+    v_hat = torch.cat([v_new, v_prev], dim=1)  # V̂ (Eq. 17)
+    # 𝒯 − M V̂ (Eq. 16–17) with M V̂ = τ_{≤t-1} V̂ + τ_t V̂ − (τ_t V̂p)(V̂pᵀ V̂); with the filter on, its V̂p
     # block is 0 in exact arithmetic (P V̂p = 0): the adapter is only penalised there
     tau_vhat = tau_new @ v_hat
     target = torch.cat([tau_vhat[:, : v_new.shape[1]], tau_prev @ v_prev], dim=1)
     residual = target - (tau_prev @ v_hat + tau_vhat - tau_vf @ (v_filter.T @ v_hat))
+    # λ1, λ2 weigh the blocks' squared norms: scaling the columns of R (and of V̂) by √λ does exactly
+    # that, ‖R diag(√λ)‖² = λ1 ‖R_t‖² + λ2 ‖R_p‖², so the loop below needs no weights of its own
     weights = torch.cat([residual.new_full((v_new.shape[1],), s.lambda_new),
                          residual.new_full((v_prev.shape[1],), s.lambda_old)]).sqrt()
     residual = residual * weights
@@ -183,7 +212,7 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
             a = (a @ q) @ q.T
         tau_b = tau_new @ b
         loss_after = float((residual - tau_b @ (a @ v_weighted)).square().sum())
-        update = filtered + tau_b @ a
+        update = filtered + tau_b @ a  # τ_t (P + B A) (Eq. 9–10)
     return MatrixResult(update, v_prev, v_new, a, b, loss_before, loss_after)
 
 

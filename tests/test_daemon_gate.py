@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from models import base_state, finetune, write_model
 from nufilt_daemon.config import GateSettings, Threshold
-from nufilt_daemon.gate import ACCEPTED, FAILED, REJECTED, check_candidate, decide, parse_metrics
+from nufilt_daemon.gate import check_candidate, decide, parse_metrics
+from nufilt_daemon.states import GateOutcome
 
 from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.lineage import LineageRecord
@@ -77,7 +78,7 @@ def test_check_candidate_passes_a_real_merge_and_catches_a_changed_untouched_ten
     bad = check_candidate(ck["b"], ck["p"], ck["n"], Checkpoint.open(tampered), res.record, GateSettings(), "cpu")
     assert any("'embeddings.LayerNorm.weight'" in p and "leaves alone" in p for p in bad["problems"])
     assert any("model_sha256" in p for p in bad["problems"])
-    assert decide(bad, tampered, GateSettings()).outcome == REJECTED
+    assert decide(bad, tampered, GateSettings()).outcome == GateOutcome.REJECTED
 
 
 def script(tmp_path: Path, body: str) -> list[str]:
@@ -97,25 +98,25 @@ def test_user_command_and_thresholds_decide(tmp_path: Path):
         return GateSettings(command=cmd, **kw)
 
     d = decide(ok, cand, gate(thresholds={"accuracy": Threshold(min=0.8), "stability": Threshold(max=0.5)}))
-    assert d.outcome == ACCEPTED and d.metrics == {"stability": 0.1, "plasticity": 0.2, "harmonic_mean": 0.13,
-                                                   "accuracy": 0.9}
+    assert d.outcome == GateOutcome.ACCEPTED
+    assert d.metrics == {"stability": 0.1, "plasticity": 0.2, "harmonic_mean": 0.13, "accuracy": 0.9}
     assert d.command["argv"][-1] == str(cand)
     d = decide(ok, cand, gate(thresholds={"accuracy": Threshold(min=0.95)}))
-    assert d.outcome == REJECTED and d.reasons == ["accuracy = 0.9 is below the minimum 0.95"]
+    assert d.outcome == GateOutcome.REJECTED and d.reasons == ["accuracy = 0.9 is below the minimum 0.95"]
     d = decide(ok, cand, GateSettings(thresholds={"plasticity": Threshold(max=0.1)}))  # built-in scores only
-    assert d.outcome == REJECTED and "plasticity = 0.2 is above the maximum 0.1" in d.reasons
+    assert d.outcome == GateOutcome.REJECTED and "plasticity = 0.2 is above the maximum 0.1" in d.reasons
     d = decide(ok, cand, GateSettings(thresholds={"accuracy": Threshold(min=0.5)}))
-    assert d.outcome == REJECTED and "not reported" in d.reasons[0]
+    assert d.outcome == GateOutcome.REJECTED and "not reported" in d.reasons[0]
 
     failing = script(tmp_path, "print('model is worse', file=sys.stderr); sys.exit(3)\n")
     d = decide(ok, cand, GateSettings(command=failing))
-    assert d.outcome == REJECTED and d.reasons == ["validation command exited with 3: model is worse"]
-    assert decide(ok, cand, GateSettings(command=["/nonexistent/validate"])).outcome == FAILED
+    assert d.outcome == GateOutcome.REJECTED and d.reasons == ["validation command exited with 3: model is worse"]
+    assert decide(ok, cand, GateSettings(command=["/nonexistent/validate"])).outcome == GateOutcome.FAILED
     slow = script(tmp_path, "time.sleep(30)\n")
     d = decide(ok, cand, GateSettings(command=slow, command_timeout_seconds=0.5))
-    assert d.outcome == FAILED and "timed out" in d.reasons[0]
+    assert d.outcome == GateOutcome.FAILED and "timed out" in d.reasons[0]
     chatty = script(tmp_path, "print('no json here')\n")
-    assert decide(ok, cand, GateSettings(command=chatty)).outcome == FAILED
+    assert decide(ok, cand, GateSettings(command=chatty)).outcome == GateOutcome.FAILED
 
 
 def test_parse_metrics_takes_the_object_or_its_last_json_line():

@@ -133,7 +133,9 @@ def test_a_state_disk_that_fails_makes_the_source_unhealthy_and_shows_it(tmp_pat
     base = base_state()
     b = write_model(base, tmp_path / "base")
     t1 = write_model(finetune(base, 1), tmp_path / "t1")
-    d = DaemonProcess(tmp_path / "svc", b).start()
+    # intake retries 2, 4, 8, 16 s apart: unhealthy from the 3rd failure (~6 s) to the 5th (~30 s, journaled
+    # rejected), a window wide enough for the slow CLI calls below to see it on a loaded machine
+    d = DaemonProcess(tmp_path / "svc", b, folder={"retry_seconds": 2.0}).start()
     staged = d.state / "staged"
     try:
         shutil.rmtree(staged, ignore_errors=True)
@@ -154,15 +156,18 @@ def test_a_state_disk_that_fails_makes_the_source_unhealthy_and_shows_it(tmp_pat
         assert "store" in data["inbox"]["storage"] and "not writable" in data["inbox"]["storage"]["store"]
         text = d.cli("status").stdout
         assert "source      folder UNHEALTHY" in text and "storage     " in text
-        m = d.metrics()
-        assert m[("nufilt_source_healthy", (("source", "folder"),))] == 0
-        assert m[("nufilt_inbox_entries", (("state", "error"),))] == 1
-        assert m[("nufilt_storage_writable", (("dir", "store"),))] == 0
-        assert m[("nufilt_source_errors_total", (("source", "folder"),))] >= 3
+        def sick_metrics() -> bool:  # waited for: the supervisor's restart makes the source healthy for a moment
+            m = d.metrics()
+            return (m[("nufilt_source_healthy", (("source", "folder"),))] == 0
+                    and m[("nufilt_inbox_entries", (("state", "error"),))] == 1
+                    and m[("nufilt_storage_writable", (("dir", "store"),))] == 0
+                    and m[("nufilt_source_errors_total", (("source", "folder"),))] >= 3)
+
+        wait_for("the metrics showing it", sick_metrics, timeout=30)
         wait_for("the supervisor restarting it", lambda: any(
             e["part"] == "source:folder" for e in d.logged("restarting_unhealthy_part")), timeout=30)
         # after the fifth failed intake the entry is journaled as rejected, and nothing was left behind
-        job = wait_for("task1 rejected", lambda: d.in_states("rejected"), timeout=60)[0]
+        job = wait_for("task1 rejected", lambda: d.in_states("rejected"), timeout=90)[0]
         assert "intake failed 5 times" in job["reason"] and staged.is_file()
         d.store.unlink()
         os.rename(store_dir_backup, d.store)

@@ -10,20 +10,11 @@ from pathlib import Path
 
 import pytest
 from nufilt_daemon.intake import Intake
-from nufilt_daemon.journal import (
-    DUPLICATE,
-    FAILED,
-    MERGING,
-    PROMOTED,
-    QUEUED,
-    REJECTED,
-    VALIDATING,
-    Journal,
-    JournalError,
-)
+from nufilt_daemon.journal import Journal, JournalError
 from nufilt_daemon.metrics import Metrics
 from nufilt_daemon.publishers.outbox import Outbox
 from nufilt_daemon.recovery import recover
+from nufilt_daemon.states import JobState
 from nufilt_daemon.store import Store, StoreError
 
 from nufilt_core.lineage import CheckpointRef, LineageRecord
@@ -32,19 +23,19 @@ from nufilt_core.lineage import CheckpointRef, LineageRecord
 def test_job_lifecycle_is_enforced_and_survives_reopening(tmp_path: Path):
     j = Journal.in_state_dir(tmp_path)
     job = j.add_job("folder", "a.safetensors", "aaa", "/staged/a")
-    assert job.state == QUEUED and job.attempts == 0
+    assert job.state == JobState.QUEUED and job.attempts == 0
     with pytest.raises(JournalError, match="queued → promoted is not allowed"):
-        j.transition(job.id, PROMOTED)
+        j.transition(job.id, JobState.PROMOTED)
     j.mark_started(job.id, None)
-    j.transition(job.id, VALIDATING, step=1)
+    j.transition(job.id, JobState.VALIDATING, step=1)
     j.record_promotion(job.id, None, 1, 1, publish=True)
     j.set_state("mlflow:cursor", "7")
     j.close()
 
     j = Journal.in_state_dir(tmp_path, create=False)
     done = j.job(job.id)
-    assert (done.state, done.version, done.step, done.attempts) == (PROMOTED, 1, 1, 1)
-    assert [t[1] for t in j.transitions(job.id)] == [QUEUED, MERGING, VALIDATING, PROMOTED]
+    assert (done.state, done.version, done.step, done.attempts) == (JobState.PROMOTED, 1, 1, 1)
+    assert [t[1] for t in j.transitions(job.id)] == ["queued", "merging", "validating", "promoted"]
     assert j.get_state("mlflow:cursor") == "7" and j.get_state("other") is None
     assert [(c.kind, c.to_version) for c in j.production_changes()] == [("promote", 1)]
     assert [(o.kind, o.version) for o in j.outbox_pending()] == [("publish", 1)]  # same transaction
@@ -56,14 +47,14 @@ def test_duplicates_are_recorded_and_failed_content_may_come_again(tmp_path: Pat
     j = Journal.in_state_dir(tmp_path)
     first = j.add_job("folder", "a", "aaa", "/s/a")
     again = j.add_job("mlflow", "models:/m/3", "aaa", "/s/b")
-    assert (again.state, again.duplicate_of, again.staged_path) == (DUPLICATE, first.id, None)
+    assert (again.state, again.duplicate_of, again.staged_path) == (JobState.DUPLICATE, first.id, None)
     j.mark_started(first.id, None)
-    j.transition(first.id, FAILED, "out of memory")
+    j.transition(first.id, JobState.FAILED, "out of memory")
     retry = j.add_job("folder", "a-retry", "aaa", "/s/c")
-    assert retry.state == QUEUED  # a failed job's content is not a duplicate: it may be retried
-    rejected = j.add_job("folder", "broken", None, None, REJECTED, "unreadable")
-    assert rejected.state == REJECTED and rejected.finished_at is not None
-    assert j.counts()[DUPLICATE] == 1 and j.next_queued().id == retry.id
+    assert retry.state == JobState.QUEUED  # a failed job's content is not a duplicate: it may be retried
+    rejected = j.add_job("folder", "broken", None, None, JobState.REJECTED, "unreadable")
+    assert rejected.state == JobState.REJECTED and rejected.finished_at is not None
+    assert j.counts()[JobState.DUPLICATE] == 1 and j.next_queued().id == retry.id
 
 
 def record(step: int) -> LineageRecord:
@@ -122,7 +113,7 @@ def test_recovery_completes_a_promotion_cut_short_and_requeues_the_rest(tiny: di
     # job 1: candidate already renamed into versions/ when the daemon died; production not switched yet
     a = j.add_job("folder", "a", "aaa", None)
     j.mark_started(a.id, None)
-    j.transition(a.id, VALIDATING, step=1)
+    j.transition(a.id, JobState.VALIDATING, step=1)
     cand = store.candidate_path(a.id, 1)
     shutil.copytree(tiny["t1"], cand)
     record(1).write(cand)
@@ -134,7 +125,7 @@ def test_recovery_completes_a_promotion_cut_short_and_requeues_the_rest(tiny: di
     c = j.add_job("folder", "c", "ccc", None)
     for _ in range(3):
         j.mark_started(c.id, None)
-        j.transition(c.id, QUEUED)
+        j.transition(c.id, JobState.QUEUED)
     j.mark_started(c.id, None)
     orphan = tmp_path / "state" / "staged" / "orphan"
     orphan.mkdir(parents=True)
@@ -144,11 +135,11 @@ def test_recovery_completes_a_promotion_cut_short_and_requeues_the_rest(tiny: di
     # a daemon crash is never the checkpoint's fault: however often, the job is queued again, backing off
     assert report.completed == [a.id] and report.requeued == [b.id, c.id] and report.failed == []
     assert store.production().number == v1.number
-    assert j.job(a.id).state == PROMOTED and j.job(a.id).version == v1.number
-    assert j.job(b.id).state == QUEUED and "redone" in j.job(b.id).reason
-    assert j.job(c.id).state == QUEUED and j.job(c.id).interruptions == 1 and j.job(c.id).attempts == 4
+    assert j.job(a.id).state == JobState.PROMOTED and j.job(a.id).version == v1.number
+    assert j.job(b.id).state == JobState.QUEUED and "redone" in j.job(b.id).reason
+    assert j.job(c.id).state == JobState.QUEUED and j.job(c.id).interruptions == 1 and j.job(c.id).attempts == 4
     assert before + 2.0 <= j.job(b.id).not_before <= time.time() + 2.0
-    j.transition(c.id, MERGING)  # interrupted again: the back-off doubles
+    j.transition(c.id, JobState.MERGING)  # interrupted again: the back-off doubles
     recover(j, store, intake, retry_seconds=2.0, publish=False)
     assert j.job(c.id).interruptions == 2 and j.job(c.id).not_before >= before + 4.0
     assert not store.candidate_path(b.id, 1).exists() and not orphan.exists()
@@ -204,7 +195,7 @@ def _promoting_job(j: Journal, store: Store, tmp_path: Path, job_id_ref: str, fr
     """A job the daemon died in while promoting: its candidate already renamed into versions/."""
     job = j.add_job("folder", job_id_ref, job_id_ref * 3, None)
     j.mark_started(job.id, from_version)
-    j.transition(job.id, VALIDATING, step=step)
+    j.transition(job.id, JobState.VALIDATING, step=step)
     cand = store.candidate_path(job.id, 1)
     cand.mkdir(parents=True)
     (cand / "model.safetensors").write_bytes(b"x")
@@ -225,7 +216,7 @@ def test_a_crash_during_a_step_2_promotion_is_completed_at_restart(tmp_path: Pat
     report = recover(j, store, intake, retry_seconds=0.0, publish=True)
     assert report.completed == [job.id] and report.requeued == []
     done = j.job(job.id)
-    assert (done.state, done.version, done.step) == (PROMOTED, v2.number, 2)
+    assert (done.state, done.version, done.step) == (JobState.PROMOTED, v2.number, 2)
     assert store.production().number == v2.number
     assert [(o.kind, o.version) for o in j.outbox_pending()] == [("publish", v2.number)]
 
@@ -241,7 +232,7 @@ def test_a_promotion_interrupted_after_production_moved_is_discarded_and_redone(
     report = recover(j, store, intake, retry_seconds=0.0, publish=False)
     assert report.requeued == [job.id] and report.completed == []
     assert not v3.path.exists() and store.production().number == v2.number  # it continued nothing
-    assert j.job(job.id).state == QUEUED and j.job(job.id).interruptions == 1
+    assert j.job(job.id).state == JobState.QUEUED and j.job(job.id).interruptions == 1
 
 
 def test_a_journal_from_before_the_new_columns_is_upgraded_on_open(tmp_path: Path):
@@ -259,7 +250,19 @@ def test_a_journal_from_before_the_new_columns_is_upgraded_on_open(tmp_path: Pat
     reader.close()
     j = Journal(db)
     assert j.job(1).interruptions == 0 and j.job(1).child_failures == 0
-    j.transition(1, MERGING)
+    j.transition(1, JobState.MERGING)
     assert recover(j, Store(tmp_path / "store").ensure(), Intake(j, tmp_path / "staged", lambda *a: None),
                    retry_seconds=1.0, publish=False).requeued == [1]
     assert j.job(1).interruptions == 1
+
+
+def test_job_states_and_gate_outcomes_are_named_only_in_the_states_module():
+    """One vocabulary (issue 13): the package compares and writes states through the enums, never literals."""
+    import re
+
+    package = Path(__file__).resolve().parent.parent / "daemon" / "nufilt_daemon"
+    values = "|".join(["queued", "merging", "validating", "promoted", "rejected", "failed", "duplicate", "accepted"])
+    literal = re.compile(rf"""["']({values})["']""")
+    found = [f"{p.name}:{i}: {line.strip()}" for p in sorted(package.rglob("*.py")) if p.name != "states.py"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
+    assert found == []

@@ -14,9 +14,10 @@ import pytest
 from daemon_harness import wait_for
 from nufilt_daemon.config import FolderSettings
 from nufilt_daemon.intake import Intake, content_hash
-from nufilt_daemon.journal import DUPLICATE, QUEUED, REJECTED, Journal
+from nufilt_daemon.journal import Journal
 from nufilt_daemon.sources.base import Arrival, Source
 from nufilt_daemon.sources.folder import PROCESSED_DIR, FolderSource
+from nufilt_daemon.states import JobState
 
 
 class Collector:
@@ -142,7 +143,7 @@ def test_intake_stages_a_private_copy_and_journals_it(tiny: dict[str, Path], tmp
     shutil.copytree(tiny["t1"], inbox / "task1")
     intake.emit(Arrival(inbox / "task1", "folder", "task1"))
     job = journal.jobs()[0]
-    assert job.state == QUEUED and job.sha256 == content_hash(tiny["t1"])
+    assert job.state == JobState.QUEUED and job.sha256 == content_hash(tiny["t1"])
     staged = Path(job.staged_path)
     assert staged.name == "task1" and staged.is_relative_to(tmp_path / "state" / "staged")
     # a hard link on the same filesystem: no extra space, and deleting the inbox copy loses nothing
@@ -153,14 +154,14 @@ def test_intake_stages_a_private_copy_and_journals_it(tiny: dict[str, Path], tmp
     # the same content again is a duplicate and gets no staged copy
     shutil.copytree(tiny["t1"], inbox / "again")
     intake.emit(Arrival(inbox / "again", "folder", "again"))
-    assert journal.jobs()[0].state == DUPLICATE and len(list((tmp_path / "state" / "staged").iterdir())) == 1
+    assert journal.jobs()[0].state == JobState.DUPLICATE and len(list((tmp_path / "state" / "staged").iterdir())) == 1
 
     # an unreadable file is journaled as rejected, with the reason naming it
     (inbox / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     intake.emit(Arrival(inbox / "broken.safetensors", "folder", "broken.safetensors"))
     broken = journal.jobs()[0]
-    assert broken.state == REJECTED and "broken.safetensors" in broken.reason
-    assert seen == [QUEUED, DUPLICATE, REJECTED]
+    assert broken.state == JobState.REJECTED and "broken.safetensors" in broken.reason
+    assert seen == [JobState.QUEUED, JobState.DUPLICATE, JobState.REJECTED]
 
     # a staged copy no job refers to (a crash between staging and committing) is collected
     (tmp_path / "state" / "staged" / "leftover").mkdir()
@@ -200,7 +201,7 @@ def test_an_entry_whose_intake_keeps_failing_leaves_nothing_backs_off_and_is_rej
         entry = src.entries()[0]
         assert entry["name"] == "task1" and entry["state"] == "error" and "disk is full" in entry["reason"]
         assert src.health()["errors_total"] >= 3
-        wait_for("the rejection", lambda: journal.jobs() and journal.jobs()[0].state == REJECTED, timeout=20)
+        wait_for("the rejection", lambda: journal.jobs() and journal.jobs()[0].state == JobState.REJECTED, timeout=20)
         wait_for("the entry set aside", lambda: not (inbox / "task1").exists(), timeout=5)
         assert src.healthy() and src.entries() == []
     finally:
@@ -229,6 +230,6 @@ def test_links_in_the_inbox_are_rejected_at_once_and_deleting_one_never_touches_
         wait_for("both links removed", lambda: os.listdir(inbox) == [], timeout=5)
     finally:
         src.stop()
-    assert {j.state for j in journal.jobs()} == {REJECTED}
+    assert {j.state for j in journal.jobs()} == {JobState.REJECTED}
     assert all("symbolic link" in j.reason for j in journal.jobs())
     assert (outside / "keep.txt").read_text() == "precious" and Path("/etc/passwd").exists()

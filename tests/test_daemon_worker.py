@@ -11,10 +11,11 @@ import pytest
 from daemon_harness import wait_for
 from nufilt_daemon.config import Settings
 from nufilt_daemon.intake import Intake
-from nufilt_daemon.journal import FAILED, PROMOTED, Journal
+from nufilt_daemon.journal import Journal
 from nufilt_daemon.metrics import Metrics
 from nufilt_daemon.promoter import Promoter
 from nufilt_daemon.sources.base import Arrival
+from nufilt_daemon.states import JobState
 from nufilt_daemon.store import Store
 from nufilt_daemon.worker import MergeWorker
 
@@ -53,12 +54,12 @@ def test_a_merge_process_killed_like_the_oom_killer_fails_only_its_job(tiny: dic
             killed.append(child.pid)
             if not killed[1:]:
                 wait_for("job 1 queued again", lambda: journal.job(1).child_failures == 1, timeout=30)
-        wait_for("the second job", lambda: journal.job(2).state == PROMOTED, timeout=120)
+        wait_for("the second job", lambda: journal.job(2).state == JobState.PROMOTED, timeout=120)
         assert worker.is_alive()
     finally:
         worker.stop(0)
     first = journal.job(1)
-    assert first.state == FAILED and "killed by SIGKILL" in first.reason and "out of memory" in first.reason
+    assert first.state == JobState.FAILED and "killed by SIGKILL" in first.reason and "out of memory" in first.reason
     assert (first.attempts, first.child_failures) == (2, 1)
     assert "attempt 1 of 2, retried" in journal.transitions(1)[2][2]
     assert store.production().number == 1 and store.production().lineage().step == 1  # t2 became step 1
@@ -70,7 +71,7 @@ def test_a_merge_process_killed_like_the_oom_killer_fails_only_its_job(tiny: dic
 def test_a_bad_method_setting_fails_the_job_with_the_method_s_message(tiny: dict[str, Path], tmp_path: Path):
     worker, intake, journal, store = make_worker(tmp_path, tiny["base"], method_settings={"null_rnk": 4})
     intake.emit(Arrival(tiny["t1"], "folder", "t1"))
-    run_until(worker, "the job to end", lambda: journal.job(1).state == FAILED, timeout=120)
+    run_until(worker, "the job to end", lambda: journal.job(1).state == JobState.FAILED, timeout=120)
     assert "null_rnk" in journal.job(1).reason and store.production() is None
     assert journal.job(1).staged_path is None  # a failed job's copy is dropped; resubmitting retries it
 
@@ -80,7 +81,7 @@ def test_an_internal_error_fails_the_job_and_removes_its_candidate(tiny: dict[st
     store.versions_dir.rmdir()
     store.versions_dir.write_text("not a folder")  # promotion's rename into versions/ fails for real
     intake.emit(Arrival(tiny["t1"], "folder", "t1"))
-    run_until(worker, "the job to fail", lambda: journal.job(1).state == FAILED, timeout=120)
+    run_until(worker, "the job to fail", lambda: journal.job(1).state == JobState.FAILED, timeout=120)
     assert "internal error" in journal.job(1).reason
     assert list(store.candidates_dir.iterdir()) == []  # not left on disk until a restart
 
@@ -89,15 +90,14 @@ def test_a_checkpoint_from_another_base_is_rejected_with_its_distance(tiny: dict
     import json
 
     from models import base_state, write_model
-    from nufilt_daemon.journal import REJECTED
 
     other = write_model(base_state(seed=7), tmp_path / "other")  # same names and shapes, unrelated values
     worker, intake, journal, store = make_worker(tmp_path, tiny["base"])
     intake.emit(Arrival(other, "folder", "other"))
     intake.emit(Arrival(tiny["t1"], "folder", "t1"))
-    run_until(worker, "both jobs done", lambda: journal.job(2).state == PROMOTED, timeout=120)
+    run_until(worker, "both jobs done", lambda: journal.job(2).state == JobState.PROMOTED, timeout=120)
     first = journal.job(1)
-    assert first.state == REJECTED and "implausibly far from the base" in first.reason
+    assert first.state == JobState.REJECTED and "implausibly far from the base" in first.reason
     assert "median relative distance" in first.reason and "1.4" in first.reason  # the number, ≈ √2
     assert store.production().lineage().step == 1  # t1 became step 1: the other model never entered
     report = json.loads((store.production().path / "validation.json").read_text())
@@ -150,7 +150,7 @@ def test_a_staged_copy_changed_after_arrival_fails_the_job(tiny: dict[str, Path]
         last = f.read(1)
         f.seek(-1, 2)
         f.write(bytes([last[0] ^ 1]))
-    run_until(worker, "the job to end", lambda: journal.job(1).state == FAILED, timeout=120)
+    run_until(worker, "the job to end", lambda: journal.job(1).state == JobState.FAILED, timeout=120)
     assert "no longer matches the content hash" in journal.job(1).reason and store.production() is None
 
 
@@ -161,12 +161,12 @@ def test_a_rollback_while_a_merge_runs_discards_the_candidate_and_redoes_the_job
         intake.emit(Arrival(tiny[name], "folder", name))
     worker.start()
     try:
-        wait_for("v2", lambda: journal.job(2).state == PROMOTED, timeout=120)
+        wait_for("v2", lambda: journal.job(2).state == JobState.PROMOTED, timeout=120)
         intake.emit(Arrival(tiny["t3"], "folder", "t3"))
         wait_for("job 3 merging from v2", lambda: journal.job(3).state == "merging" and worker._child, timeout=60,
                  interval=0.01)
         worker.promoter.rollback("regressed")  # what `nufilt rollback` does from another process
-        wait_for("job 3 promoted", lambda: journal.job(3).state == PROMOTED, timeout=120)
+        wait_for("job 3 promoted", lambda: journal.job(3).state == JobState.PROMOTED, timeout=120)
     finally:
         worker.stop(0)
     job = journal.job(3)

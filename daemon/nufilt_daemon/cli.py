@@ -31,9 +31,10 @@ from nufilt_core.cli import run
 from nufilt_core.errors import NufiltError
 
 from .config import CONFIG_ENV, Settings, load_settings
-from .journal import ACTIVE_STATES, Job, Journal
+from .journal import Job, Journal
 from .names import printable
 from .promoter import Promoter
+from .states import ACTIVE_STATES, FINAL_STATES, JobState
 from .store import Store, StoreError, version_name
 from .supervisor import Daemon, publishing_enabled, state_paths
 
@@ -239,17 +240,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print("production  none yet (no checkpoint has been promoted)")
     q = data["queue"]
-    print(f"queue       {q['queued']} queued, {q['merging']} merging, {q['validating']} validating")
+    print("queue       " + ", ".join(f"{q[s]} {s}" for s in ACTIVE_STATES))
     last = data["last"]
     if last:
         what = f"{last['state']}" + (f" as {version_name(last['version'])}" if last["version"] else "")
-        why = f": {last['reason']}" if last["reason"] and last["state"] != "promoted" else ""
+        why = f": {last['reason']}" if last["reason"] and last["state"] != JobState.PROMOTED else ""
         finished = datetime.fromisoformat(last["finished_at"]).timestamp() if last["finished_at"] else None
         print(f"last        job {last['id']} {what}, {_ago(finished)} ({printable(last['reference'])})"
               f"{printable(why)}")
     t = data["totals"]
-    print(f"totals      {t['promoted']} promoted, {t['rejected']} rejected, {t['failed']} failed, "
-          f"{t['duplicate']} duplicate")
+    print("totals      " + ", ".join(f"{t[s]} {s}" for s in FINAL_STATES))
     inbox = data["inbox"]
     for e in inbox["entries"]:
         print(f"inbox       {printable(str(e['name']))}: {e['state']}"
@@ -300,7 +300,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     print(f"{'job':>5}  {'state':<10} {'version':<8} {'step':>4}  {'source':<7} {'finished':<20} checkpoint / reason")
     for j in jobs:
         ver = version_name(j.version) if j.version else "-"
-        reason = f"  ({printable(j.reason)})" if j.reason and j.state != "promoted" else ""
+        reason = f"  ({printable(j.reason)})" if j.reason and j.state != JobState.PROMOTED else ""
         print(f"{j.id:>5}  {j.state:<10} {ver:<8} {j.step or '-':>4}  {j.source:<7} "
               f"{_short(j.finished_at):<20} {printable(j.reference)}{reason}")
     if changes:

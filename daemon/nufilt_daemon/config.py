@@ -49,6 +49,8 @@ class FolderSettings(_Section):
         600.0, gt=0, description="an entry that stays unreadable this long is queued anyway, to be rejected")
     after: Literal["move", "delete"] = Field(
         "move", description="once journaled, move the inbox entry to WATCH_DIR/.processed/ or delete it")
+    retry_seconds: float = Field(0.5, gt=0, description="first wait before an entry whose intake failed is tried "
+                                 "again, doubling per failure (at most 300 s); journaled rejected after 5 failures")
 
 
 class Threshold(_Section):

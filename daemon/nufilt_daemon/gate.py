@@ -12,8 +12,8 @@ Three layers, cheapest first:
 3. an optional user command (`gate.command`) that gets the candidate folder and prints a JSON
    object of numbers; any metric (built-in or the command's) can have {min, max} thresholds.
 
-Outcomes: "accepted"; "rejected" (a check or a threshold says no, or the command exits non-zero:
-the candidate goes to quarantine with this report); "failed" (the gate itself could not decide:
+Outcomes (states.GateOutcome): accepted; rejected (a check or a threshold says no, or the command exits non-zero:
+the candidate goes to quarantine with this report); failed (the gate itself could not decide:
 the command was not found, timed out, or printed no JSON; production does not move either).
 """
 
@@ -40,9 +40,7 @@ from nufilt_core.scores import record_scope, record_selection, surrogate_scores
 from nufilt_core.selection import Selection
 
 from .config import GateSettings
-
-ACCEPTED, REJECTED, FAILED = "accepted", "rejected", "failed"
-
+from .states import GateOutcome
 
 # --- built-in checks (run in the child process) -------------------------------------------
 
@@ -120,7 +118,7 @@ def check_candidate(base: Checkpoint, previous: Checkpoint | None, new: Checkpoi
 
 @dataclass
 class Decision:
-    outcome: str  # accepted | rejected | failed
+    outcome: GateOutcome
     reasons: list[str]
     metrics: dict[str, float] = field(default_factory=dict)  # what thresholds and the score gauge see
     command: dict[str, Any] | None = None
@@ -202,15 +200,15 @@ def decide(builtin: dict[str, Any], candidate: Path, settings: GateSettings,
     scores = builtin.get("scores") or {}
     metrics = {k: float(scores[k]) for k in ("stability", "plasticity", "harmonic_mean") if k in scores}
     if problems:  # no point running a user command on a broken candidate
-        return Decision(REJECTED, problems, metrics)
+        return Decision(GateOutcome.REJECTED, problems, metrics)
     command = None
     if settings.command:
         command, rejection, failure = run_command(settings.command, candidate, settings.command_timeout_seconds,
                                                      cancel)
         if failure:
-            return Decision(FAILED, [failure], metrics, command)
+            return Decision(GateOutcome.FAILED, [failure], metrics, command)
         if rejection:
-            return Decision(REJECTED, [rejection], metrics, command)
+            return Decision(GateOutcome.REJECTED, [rejection], metrics, command)
         metrics.update(command.get("metrics", {}))
     violations = apply_thresholds(metrics, settings)
-    return Decision(REJECTED if violations else ACCEPTED, violations, metrics, command)
+    return Decision(GateOutcome.REJECTED if violations else GateOutcome.ACCEPTED, violations, metrics, command)

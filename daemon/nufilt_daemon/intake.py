@@ -32,9 +32,10 @@ from nufilt_core.errors import CheckpointError, NufiltError
 from nufilt_core.fsguard import check_tree
 from nufilt_core.safetensors_io import combine_digests
 
-from .journal import DUPLICATE, QUEUED, REJECTED, Job, Journal
+from .journal import Job, Journal
 from .names import printable, staged_name
 from .sources.base import Arrival
+from .states import ACTIVE_STATES, JobState
 
 log = structlog.get_logger("nufilt.intake")
 
@@ -103,7 +104,7 @@ class Intake:
             log.warning("intake_failed", source=arrival.source, checkpoint=reference, failures=n, error=error)
             if n < self.max_failures:
                 raise IntakeError(f"{reference}: intake failed ({n} of {self.max_failures}): {error}") from e
-            job = self.journal.add_job(arrival.source, reference, None, None, REJECTED,
+            job = self.journal.add_job(arrival.source, reference, None, None, JobState.REJECTED,
                                        f"intake failed {n} times, last: {error}")
             self._failures.pop(key, None)
             self.on_journaled(job, arrival)
@@ -125,13 +126,13 @@ class Intake:
                 except CheckpointError as e:  # changed into something refused while we copied it
                     self._reject(arrival, reference, str(e), bound)
                     return
-        event = "checkpoint_duplicate" if job.state == DUPLICATE else "checkpoint_queued"
+        event = "checkpoint_duplicate" if job.state == JobState.DUPLICATE else "checkpoint_queued"
         bound.info(event, job=job.id, sha256=sha[:16], duplicate_of=job.duplicate_of)
         self.on_journaled(job, arrival)
 
     def _reject(self, arrival: Arrival, reference: str, reason: str, bound: Any) -> None:
         reason = printable(reason)
-        job = self.journal.add_job(arrival.source, reference, None, None, REJECTED, reason)
+        job = self.journal.add_job(arrival.source, reference, None, None, JobState.REJECTED, reason)
         bound.warning("checkpoint_unreadable", job=job.id, reason=reason)
         self.on_journaled(job, arrival)
 
@@ -147,12 +148,12 @@ class Intake:
             stage_copy(arrival.path, partial / name)
             check_tree(partial / name)
             os.rename(partial, final)  # a crash before the commit below leaves an orphan: gc_staged
-            job = self.journal.add_job(arrival.source, reference, sha, str(final / name), QUEUED)
+            job = self.journal.add_job(arrival.source, reference, sha, str(final / name), JobState.QUEUED)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             shutil.rmtree(final, ignore_errors=True)
             raise
-        if job.state == DUPLICATE:  # cannot happen under our lock, but never keep a copy nobody owns
+        if job.state == JobState.DUPLICATE:  # cannot happen under our lock, but never keep a copy nobody owns
             shutil.rmtree(final, ignore_errors=True)
         return job
 
@@ -161,7 +162,7 @@ class Intake:
         if not self.staged_dir.is_dir():
             return []
         wanted = {Path(j.staged_path).parent for j in self.journal.jobs(limit=1_000_000)
-                  if j.staged_path and j.state in ("queued", "merging", "validating")}
+                  if j.staged_path and j.state in ACTIVE_STATES}
         removed = []
         for p in self.staged_dir.iterdir():
             if p not in wanted:

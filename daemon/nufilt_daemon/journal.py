@@ -23,20 +23,9 @@ from typing import Any
 
 from nufilt_core.errors import NufiltError
 
-JOURNAL_NAME = "journal.db"
+from .states import ACTIVE_STATES, ALLOWED, DUPLICATE_OF_STATES, FINAL_STATES, JobState
 
-QUEUED, MERGING, VALIDATING = "queued", "merging", "validating"
-PROMOTED, REJECTED, FAILED, DUPLICATE = "promoted", "rejected", "failed", "duplicate"
-ACTIVE_STATES = (QUEUED, MERGING, VALIDATING)
-FINAL_STATES = (PROMOTED, REJECTED, FAILED, DUPLICATE)
-# Content already seen in one of these states is a duplicate; a failed job (crash, OOM, bad
-# config) may be retried by dropping the same checkpoint again.
-DUPLICATE_OF_STATES = (QUEUED, MERGING, VALIDATING, PROMOTED, REJECTED)
-ALLOWED = {
-    QUEUED: {MERGING, FAILED},
-    MERGING: {VALIDATING, REJECTED, FAILED, QUEUED},
-    VALIDATING: {PROMOTED, REJECTED, FAILED, QUEUED},
-}
+JOURNAL_NAME = "journal.db"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -200,7 +189,7 @@ class Journal:
     # --- jobs -----------------------------------------------------------------------------
 
     def add_job(self, source: str, reference: str, sha256: str | None, staged_path: str | None,
-                state: str = QUEUED, reason: str | None = None) -> Job:
+                state: str = JobState.QUEUED, reason: str | None = None) -> Job:
         """Record an arrival. A known content hash makes it a `duplicate` (its staged copy is then
         the caller's to delete: the returned job has staged_path None)."""
         now = time.time()
@@ -211,7 +200,7 @@ class Journal:
                 row = db.execute(f"SELECT id FROM jobs WHERE sha256 = ? AND state IN ({marks}) ORDER BY id LIMIT 1",
                                  (sha256, *DUPLICATE_OF_STATES)).fetchone()
                 if row is not None:
-                    duplicate_of, state, staged_path = row["id"], DUPLICATE, None
+                    duplicate_of, state, staged_path = row["id"], JobState.DUPLICATE, None
                     reason = f"same content as job {row['id']}"
             final = now if state in FINAL_STATES else None
             cur = db.execute(
@@ -236,9 +225,9 @@ class Journal:
             cur = db.execute(
                 "INSERT INTO jobs (source, reference, sha256, state, reason, duplicate_of, created_at, updated_at, "
                 "finished_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (source, reference, sha256, DUPLICATE, reason, row["id"], now, now, now))
+                (source, reference, sha256, JobState.DUPLICATE, reason, row["id"], now, now, now))
             db.execute("INSERT INTO transitions (job_id, from_state, to_state, reason, at) VALUES (?,?,?,?,?)",
-                       (cur.lastrowid, None, DUPLICATE, reason, now))
+                       (cur.lastrowid, None, JobState.DUPLICATE, reason, now))
             job_id = cur.lastrowid
         return self.job(job_id)  # type: ignore[arg-type]
 
@@ -257,7 +246,7 @@ class Journal:
             if to_state not in ALLOWED.get(row["state"], set()):
                 raise JournalError(f"job {job_id}: {row['state']} → {to_state} is not allowed")
             cols = {**fields, "state": to_state, "reason": reason, "updated_at": now}
-            if to_state == MERGING:
+            if to_state == JobState.MERGING:
                 cols["started_at"] = now
             if to_state in FINAL_STATES:
                 cols["finished_at"] = now
@@ -272,7 +261,7 @@ class Journal:
         return Job(**dict(rows[0])) if rows else None
 
     def next_queued(self) -> Job | None:
-        rows = self._query("SELECT * FROM jobs WHERE state = ? ORDER BY id LIMIT 1", (QUEUED,))
+        rows = self._query("SELECT * FROM jobs WHERE state = ? ORDER BY id LIMIT 1", (JobState.QUEUED,))
         return Job(**dict(rows[0])) if rows else None
 
     def jobs(self, limit: int = 50, states: tuple[str, ...] | None = None) -> list[Job]:
@@ -286,7 +275,7 @@ class Journal:
         return [Job(**dict(r)) for r in rows]
 
     def in_flight(self) -> list[Job]:
-        return list(reversed(self.jobs(limit=1_000_000, states=(MERGING, VALIDATING))))
+        return list(reversed(self.jobs(limit=1_000_000, states=(JobState.MERGING, JobState.VALIDATING))))
 
     def counts(self) -> dict[str, int]:
         rows = self._query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
@@ -296,7 +285,7 @@ class Journal:
 
     def last_finished(self) -> Job | None:
         rows = self._query("SELECT * FROM jobs WHERE state IN (?,?,?) ORDER BY finished_at DESC, id DESC LIMIT 1",
-                           (PROMOTED, REJECTED, FAILED))
+                           (JobState.PROMOTED, JobState.REJECTED, JobState.FAILED))
         return Job(**dict(rows[0])) if rows else None
 
     def transitions(self, job_id: int) -> list[tuple[str | None, str, str | None, float]]:
@@ -309,7 +298,7 @@ class Journal:
         job = self.job(job_id)
         if job is None:
             raise JournalError(f"no job {job_id}")
-        return self.transition(job_id, MERGING, from_version=from_version, attempts=job.attempts + 1)
+        return self.transition(job_id, JobState.MERGING, from_version=from_version, attempts=job.attempts + 1)
 
     def clear_staged(self, job_id: int) -> None:
         with self._tx() as db:
@@ -328,12 +317,12 @@ class Journal:
         now = time.time()
         with self._tx() as db:
             row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row["state"] != VALIDATING:
+            if row is None or row["state"] != JobState.VALIDATING:
                 raise JournalError(f"job {job_id}: cannot be promoted from state {row and row['state']}")
             db.execute("UPDATE jobs SET state = ?, reason = NULL, version = ?, step = ?, updated_at = ?, "
-                       "finished_at = ? WHERE id = ?", (PROMOTED, version, step, now, now, job_id))
+                       "finished_at = ? WHERE id = ?", (JobState.PROMOTED, version, step, now, now, job_id))
             db.execute("INSERT INTO transitions (job_id, from_state, to_state, reason, at) VALUES (?,?,?,?,?)",
-                       (job_id, VALIDATING, PROMOTED, f"version {version}", now))
+                       (job_id, JobState.VALIDATING, JobState.PROMOTED, f"version {version}", now))
             db.execute("INSERT INTO production_changes (kind, from_version, to_version, job_id, reason, at) "
                        "VALUES (?,?,?,?,?,?)", ("promote", from_version, version, job_id, None, now))
             if publish:

@@ -25,6 +25,8 @@ import traceback
 from pathlib import Path
 from typing import IO, Any
 
+from .states import GateOutcome
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -53,15 +55,15 @@ class Events:
             self.send("progress", phase=p.phase, index=p.index, total=p.total, elapsed=round(p.elapsed, 3))
 
 
-def error_kind(exc: BaseException) -> str:
+def error_kind(exc: BaseException) -> GateOutcome:
     """rejected: the input or candidate is bad; failed: something else went wrong."""
     from nufilt_core.errors import CheckpointError, LineageError, NufiltError, SettingsError
 
     if isinstance(exc, SettingsError):
-        return "failed"  # the daemon's configuration, not the checkpoint
+        return GateOutcome.FAILED  # the daemon's configuration, not the checkpoint
     if isinstance(exc, CheckpointError | LineageError | NufiltError):
-        return "rejected"
-    return "failed"
+        return GateOutcome.REJECTED
+    return GateOutcome.FAILED
 
 
 def describe(exc: BaseException) -> str:
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             request = json.loads(sys.stdin.read())
         except ValueError as e:
-            events.send("error", stage="request", kind="failed", type="ValueError", message=f"bad request: {e}")
+            events.send("error", stage="request", kind=GateOutcome.FAILED, type="ValueError",
+                        message=f"bad request: {e}")
             return 2
         return run(request, events)
 

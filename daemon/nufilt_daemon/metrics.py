@@ -27,9 +27,11 @@ from prometheus_client.registry import Collector
 
 from nufilt_core import __version__
 
+from .states import OUTCOME_STATES
+
 # merges take seconds to many minutes: 0.5 s … 1 h (the default buckets stop at 10 s)
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 2700, 3600)
-OUTCOMES = ("promoted", "rejected", "failed")
+OUTCOMES = OUTCOME_STATES
 BUILTIN_SCORES = ("stability", "plasticity", "harmonic_mean")
 REGISTRY_OPERATIONS = ("poll", "publish", "set_production")
 INBOX_STATES = ("waiting", "ignored", "error")

@@ -15,7 +15,8 @@ from typing import Any
 
 import structlog
 
-from .journal import REJECTED, Job, Journal
+from .journal import Job, Journal
+from .states import JobState
 from .store import Store, Version
 
 log = structlog.get_logger("nufilt.promoter")
@@ -53,7 +54,7 @@ class Promoter:
 
     def reject(self, job: Job, candidate: Path | None, report: dict[str, Any], reason: str) -> Path:
         where = self.store.quarantine(job.id, candidate, report, self.keep_quarantine)
-        self.journal.transition(job.id, REJECTED, reason)
+        self.journal.transition(job.id, JobState.REJECTED, reason)
         return where
 
     def rollback(self, reason: str | None = None) -> Rollback:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from .intake import Intake
-from .journal import QUEUED, VALIDATING, Job, Journal
+from .journal import Job, Journal
+from .states import JobState
 from .store import Store, Version, remove_tree
 
 log = structlog.get_logger("nufilt.recovery")
@@ -52,7 +53,7 @@ def recover(journal: Journal, store: Store, intake: Intake, retry_seconds: float
     out = RecoveryReport()
     out.removed += [str(p) for p in store.clean_candidates()]
     for job in journal.in_flight():
-        version = find_version_of(store, job) if job.state == VALIDATING else None
+        version = find_version_of(store, job) if job.state == JobState.VALIDATING else None
         if version is not None:
             with store.lock():
                 prod = store.production()
@@ -68,8 +69,8 @@ def recover(journal: Journal, store: Store, intake: Intake, retry_seconds: float
             remove_tree(version.path)  # production moved on meanwhile: this version continues nothing
         n = job.interruptions + 1
         delay = interruption_backoff(n, retry_seconds)
-        journal.transition(job.id, QUEUED, f"the daemon stopped while {job.state} (interruption {n}); redone from "
-                           f"the start in {delay:g}s", interruptions=n, not_before=time.time() + delay)
+        journal.transition(job.id, JobState.QUEUED, f"the daemon stopped while {job.state} (interruption {n}); "
+                           f"redone from the start in {delay:g}s", interruptions=n, not_before=time.time() + delay)
         out.requeued.append(job.id)
         log.warning("job_requeued_after_restart", job=job.id, checkpoint=job.reference, was=job.state,
                     interruptions=n, retry_in=delay)

@@ -30,7 +30,7 @@ from nufilt_core.errors import NufiltError
 
 from .config import ConfigError, Settings
 from .intake import Intake
-from .journal import ACTIVE_STATES, DUPLICATE, Job, Journal
+from .journal import Job, Journal
 from .logging import adopt_library_loggers
 from .metrics import INBOX_STATES, Metrics
 from .notify import Notifier
@@ -39,6 +39,7 @@ from .publishers.outbox import Outbox
 from .recovery import recover
 from .sources.base import Arrival, Source
 from .sources.folder import FolderSource
+from .states import ACTIVE_STATES, OUTCOME_STATES, JobState
 from .store import Store, StoreError
 from .worker import MergeWorker
 
@@ -168,10 +169,10 @@ class Daemon:
 
     def _on_journaled(self, job: Job, arrival: Arrival) -> None:
         self.metrics.detected.labels(arrival.source).inc()
-        if job.state == DUPLICATE:
+        if job.state == JobState.DUPLICATE:
             self.metrics.duplicates.inc()
-        elif job.state == "rejected":
-            self.metrics.merges.labels("rejected").inc()
+        elif job.state == JobState.REJECTED:
+            self.metrics.merges.labels(JobState.REJECTED).inc()
         self.worker.wake()
 
     def _start_sources(self) -> None:
@@ -348,8 +349,8 @@ class Daemon:
             prod = None
         current = self.worker.current
         busy = f"merging job {current.id}" if current else "idle"
-        line = (f"production {prod.name if prod else 'none'}; {counts['queued']} queued; {busy}; "
-                f"{counts['promoted']} promoted, {counts['rejected']} rejected, {counts['failed']} failed")
+        done = ", ".join(f"{counts[s]} {s}" for s in OUTCOME_STATES)
+        line = f"production {prod.name if prod else 'none'}; {counts[JobState.QUEUED]} queued; {busy}; {done}"
         unhealthy = [src.name for src in self.sources if not src.healthy()]
         if unhealthy:
             line += f"; UNHEALTHY source(s): {', '.join(unhealthy)}"

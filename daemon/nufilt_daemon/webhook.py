@@ -38,6 +38,8 @@ from typing import Any
 import structlog
 from pydantic import SecretStr
 
+from .states import JobState
+
 log = structlog.get_logger("nufilt.webhook")
 
 SIGNATURE_HEADER = "X-MLflow-Signature"
@@ -142,7 +144,7 @@ class WebhookServer:
             return 400, {"error": "expected an MLflow webhook payload with entity and action"}
         with self._lock:
             if delivery_id and delivery_id in self._seen:
-                return 200, {"status": "duplicate"}
+                return 200, {"status": JobState.DUPLICATE}
             if delivery_id:
                 self._seen[delivery_id] = None
                 while len(self._seen) > SEEN_DELIVERIES:

@@ -29,10 +29,11 @@ from typing import Any
 import structlog
 
 from .config import Settings
-from .gate import ACCEPTED, decide
-from .journal import FAILED, PROMOTED, QUEUED, REJECTED, VALIDATING, Job, Journal
+from .gate import decide
+from .journal import Job, Journal
 from .metrics import Metrics
 from .promoter import Promoter
+from .states import FINAL_STATES, GateOutcome, JobState
 from .store import Store
 
 log = structlog.get_logger("nufilt.worker")
@@ -135,9 +136,9 @@ class MergeWorker:
             now = self.journal.job(job.id)
             if now is not None:  # the candidate is half-done work either way (a full disk must not keep it)
                 shutil.rmtree(self.store.candidate_path(job.id, now.attempts), ignore_errors=True)
-            if now is not None and now.state not in ("promoted", "rejected", "failed", "duplicate"):
-                self.journal.transition(job.id, FAILED, f"internal error: {type(e).__name__}: {e}")
-                self.metrics.merges.labels("failed").inc()
+            if now is not None and now.state not in FINAL_STATES:
+                self.journal.transition(job.id, JobState.FAILED, f"internal error: {type(e).__name__}: {e}")
+                self.metrics.merges.labels(JobState.FAILED).inc()
             self._drop_staged(job)
         except Exception:
             log.exception("journal_error", job=job.id)
@@ -179,7 +180,8 @@ class MergeWorker:
             self.metrics.validation_duration.observe(validation_seconds)
             for name, value in decision.metrics.items():
                 self.metrics.validation_score.labels(name).set(value)
-        if outcome == FAILED and self._abnormal(res) and job.child_failures + 1 < self.settings.max_attempts:
+        retry = self._abnormal(res) and job.child_failures + 1 < self.settings.max_attempts
+        if outcome == GateOutcome.FAILED and retry:
             return self._retry_after_child_failure(job, candidate, reasons, jlog)
         report.update(decision=outcome, reasons=reasons, created_at=datetime.now(UTC).isoformat(timespec="seconds"))
         self._settle(job, candidate, outcome, report, jlog)
@@ -196,31 +198,31 @@ class MergeWorker:
         shutil.rmtree(candidate, ignore_errors=True)
         n = job.child_failures + 1
         reason = f"{'; '.join(reasons)}; attempt {n} of {self.settings.max_attempts}, retried"
-        self.journal.transition(job.id, QUEUED, reason, child_failures=n)
+        self.journal.transition(job.id, JobState.QUEUED, reason, child_failures=n)
         jlog.warning("merge_process_failed_retrying", reason=reason, child_failures=n)
 
-    def _settle(self, job: Job, candidate: Path, outcome: str, report: dict[str, Any], jlog: Any) -> None:
+    def _settle(self, job: Job, candidate: Path, outcome: GateOutcome, report: dict[str, Any], jlog: Any) -> None:
         """Promote, quarantine or fail; count it; one summary event."""
         reason = "; ".join(report["reasons"]) or None
         version = None
-        if outcome == ACCEPTED:
+        final = outcome.job_state()
+        if outcome == GateOutcome.ACCEPTED:
             step = int(report["step"])
             v = self.promoter.promote(job, candidate, report, step)
             if v is None:
                 return self._requeue(job, candidate, "production changed during the merge (rollback); redone "
                                      "from the new production", jlog)
-            version, final = v.number, PROMOTED
+            version = v.number
             self.metrics.production_version.set(version)
             self.metrics.merge_step.set(step)
             self.metrics.last_promotion.set(time.time())
-        elif outcome == REJECTED:
-            where = self.promoter.reject(job, candidate if candidate.exists() else None, report, reason or "rejected")
-            final = REJECTED
+        elif outcome == GateOutcome.REJECTED:
+            where = self.promoter.reject(job, candidate if candidate.exists() else None, report,
+                                         reason or JobState.REJECTED)
             jlog = jlog.bind(quarantine=str(where))
         else:
             shutil.rmtree(candidate, ignore_errors=True)
-            self.journal.transition(job.id, FAILED, reason)
-            final = FAILED
+            self.journal.transition(job.id, JobState.FAILED, reason)
         self.metrics.merges.labels(final).inc()
         self._drop_staged(job)
         self._prune_logs()
@@ -232,7 +234,7 @@ class MergeWorker:
     def _requeue(self, job: Job, candidate: Path, reason: str, jlog: Any) -> None:
         """Back to the queue, not counted as an attempt (it was not this job's fault)."""
         shutil.rmtree(candidate, ignore_errors=True)
-        self.journal.transition(job.id, QUEUED, reason, attempts=job.attempts - 1)
+        self.journal.transition(job.id, JobState.QUEUED, reason, attempts=job.attempts - 1)
         jlog.warning("merge_requeued", reason=reason)
 
     def _observe_merge(self, res: ChildResult, seconds: float) -> None:
@@ -243,24 +245,24 @@ class MergeWorker:
         if res.gpu_peak_bytes is not None:
             self.metrics.merge_gpu_peak.set(res.gpu_peak_bytes)
 
-    def _outcome_before_gate(self, job: Job, res: ChildResult) -> tuple[str | None, list[str]]:
+    def _outcome_before_gate(self, job: Job, res: ChildResult) -> tuple[GateOutcome | None, list[str]]:
         """(outcome, reasons) when the child already settled it; (None, []) when the gate decides."""
         if res.timed_out:
-            return FAILED, [f"merge timed out after {self.settings.merge_timeout_seconds:g}s"]
+            return GateOutcome.FAILED, [f"merge timed out after {self.settings.merge_timeout_seconds:g}s"]
         if res.error is not None:
             where = "merge" if res.error.get("stage") == "merge" else "validation"
-            kind = REJECTED if res.error.get("kind") == "rejected" else FAILED
+            kind = GateOutcome.REJECTED if res.error.get("kind") == GateOutcome.REJECTED else GateOutcome.FAILED
             return kind, [f"{where}: {res.error.get('message')}"]
         if res.returncode is not None and res.returncode < 0:
             sig = signal_name(res.returncode)
             hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if sig == "SIGKILL" else ""
-            return FAILED, [f"merge process killed by {sig}{hint}"]
+            return GateOutcome.FAILED, [f"merge process killed by {sig}{hint}"]
         if res.record is None or res.validation is None:
-            return FAILED, [f"merge process exited with code {res.returncode} without a result; see "
+            return GateOutcome.FAILED, [f"merge process exited with code {res.returncode} without a result; see "
                             f"{self._log_path(job)}"]
         merged_sha = res.record["checkpoints"][-1]["sha256"]
         if merged_sha != job.sha256:
-            return FAILED, ["the staged copy no longer matches the content hash journaled on arrival "
+            return GateOutcome.FAILED, ["the staged copy no longer matches the content hash journaled on arrival "
                             "(was the file changed in place after it was dropped?)"]
         return None, []
 
@@ -331,7 +333,7 @@ class MergeWorker:
             res.merged_at = time.monotonic()
             res.gpu_peak_bytes = ev.get("gpu_peak_bytes")
             step = (res.record or {}).get("step")
-            self.journal.transition(job.id, VALIDATING, step=step)
+            self.journal.transition(job.id, JobState.VALIDATING, step=step)
             jlog.info("candidate_merged", step=step, seconds=res.merge_phase_seconds)
         elif kind == "validated":
             res.validation = ev.get("report")

@@ -53,7 +53,7 @@ COMPLETE_MARKER = "_COMPLETE"
 PROCESSED_DIR = ".processed"
 # whitelisted event types: our own reads inside the inbox raise opened/closed_no_write events
 RELEVANT_EVENTS = {"created", "modified", "moved", "closed"}
-FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS = 0.5, 300.0  # back-off of an entry whose intake failed
+MAX_RETRY_SECONDS = 300.0  # back-off of an entry whose intake failed, from settings.retry_seconds
 
 
 def is_ignored(name: str) -> bool:
@@ -321,7 +321,7 @@ class FolderSource:
 
     def _entry_failed(self, entry: _Entry, error: str) -> float:
         entry.failures += 1
-        delay = min(MAX_RETRY_SECONDS, FIRST_RETRY_SECONDS * 2 ** (entry.failures - 1))
+        delay = min(MAX_RETRY_SECONDS, self.settings.retry_seconds * 2 ** (entry.failures - 1))
         entry.next_try = time.monotonic() + delay
         entry.state, entry.reason = ERROR, printable(error)
         return delay

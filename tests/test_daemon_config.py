@@ -74,3 +74,32 @@ def test_the_operator_docs_list_every_setting_and_its_variable():
         keys += [f"{prefix}.{k}" for k in section.model_fields]
     missing = [k for k in keys if f"| `{k}` | `NUFILT_{k.upper().replace('.', '__')}`" not in doc]
     assert missing == []
+
+
+def test_the_method_and_its_settings_are_checked_when_settings_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A typo stops the daemon at start (exit 78) instead of failing every checkpoint that arrives."""
+    import subprocess
+    import sys
+
+    with pytest.raises(ConfigError, match=r"method: .*unknown method 'nufilz'"):
+        load_settings(write(tmp_path, 'method = "nufilz"\n'))
+    with pytest.raises(ConfigError, match=r"method_settings: .*preset: Input should be"):
+        load_settings(write(tmp_path, 'method_settings = {preset = "bret"}\n'))
+    with pytest.raises(ConfigError, match=r"method_settings: .*include: .*not a valid regular expression"):
+        load_settings(write(tmp_path, 'method_settings = {include = ["("]}\n'))
+    assert load_settings(write(tmp_path, 'method = "ties"\nmethod_settings = {topk = 0.2}\n')).method == "ties"
+    monkeypatch.setenv("NUFILT_BASE_MODEL", str(tmp_path / "base"))
+    monkeypatch.setenv("NUFILT_METHOD_SETTINGS", '{"null_rnak": 64}')
+    proc = subprocess.run([str(Path(sys.executable).parent / "nufilt"), "daemon"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 78 and "null_rnak" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "nufilt-state").exists()  # stopped before creating anything
+
+
+def test_the_preset_choices_are_the_selection_presets():
+    from typing import get_args
+
+    from nufilt_core.methods.nufilt import Preset
+    from nufilt_core.selection import PRESETS
+
+    assert set(get_args(Preset)) == {"auto", "all-linear", *PRESETS}

@@ -174,3 +174,12 @@ def test_sigterm_during_nufilt_submit_leaves_no_temporary_copy(tiny: dict[str, P
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err
     assert list(inbox.iterdir()) == []  # no hidden half copy for the daemon to trip over
+
+
+def test_an_invalid_include_pattern_is_one_line_with_the_settings(tiny: dict[str, Path], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]):
+    rc = main(["merge", "--base", str(tiny["base"]), "--checkpoint", str(tiny["t1"]), "--output",
+               str(tmp_path / "out"), "--include", "(", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "not a valid regular expression" in err and "'('" in err
+    assert not (tmp_path / "out").exists()

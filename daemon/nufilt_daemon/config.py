@@ -12,7 +12,16 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,8 +29,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from nufilt_core.errors import NufiltError
-from nufilt_core.merge import DEFAULT_MAX_SHARD_BYTES
+from nufilt_core.errors import NufiltError, SettingsError
+from nufilt_core.merge import DEFAULT_MAX_SHARD_BYTES, resolve_settings
+from nufilt_core.methods import get_method
 from nufilt_core.plausibility import DEFAULT_MAX_RELATIVE_DISTANCE
 
 ENV_PREFIX = "NUFILT_"
@@ -123,6 +133,27 @@ class Settings(BaseSettings):
     folder: FolderSettings = FolderSettings()
     gate: GateSettings = GateSettings()
     mlflow: MlflowSettings = MlflowSettings()
+
+    # the method and its settings are checked when the settings load, so a typo stops the daemon at
+    # start (exit 78) instead of failing every checkpoint that arrives
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        try:
+            get_method(method)
+        except SettingsError as e:
+            raise ValueError(str(e)) from None
+        return method
+
+    @field_validator("method_settings")
+    @classmethod
+    def _valid_method_settings(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "method" in info.data:  # else the method itself was invalid, and says so
+            try:
+                resolve_settings(get_method(info.data["method"]), {}, options)
+            except SettingsError as e:
+                raise ValueError(str(e)) from None
+        return options
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

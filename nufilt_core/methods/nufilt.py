@@ -31,12 +31,13 @@ Beyond the paper (issue 9; the defaults are the paper's method, profile "plus" a
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from statistics import fmean
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..errors import LineageError
 from ..linalg import adapter_seed, seeded_normal, top_right_singular_vectors
@@ -44,6 +45,7 @@ from ..selection import Selection
 from .base import MergeMethod, MethodSettings, StepContext
 
 Policy = Literal["keep_base", "keep_previous", "average", "sum"]
+Preset = Literal["auto", "all-linear", "clip", "vit", "bert", "t5", "llama"]  # selection.PRESETS and two rules
 Rescale = Literal["none", "model", "matrix"]
 # Named settings: "paper" is the paper's method (what the parity tests check); "plus" is the
 # combination chosen on the quality benchmark's dev split (bench/quality/README.md, issue 9):
@@ -68,7 +70,8 @@ class NufiltSettings(MethodSettings):
     lambda_old: float = Field(1.0, ge=0, description="λ2: weight of the earlier-task (stability) block")
     null_space: bool = Field(True, description="apply the filter P (False: P = I, adapter only)")
     include: tuple[str, ...] = Field((), description="regexes of tensors to filter (re.search)")
-    preset: str = Field("auto", description="auto, all-linear, clip, vit, bert, t5, llama")
+    preset: Preset = Field("auto", description="which tensors are filtered: auto (detected from the names), "
+                           "all-linear, or an architecture's")
     policy: Policy = Field("keep_base", description="what other float tensors become; sum (beyond the paper): "
                            "θ^m_{t-1} + τ_t, unfiltered but rescaled with the rest when rescale is on")
     first_step: Literal["paper", "published_code"] = Field(
@@ -86,6 +89,17 @@ class NufiltSettings(MethodSettings):
                                "loss sees: A's random start outside them is dropped (the loss is unchanged)")
     null_energy: float | None = Field(None, gt=0, le=1, description="r_p by energy: the fewest directions holding this "
                                       "share of ‖τ_{≤t-1}‖², at most null_rank (None: null_rank directions)")
+
+    @field_validator("include")
+    @classmethod
+    def _valid_patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        # checked with the settings, before any tensor is read or hashed
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"{p!r} is not a valid regular expression: {e}") from None
+        return patterns
 
     @model_validator(mode="before")
     @classmethod

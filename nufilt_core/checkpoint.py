@@ -146,6 +146,24 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         return read_tensor(self.tensors[name])
 
+    def check_same_layout(self, other: Checkpoint, role: str) -> None:
+        """`other` has this model's tensor names, shapes and kind of dtype; names the first offender."""
+        missing = [n for n in self.tensors if n not in other.tensors]
+        if missing:
+            raise CheckpointError(other.path, f"{role} lacks {len(missing)} tensor(s) the base has, "
+                                  f"first '{missing[0]}'", tensor=missing[0])
+        extra = [n for n in other.tensors if n not in self.tensors]
+        if extra:
+            raise CheckpointError(other.path, f"{role} has {len(extra)} tensor(s) the base lacks, "
+                                  f"first '{extra[0]}'", tensor=extra[0])
+        for name, b in self.tensors.items():
+            o = other.tensors[name]
+            if o.shape != b.shape:
+                raise CheckpointError(o.file, f"{role} has shape {list(o.shape)}, the base {list(b.shape)}",
+                                      tensor=name)
+            if o.is_float != b.is_float or (not b.is_float and o.dtype != b.dtype):
+                raise CheckpointError(o.file, f"{role} has dtype {o.dtype}, the base {b.dtype}", tensor=name)
+
     def scan(self) -> Iterator[tuple[TensorInfo, torch.Tensor, str]]:
         """Every tensor once, in storage order, with its digest line for the content hash."""
         for info in self.tensors.values():

@@ -2,11 +2,12 @@
 
 Streaming: tensors are read, merged and written one at a time, so memory holds about one
 layer, not three models. Order of work:
-  1. open the three inputs (headers only) and read the previous lineage record;
-  2. pre-flight: names, shapes and dtypes against the base, then one streaming pass that hashes
+  1. `_resolve`: open the three inputs (headers only), read the previous lineage record, resolve
+     method, settings, seed and step;
+  2. `_preflight`: names, shapes and dtypes against the base, then one streaming pass that hashes
      every tensor and checks it is finite, and the lineage checks on those hashes;
-  3. the method's statistics passes, if it has any;
-  4. the merge pass into a hidden temporary sibling of the output, which is renamed into place
+  3. `_statistics`: the method's statistics passes, if it has any;
+  4. `_write`: the merge pass into a hidden temporary sibling of the output, which is renamed into place
      only when complete (weights, side files, lineage record, all fsynced).
 """
 
@@ -76,24 +77,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def check_same_layout(base: Checkpoint, other: Checkpoint, role: str) -> None:
-    """Same tensor names, shapes and kind of dtype as the base; names the first offender."""
-    missing = [n for n in base.tensors if n not in other.tensors]
-    if missing:
-        raise CheckpointError(other.path, f"{role} lacks {len(missing)} tensor(s) the base has, "
-                              f"first '{missing[0]}'", tensor=missing[0])
-    extra = [n for n in other.tensors if n not in base.tensors]
-    if extra:
-        raise CheckpointError(other.path, f"{role} has {len(extra)} tensor(s) the base lacks, "
-                              f"first '{extra[0]}'", tensor=extra[0])
-    for name, b in base.tensors.items():
-        o = other.tensors[name]
-        if o.shape != b.shape:
-            raise CheckpointError(o.file, f"{role} has shape {list(o.shape)}, the base {list(b.shape)}", tensor=name)
-        if o.is_float != b.is_float or (not b.is_float and o.dtype != b.dtype):
-            raise CheckpointError(o.file, f"{role} has dtype {o.dtype}, the base {b.dtype}", tensor=name)
-
-
 def scan_and_hash(ckpt: Checkpoint, role: str, report: Callable[[str], None]) -> str:
     """Hash every tensor and check floats are finite, in one streaming pass."""
     sha, non_finite = ckpt.hash_and_non_finite(report)
@@ -112,23 +95,41 @@ def resolve_settings(method_cls: type[MergeMethod], inherited: dict[str, Any], o
         raise SettingsError(f"settings for method {method_cls.name}: {problems}") from None
 
 
-def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeResult:
-    t0 = time.perf_counter()
-    seconds: dict[str, float] = {}
+@dataclass
+class _Step:
+    """Part 1's result: the opened inputs and everything resolved about this step."""
 
-    def report(phase: str, index: int, total: int, name: str) -> None:
-        if progress:
-            progress(Progress(phase, index, total, name, time.perf_counter() - t0))
+    req: MergeRequest
+    base: Checkpoint
+    new: Checkpoint
+    previous: Checkpoint | None
+    prev_record: LineageRecord | None
+    method_name: str
+    method_cls: type[MergeMethod]
+    settings: Any  # the method's Settings
+    seed: int
+    step: int
+    device: torch.device
 
-    output = Path(req.output)
-    if output.exists() and not req.overwrite:
-        raise NufiltError(f"{output}: already exists (pass --overwrite to replace it)")
+    def load(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(base, previous, new) of one tensor on the device, in fp32 (fp64 stays fp64)."""
+        compute = torch.float64 if self.base.tensors[name].torch_dtype == torch.float64 else torch.float32
+
+        def get(c: Checkpoint) -> torch.Tensor:
+            return c.read(name).to(device=self.device, dtype=compute)
+
+        b = get(self.base)
+        return b, (get(self.previous) if self.previous else b), get(self.new)  # θ_0^m = θ0: read once at step 1
+
+
+def _resolve(req: MergeRequest) -> _Step:
+    """Part 1: open the inputs (headers only), read the lineage, resolve method, settings, seed and step."""
+    if Path(req.output).exists() and not req.overwrite:
+        raise NufiltError(f"{req.output}: already exists (pass --overwrite to replace it)")
     device = resolve_device(req.device)
-    base = Checkpoint.open(req.base)
-    new = Checkpoint.open(req.checkpoint)
+    base, new = Checkpoint.open(req.base), Checkpoint.open(req.checkpoint)
     previous = Checkpoint.open(req.previous) if req.previous else None
     prev_record = LineageRecord.read(Path(req.previous)) if req.previous else None
-
     method_name = req.method or (prev_record.method if prev_record else DEFAULT_METHOD)
     method_cls = get_method(method_name)
     if prev_record and prev_record.method != method_name:
@@ -137,12 +138,16 @@ def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeRe
     settings = resolve_settings(method_cls, prev_record.settings if prev_record else {}, req.options)
     seed = req.seed if req.seed is not None else (prev_record.seed if prev_record else 0)
     step = prev_record.step + 1 if prev_record else 1
+    return _Step(req, base, new, previous, prev_record, method_name, method_cls, settings, seed, step, device)
 
-    # pre-flight: everything that can fail does so before any heavy work
-    check_same_layout(base, new, "checkpoint")
-    if previous:
-        check_same_layout(base, previous, "previous merged model")
-    inputs = [("base", base), ("checkpoint", new)] + ([("previous", previous)] if previous else [])
+
+def _preflight(s: _Step, report: Callable[[str, int, int, str], None]) -> dict[str, str]:
+    """Part 2: everything that can fail does so before any heavy work. Layouts, then one streaming
+    pass per input that hashes every tensor and checks it is finite, then the lineage checks."""
+    s.base.check_same_layout(s.new, "checkpoint")
+    if s.previous:
+        s.base.check_same_layout(s.previous, "previous merged model")
+    inputs = [("base", s.base), ("checkpoint", s.new)] + ([("previous", s.previous)] if s.previous else [])
     total = sum(len(c.tensors) for _, c in inputs)
     done = 0
     hashes: dict[str, str] = {}
@@ -152,71 +157,64 @@ def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeRe
             done += 1
             report("check", done, total, f"{role}: {name}")
         hashes[role] = scan_and_hash(ckpt, role, tick)
-    if prev_record:
-        if prev_record.base.sha256 != hashes["base"]:
-            raise LineageError(f"{req.previous} descends from another base (sha256 {prev_record.base.sha256[:12]}…), "
+    if s.prev_record:
+        req, rec = s.req, s.prev_record
+        if rec.base.sha256 != hashes["base"]:
+            raise LineageError(f"{req.previous} descends from another base (sha256 {rec.base.sha256[:12]}…), "
                                f"not {req.base} ({hashes['base'][:12]}…)")
-        if prev_record.model_sha256 != hashes["previous"]:
+        if rec.model_sha256 != hashes["previous"]:
             raise LineageError(f"{req.previous}: weights no longer match their lineage record "
                                "(modified or corrupted after merging)")
-        for t, ref in enumerate(prev_record.checkpoints, 1):
+        for t, ref in enumerate(rec.checkpoints, 1):
             if ref.sha256 == hashes["checkpoint"]:
                 raise LineageError(f"{req.checkpoint} was already merged at step {t} of {req.previous}")
-    seconds["check"] = time.perf_counter() - t0
+    return hashes
 
-    ctx = StepContext(step=step, seed=seed, device=device, names=list(base.tensors),
-                      previous_state=prev_record.method_state if prev_record else {})
-    method = method_cls(settings, ctx)
-    float_names = [n for n, i in base.tensors.items() if i.is_float]
 
-    def load(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        compute = torch.float64 if base.tensors[name].torch_dtype == torch.float64 else torch.float32
-
-        def get(c: Checkpoint) -> torch.Tensor:
-            return c.read(name).to(device=device, dtype=compute)
-
-        b = get(base)
-        return b, (get(previous) if previous else b), get(new)  # θ_0^m = θ0: read once at step 1
-
-    t_stats = time.perf_counter()
+def _statistics(s: _Step, method: MergeMethod, report: Callable[[str, int, int, str], None]) -> None:
+    """Part 3: the method's statistics passes over the float tensors, if it has any."""
+    float_names = [n for n, i in s.base.tensors.items() if i.is_float]
     with torch.no_grad():
         for p in range(method.passes):
             for i, name in enumerate(float_names, 1):
-                method.observe(p, name, *load(name))
+                method.observe(p, name, *s.load(name))
                 report("statistics", i, len(float_names), name)
             method.end_pass(p)
-    seconds["statistics"] = time.perf_counter() - t_stats
 
-    t_merge = time.perf_counter()
+
+def _write(s: _Step, method: MergeMethod, hashes: dict[str, str], report: Callable[[str, int, int, str], None],
+           started: float) -> LineageRecord:
+    """Part 4: the merge pass into a hidden temporary sibling of the output (weights, side files, lineage
+    record, all fsynced), renamed into place only when complete; removed on any failure."""
+    req, output = s.req, Path(s.req.output)
     tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
-        plan = [(n, i.dtype, i.shape) for n, i in base.tensors.items()]
+        plan = [(n, i.dtype, i.shape) for n, i in s.base.tensors.items()]
         writer = StreamingWriter(tmp, plan, req.max_shard_bytes)
         with torch.no_grad():
-            for i, (name, info) in enumerate(base.tensors.items(), 1):
+            for i, (name, info) in enumerate(s.base.tensors.items(), 1):
                 if info.is_float:
-                    merged = method.merge(name, *load(name))
+                    merged = method.merge(name, *s.load(name))
                     if not bool(torch.isfinite(merged).all()):
-                        raise NufiltError(f"method {method_name} produced NaN/Inf for tensor '{name}'")
+                        raise NufiltError(f"method {s.method_name} produced NaN/Inf for tensor '{name}'")
                     out = merged.to(device="cpu", dtype=info.torch_dtype)
                 else:  # integer/bool buffers are never merged
-                    out = base.read(name)
+                    out = s.base.read(name)
                 writer.write(name, out)
                 report("merge", i, len(plan), name)
         model_sha = writer.close()
-        for side in new.side_files():
+        for side in s.new.side_files():
             shutil.copy2(side, tmp / side.name)
-        seconds["merge"] = time.perf_counter() - t_merge
         record = LineageRecord(
-            method=method_name, settings=settings.model_dump(mode="json"), seed=seed, step=step,
+            method=s.method_name, settings=s.settings.model_dump(mode="json"), seed=s.seed, step=s.step,
             base=CheckpointRef(hashes["base"], str(req.base)),
-            checkpoints=[*(prev_record.checkpoints if prev_record else []),
+            checkpoints=[*(s.prev_record.checkpoints if s.prev_record else []),
                          CheckpointRef(hashes["checkpoint"], str(req.checkpoint))],
             model_sha256=model_sha, method_state=method.state(), summary=method.summary(),
             tool=f"nufilt {__version__}", created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            device=str(device), duration_seconds=round(time.perf_counter() - t0, 3),
+            device=str(s.device), duration_seconds=round(time.perf_counter() - started, 3),
             peak_rss_bytes=peak_rss_bytes())
         record.write(tmp)
         fsync_dir(tmp)
@@ -231,7 +229,31 @@ def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeRe
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return MergeResult(output, record, seconds)
+    return record
+
+
+def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeResult:
+    """One step, in the four parts the module docstring lists; seconds per phase in the result."""
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def report(phase: str, index: int, total: int, name: str) -> None:
+        if progress:
+            progress(Progress(phase, index, total, name, time.perf_counter() - t0))
+
+    s = _resolve(req)
+    hashes = _preflight(s, report)
+    seconds["check"] = time.perf_counter() - t0
+    method = s.method_cls(s.settings, StepContext(step=s.step, seed=s.seed, device=s.device,
+                                                  names=list(s.base.tensors),
+                                                  previous_state=s.prev_record.method_state if s.prev_record else {}))
+    t = time.perf_counter()
+    _statistics(s, method, report)
+    seconds["statistics"] = time.perf_counter() - t
+    t = time.perf_counter()
+    record = _write(s, method, hashes, report, t0)
+    seconds["merge"] = time.perf_counter() - t
+    return MergeResult(Path(req.output), record, seconds)
 
 
 def continual_merge(base: Path, checkpoints: Sequence[Path], output: Path, *, method: str = DEFAULT_METHOD,

@@ -34,7 +34,6 @@ import torch
 from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.errors import NufiltError
 from nufilt_core.lineage import LineageRecord
-from nufilt_core.merge import check_same_layout
 from nufilt_core.safetensors_io import read_raw
 from nufilt_core.scores import record_scope, record_selection, surrogate_scores
 from nufilt_core.selection import Selection
@@ -64,7 +63,7 @@ def check_candidate(base: Checkpoint, previous: Checkpoint | None, new: Checkpoi
     problems: list[str] = []
     checks: dict[str, Any] = {}
     try:
-        check_same_layout(base, candidate, "candidate")
+        base.check_same_layout(candidate, "candidate")
         checks["layout"] = "ok"
     except NufiltError as e:
         problems.append(str(e))

@@ -129,8 +129,9 @@ class Checkpoint:
     def weight_files(self) -> list[Path]:
         return sorted({i.file for i in self.tensors.values()})
 
-    def side_files(self) -> list[Path]:
-        """Small files beside the weights (config.json, tokenizer, ...) worth carrying along."""
+    def side_files(self, reserved: tuple[str, ...] = ()) -> list[Path]:
+        """Small files beside the weights (config.json, tokenizer, ...) worth carrying along; never the
+        lineage record or a name in `reserved` (files the caller writes itself)."""
         if self.path.is_file() and self.path.name != INDEX_NAME:
             return []
         out = []
@@ -138,7 +139,7 @@ class Checkpoint:
             if self.strict:  # checked when opened, but never copy a link made since
                 entry_stat(p, strict=True)
             if (p.is_file() and not p.name.startswith((".", "_")) and p.name != INDEX_NAME
-                    and not p.name.endswith(NOT_COPIED_SUFFIXES) and p.name not in RESERVED_NAMES
+                    and not p.name.endswith(NOT_COPIED_SUFFIXES) and p.name != LINEAGE_NAME and p.name not in reserved
                     and p.stat().st_size <= MAX_COPIED_FILE_BYTES):
                 out.append(p)
         return out
@@ -182,6 +183,5 @@ class Checkpoint:
         return combine_digests(digests), non_finite
 
 
-# Names nufilt writes into a merged model's folder; never copied from an input.
+# The lineage record nufilt writes into a merged model's folder; never copied from an input.
 LINEAGE_NAME = "nufilt-lineage.json"
-RESERVED_NAMES = {LINEAGE_NAME, "validation.json", "_COMPLETE"}

@@ -64,6 +64,7 @@ class MergeRequest:
     device: str = "auto"
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     overwrite: bool = False
+    reserved_names: tuple[str, ...] = ()  # side files never copied: the caller writes its own (the daemon's report)
 
 
 @dataclass
@@ -205,7 +206,7 @@ def _write(s: _Step, method: MergeMethod, hashes: dict[str, str], report: Callab
                 writer.write(name, out)
                 report("merge", i, len(plan), name)
         model_sha = writer.close()
-        for side in s.new.side_files():
+        for side in s.new.side_files(req.reserved_names):
             shutil.copy2(side, tmp / side.name)
         record = LineageRecord(
             method=s.method_name, settings=s.settings.model_dump(mode="json"), seed=s.seed, step=s.step,

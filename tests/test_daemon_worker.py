@@ -18,6 +18,7 @@ from nufilt_daemon.sources.base import Arrival
 from nufilt_daemon.states import JobState
 from nufilt_daemon.store import Store
 from nufilt_daemon.worker import MergeWorker
+from pydantic import ValidationError
 
 
 def make_worker(tmp_path: Path, base: Path, **settings: object) -> tuple[MergeWorker, Intake, Journal, Store]:
@@ -68,8 +69,12 @@ def test_a_merge_process_killed_like_the_oom_killer_fails_only_its_job(tiny: dic
     assert (tmp_path / "state" / "logs" / "job-000001-a1.log").exists()
 
 
-def test_a_bad_method_setting_fails_the_job_with_the_method_s_message(tiny: dict[str, Path], tmp_path: Path):
-    worker, intake, journal, store = make_worker(tmp_path, tiny["base"], method_settings={"null_rnk": 4})
+def test_a_method_setting_the_merge_refuses_fails_the_job_with_the_method_s_message(tiny: dict[str, Path],
+                                                                                    tmp_path: Path):
+    with pytest.raises(ValidationError, match="null_rnk"):  # refused when the settings load (daemon: exit 78)
+        make_worker(tmp_path, tiny["base"], method_settings={"null_rnk": 4})
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"])
+    worker.settings.method_settings = {"null_rnk": 4}  # one that gets past anyway: the merge process says no
     intake.emit(Arrival(tiny["t1"], "folder", "t1"))
     run_until(worker, "the job to end", lambda: journal.job(1).state == JobState.FAILED, timeout=120)
     assert "null_rnk" in journal.job(1).reason and store.production() is None

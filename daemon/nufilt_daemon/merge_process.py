@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .states import GateOutcome
+from .store import VALIDATION_NAME
 
 PR_SET_PDEATHSIG = 1
 
@@ -117,7 +118,7 @@ def run(request: dict[str, Any], events: Events) -> int:
             base=Path(m["base"]), checkpoint=Path(m["checkpoint"]), output=Path(m["output"]),
             previous=Path(m["previous"]) if m.get("previous") else None, method=m.get("method"),
             options=m.get("options") or {}, seed=m.get("seed"), device=m.get("device", "auto"),
-            max_shard_bytes=int(m["max_shard_bytes"]))
+            max_shard_bytes=int(m["max_shard_bytes"]), reserved_names=(VALIDATION_NAME,))
         result = merge_step(req, events.progress)
         gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None
         events.send("merged", record=json.loads(result.record.to_json()), seconds=result.seconds,

@@ -84,13 +84,12 @@ def markdown(result: dict) -> str:
     for r in rows:
         lines.append(f"| {r['kind']} | {r['preset']} | {r['model']} | {r['median']:.4f} | {r['max']:.4f} "
                      f"(`{r['max_tensor']}`) | {'rejected' if r['rejected'] else 'accepted'} |")
-    lines.append("")
+    summary = [f"{len(others)} unrelated models: median r {min(r['median'] for r in others):.3f}–"
+               f"{max(r['median'] for r in others):.3f}, {sum(r['rejected'] for r in others)} rejected."]
     if tunes:
-        lines.append(f"{len(tunes)} real fine-tunes: median r {min(r['median'] for r in tunes):.4f}–"
-                     f"{max(r['median'] for r in tunes):.4f}, {sum(r['rejected'] for r in tunes)} rejected; ")
-    lines.append(f"{len(others)} unrelated models: median r {min(r['median'] for r in others):.3f}–"
-                 f"{max(r['median'] for r in others):.3f}, {sum(r['rejected'] for r in others)} rejected.")
-    return "\n".join(lines) + "\n"
+        summary.insert(0, f"{len(tunes)} real fine-tunes: median r {min(r['median'] for r in tunes):.4f}–"
+                          f"{max(r['median'] for r in tunes):.4f}, {sum(r['rejected'] for r in tunes)} rejected;")
+    return "\n".join([*lines, "", " ".join(summary)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

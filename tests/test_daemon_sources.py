@@ -170,10 +170,7 @@ def test_intake_stages_a_private_copy_and_journals_it(tiny: dict[str, Path], tmp
 
 
 def test_an_entry_whose_intake_keeps_failing_leaves_nothing_backs_off_and_is_rejected_after_n(
-        tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import nufilt_daemon.sources.folder as folder_module
-
-    monkeypatch.setattr(folder_module, "FIRST_RETRY_SECONDS", 0.1)  # the same doubling, faster
+        tiny: dict[str, Path], tmp_path: Path):
     journal = Journal.in_state_dir(tmp_path / "state")
     # a real SQLite error at the commit of the queued job, after the copy was staged (as a full disk
     # or a name the journal cannot encode did): the rejection at the end may still be written
@@ -194,7 +191,8 @@ def test_an_entry_whose_intake_keeps_failing_leaves_nothing_backs_off_and_is_rej
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     rename_in(tiny["t1"], inbox, "task1")
-    src = FolderSource(inbox, FolderSettings(settle_seconds=0.1, rescan_interval_seconds=30))
+    # retries 0.1, 0.2, 0.4, 0.8 s apart: the same doubling as the default 0.5 s, faster
+    src = FolderSource(inbox, FolderSettings(settle_seconds=0.1, rescan_interval_seconds=30, retry_seconds=0.1))
     src.start(emit)
     try:
         wait_for("the source unhealthy", lambda: not src.healthy(), timeout=20)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -214,13 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below, not at interpreter exit
+        return rc
     except NufiltError as e:
         print(f"nufilt: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("nufilt: interrupted; no output was written", file=sys.stderr)  # SIGINT or SIGTERM
         return 130
+    except BrokenPipeError:
+        # the reader closed the pipe (`nufilt history | head`): it has what it wanted. Point stdout at
+        # /dev/null so the flush at exit does not raise again (Python's documented recipe for SIGPIPE)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:

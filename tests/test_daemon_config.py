@@ -103,3 +103,18 @@ def test_the_preset_choices_are_the_selection_presets():
     from nufilt_core.selection import PRESETS
 
     assert set(get_args(Preset)) == {"auto", "all-linear", *PRESETS}
+
+
+def test_a_command_run_where_no_state_is_says_how_to_point_it_at_the_daemon(tmp_path: Path):
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).parent / "nufilt")
+    proc = subprocess.run([exe, "status"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert str(tmp_path / "nufilt-state" / "journal.db") in proc.stderr
+    assert "--config FILE or NUFILT_CONFIG" in proc.stderr
+    cfg = write(tmp_path, f'state_dir = "{tmp_path / "elsewhere"}"\n')
+    proc = subprocess.run([exe, "history", "--config", str(cfg)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and f"state_dir of {cfg}" in proc.stderr

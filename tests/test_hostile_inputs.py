@@ -183,3 +183,11 @@ def test_an_invalid_include_pattern_is_one_line_with_the_settings(tiny: dict[str
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "not a valid regular expression" in err and "'('" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_reader_that_closes_the_pipe_gets_no_traceback(tiny: dict[str, Path]):
+    exe = Path(sys.executable).parent / "nufilt"
+    proc = subprocess.Popen([str(exe), "inspect", str(tiny["t1"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # as `nufilt ... | head -0` would: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and err == ""

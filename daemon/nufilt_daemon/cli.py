@@ -31,14 +31,16 @@ from nufilt_core.cli import run
 from nufilt_core.errors import NufiltError
 
 from .config import CONFIG_ENV, Settings, load_settings
-from .journal import Job, Journal
+from .journal import JOURNAL_NAME, Job, Journal, JournalError
 from .names import printable
 from .promoter import Promoter
 from .states import ACTIVE_STATES, FINAL_STATES, JobState
 from .store import Store, StoreError, version_name
 from .supervisor import Daemon, publishing_enabled, state_paths
 
-CONFIG_HELP = f"TOML config file (default: ${CONFIG_ENV}); NUFILT_* environment variables override it"
+CONFIG_HELP = (f"TOML config file (default: ${CONFIG_ENV}; without either, the built-in defaults: folders "
+               "nufilt-inbox, nufilt-store, nufilt-state relative to the current directory); NUFILT_* environment "
+               "variables override it")
 
 DAEMON_EPILOG = """\
 examples:
@@ -184,7 +186,15 @@ def job_dict(job: Job) -> dict[str, Any]:
 
 
 def _open(settings: Settings) -> tuple[Store, Journal]:
-    return Store(settings.store_dir), Journal.in_state_dir(Path(settings.state_dir), create=False)
+    state = Path(settings.state_dir).absolute()
+    if not (state / JOURNAL_NAME).exists():
+        if settings.toml_file is not None:
+            raise JournalError(f"{state / JOURNAL_NAME}: no journal here (state_dir of {settings.toml_file}); "
+                               "has the daemon run with this configuration?")
+        raise JournalError(f"{state / JOURNAL_NAME}: no journal here (no configuration file: state_dir is "
+                           f"NUFILT_STATE_DIR or the default, relative to {Path.cwd()}); point the command at the "
+                           f"daemon's configuration with --config FILE or {CONFIG_ENV}=FILE")
+    return Store(settings.store_dir), Journal.in_state_dir(state, create=False)
 
 
 def status_data(settings: Settings) -> dict[str, Any]:

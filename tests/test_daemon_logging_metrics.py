@@ -59,6 +59,7 @@ def test_metrics_are_served_with_every_label_set_from_the_start():
     assert DURATION_BUCKETS[0] == 0.5 and DURATION_BUCKETS[-1] == 3600
     assert any(k[0] == "nufilt_build_info" for k in samples)
     assert any(k[0] == "process_resident_memory_bytes" for k in samples)
+    assert not [k for k in samples if k[0].endswith("_created")]  # no creation-time series beside the counters
 
 
 def test_gpu_memory_is_read_from_nvidia_smi_without_cuda(tmp_path, monkeypatch):

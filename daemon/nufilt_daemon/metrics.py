@@ -20,6 +20,7 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -28,6 +29,10 @@ from prometheus_client.registry import Collector
 from nufilt_core import __version__
 
 from .states import OUTCOME_STATES
+
+# no `*_created` series beside every counter and histogram: the daemon's start time is in
+# process_start_time_seconds, and the extra series only clutter queries (`grep ^nufilt_`)
+disable_created_metrics()
 
 # merges take seconds to many minutes: 0.5 s … 1 h (the default buckets stop at 10 s)
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 2700, 3600)

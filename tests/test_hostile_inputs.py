@@ -191,3 +191,20 @@ def test_a_reader_that_closes_the_pipe_gets_no_traceback(tiny: dict[str, Path]):
     proc.stdout.close()  # as `nufilt ... | head -0` would: every write meets a closed pipe
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0 and err == ""
+
+
+def test_submit_refuses_a_pickle_at_once_with_the_conversion_command(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    for k in [k for k in os.environ if k.startswith("NUFILT_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("NUFILT_WATCH_DIR", str(tmp_path / "inbox"))
+    folder = tmp_path / "hf-folder"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(b"not unpickled")
+    (folder / "config.json").write_text("{}")
+    for path in (folder, folder / "pytorch_model.bin"):
+        rc = main(["submit", str(path)])
+        err = capsys.readouterr().err
+        assert rc == 1 and "pickle" in err and "safetensors.torch as st; st.save_file(" in err, err
+    assert not (tmp_path / "inbox").exists() or list((tmp_path / "inbox").iterdir()) == []
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # main() installed its handler in this process

@@ -358,9 +358,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     src: Path = args.path
     if not src.exists() and not src.is_symlink():
         raise NufiltError(f"{src}: does not exist")
-    if src.is_file() and src.suffix != ".safetensors":
-        raise NufiltError(f"{src}: not a .safetensors file (submit a file or a checkpoint folder)")
-    Checkpoint.open(src, strict=True)  # what the daemon will accept: refused here with the same reason
+    # what the daemon will accept, refused here with the same reason (a pickle with the conversion command)
+    Checkpoint.open(src, strict=True)
     inbox = Path(settings.watch_dir)
     inbox.mkdir(parents=True, exist_ok=True)
     name = args.name or src.name

@@ -4,7 +4,8 @@
 #   - a local MLflow server with SQLite (./nufilt-state/mlflow), where each promoted version is
 #     published to the registered model "nufilt-merged" with alias "production";
 #   - without NUFILT_BASE_MODEL, a small demo base and three demo fine-tunes in ./nufilt-demo.
-# Options: --no-mlflow (folder only). Ctrl-C stops the daemon and the MLflow server.
+# Options: --no-mlflow (folder only). Ctrl-C, or SIGINT/SIGTERM to this script's PID, stops the
+# daemon and the MLflow server.
 # Ports: MLFLOW_PORT (5000), NUFILT_METRICS_PORT (9180). The settings used are written to
 # ./nufilt-state/quickstart.toml, for `nufilt` commands in another shell (NUFILT_CONFIG).
 set -euo pipefail
@@ -52,14 +53,24 @@ metrics_port = $METRICS_PORT
 EOF
 
 MLFLOW_PID=""
+DAEMON_PID=""
 cleanup() {
+  if [ -n "$DAEMON_PID" ]; then  # the daemon first: it finishes or abandons its merge, then stops
+    kill -TERM "$DAEMON_PID" 2>/dev/null || true
+    wait "$DAEMON_PID" 2>/dev/null || true
+    DAEMON_PID=""
+  fi
   [ -n "$MLFLOW_PID" ] || return 0
   kill -TERM -- "-$MLFLOW_PID" 2>/dev/null || true  # its own process group: the server and its workers
   for _ in $(seq 20); do kill -0 -- "-$MLFLOW_PID" 2>/dev/null || break; sleep 0.5; done
   kill -KILL -- "-$MLFLOW_PID" 2>/dev/null || true
   MLFLOW_PID=""
 }
-trap cleanup EXIT INT TERM
+# SIGINT (Ctrl-C) or SIGTERM to this script's PID stops the daemon and MLflow: the daemon runs in the
+# background and the script waits for it, so a signal interrupts the wait and the EXIT trap runs
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 if [ "$USE_MLFLOW" = 1 ]; then
   MLFLOW_PORT=${MLFLOW_PORT:-5000}
   MLFLOW_URL=http://127.0.0.1:$MLFLOW_PORT
@@ -99,4 +110,9 @@ EOF
 if [ "$USE_MLFLOW" = 1 ]; then
   echo "  curl -s '$MLFLOW_URL/api/2.0/mlflow/registered-models/alias?name=$TARGET_MODEL&alias=production' | grep -m1 '\"version\"'"
 fi
-"$NUFILT" daemon --config "$CONFIG"
+"$NUFILT" daemon --config "$CONFIG" &
+DAEMON_PID=$!
+rc=0
+wait "$DAEMON_PID" || rc=$?
+DAEMON_PID=""
+exit "$rc"

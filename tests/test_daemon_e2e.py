@@ -244,3 +244,23 @@ def test_systemd_notify_and_single_instance(tiny: dict[str, Path], tmp_path: Pat
         sock.close()
     with sqlite3.connect(d.state / "journal.db") as con:  # the journal is intact and empty
         assert con.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+
+
+def test_submit_wait_returns_with_the_outcome(tiny: dict[str, Path], tmp_path: Path):
+    """The quick start's `nufilt submit --wait`: promoted (exit 0), duplicate of a promoted one (0), rejected (1)."""
+    d = DaemonProcess(tmp_path / "svc", tiny["base"])
+    # submitted before the daemon ever ran: --wait waits for the journal to appear
+    early = d.cli("submit", str(tiny["t1"]), "--name", "t1", "--wait", "--timeout", "0.5", check=False)
+    assert early.returncode == 1 and "still not journaled after 0.5 s" in early.stderr
+    d.start()
+    try:
+        wait_for("t1 promoted", lambda: d.in_states("promoted"), timeout=60)
+        second = d.cli("submit", str(tiny["t2"]), "--name", "t2", "--wait", "--timeout", "120")
+        assert "promoted as v000002 (step 2) in " in second.stdout
+        again = d.cli("submit", str(tiny["t2"]), "--name", "t2-again", "--wait", "--timeout", "120")
+        assert again.returncode == 0 and "duplicate of job 2 (promoted)" in again.stdout
+        other = write_model(base_state(seed=7), tmp_path / "other-base")  # same names and shapes, unrelated
+        bad = d.cli("submit", str(other), "--name", "other", "--wait", "--timeout", "120", check=False)
+        assert bad.returncode == 1 and "rejected after" in bad.stdout and "implausibly far from the base" in bad.stdout
+    finally:
+        assert d.stop() == 0

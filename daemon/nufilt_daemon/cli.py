@@ -31,6 +31,7 @@ from nufilt_core.cli import run
 from nufilt_core.errors import NufiltError
 
 from .config import CONFIG_ENV, Settings, load_settings
+from .intake import content_hash
 from .journal import JOURNAL_NAME, Job, Journal, JournalError
 from .names import printable
 from .promoter import Promoter
@@ -107,6 +108,10 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", type=Path, help="a .safetensors file or a folder (single file or shards + index)")
     add_config_arg(p)
     p.add_argument("--name", help="name in the inbox (default: the source's name)")
+    p.add_argument("--wait", action="store_true", help="return once the daemon has decided: print the outcome "
+                   "(promoted as vNNNNNN, rejected or failed, with the reason) and the time; exit 0 only if promoted")
+    p.add_argument("--timeout", type=float, default=3600, help="with --wait: give up after this many seconds "
+                   "(default 3600); the checkpoint stays queued")
     p.set_defaults(func=cmd_submit)
 
 
@@ -384,9 +389,48 @@ def cmd_submit(args: argparse.Namespace) -> int:
         else:
             tmp.unlink(missing_ok=True)
         raise
-    print(f"submitted {src} as {dest}")
-    return 0
+    print(f"submitted {src} as {dest}", flush=True)
+    return wait_for_outcome(settings, src, args.timeout) if args.wait else 0
 
+
+def wait_for_outcome(settings: Settings, src: Path, timeout: float) -> int:
+    """Follow the submitted content through the journal until it is promoted, rejected or failed."""
+    sha = content_hash(src)  # the identity the daemon journals (the copy in the inbox has the same)
+    path = Path(settings.state_dir) / JOURNAL_NAME
+
+    def lookup(after: int) -> tuple[Job | None, Job | None]:
+        """(newest job of this content above `after`, the job it duplicates if it is a duplicate)."""
+        if not path.exists():  # the daemon has not started yet
+            return None, None
+        journal = Journal(path, create=False)
+        try:
+            job = journal.latest_with_content(sha, after)
+            first = journal.job(job.duplicate_of) if job and job.duplicate_of is not None else None
+            return job, first
+        finally:
+            journal.close()
+
+    earlier, _ = lookup(0)
+    after = earlier.id if earlier else 0  # jobs of this content from before the submission do not count
+    t0, last = time.monotonic(), None
+    while time.monotonic() - t0 < timeout:
+        job, first = lookup(after)
+        took = f"{time.monotonic() - t0:.1f} s"
+        if job is not None and job.state == JobState.DUPLICATE:
+            print(f"duplicate of job {job.duplicate_of} ({first.state if first else '?'}), never merged twice")
+            return 0 if first is not None and first.state == JobState.PROMOTED else 1
+        if job is not None and job.state != last:
+            last = job.state
+            if job.state == JobState.PROMOTED:
+                print(f"promoted as {version_name(job.version)} (step {job.step}) in {took}")
+                return 0
+            if job.state in FINAL_STATES:
+                print(f"{job.state} after {took}: {printable(job.reason or '')}")
+                return 1
+        time.sleep(0.5)
+    print(f"still {last or 'not journaled'} after {timeout:g} s; it stays in the daemon's hands "
+          "(follow it with `nufilt status`)", file=sys.stderr)
+    return 1
 
 if __name__ == "__main__":
     sys.exit(main())

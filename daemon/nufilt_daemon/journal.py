@@ -274,6 +274,12 @@ class Journal:
             rows = self._query("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
         return [Job(**dict(r)) for r in rows]
 
+    def latest_with_content(self, sha256: str, after_id: int = 0) -> Job | None:
+        """The newest job for this content hash with an id above `after_id` (None: not journaled yet)."""
+        rows = self._query("SELECT * FROM jobs WHERE sha256 = ? AND id > ? ORDER BY id DESC LIMIT 1",
+                           (sha256, after_id))
+        return Job(**dict(rows[0])) if rows else None
+
     def in_flight(self) -> list[Job]:
         return list(reversed(self.jobs(limit=1_000_000, states=(JobState.MERGING, JobState.VALIDATING))))
 

@@ -104,6 +104,10 @@ def test_three_drops_become_versions_and_bad_or_duplicate_drops_do_not(tiny: dic
         assert status["queue"] == {"queued": 0, "merging": 0, "validating": 0}
         assert status["last"]["state"] == "rejected" and status["daemon"]["running"] is True
         assert status["totals"]["duplicate"] == 1
+        # one time format (ISO 8601) and absolute paths; checkpoints named as submitted, not by staged copies
+        assert status["daemon"]["started_at"].endswith("+00:00") and Path(status["production"]["path"]).is_absolute()
+        assert [c["job"] for c in status["production"]["checkpoints"]] == [1, 2, 3]
+        assert all(c["reference"] and c["source"] == "folder" for c in status["production"]["checkpoints"])
     finally:
         assert d.stop() == 0
     assert d.logged("daemon_stopped")

@@ -180,7 +180,20 @@ def daemon_state(settings: Settings) -> dict[str, Any]:
         info = json.loads(paths["info"].read_text())
     except (OSError, ValueError):
         info = {}
+    if isinstance(info.get("started_at"), int | float):
+        info["started_at"] = _iso(info["started_at"])
     return {"running": True, **info}
+
+
+def merged_checkpoint(journal: Journal, sha256: str, merged_path: str) -> dict[str, Any]:
+    """One checkpoint of production's lineage, by what the user submitted (the journal's job), not by
+    the daemon's staged copy the merge read, which is deleted once the job ends."""
+    job = journal.latest_with_content(sha256)
+    if job is not None and job.duplicate_of is not None:  # dropped again later: the job that merged it
+        job = journal.job(job.duplicate_of)
+    if job is None:
+        return {"sha256": sha256, "path": merged_path}
+    return {"sha256": sha256, "job": job.id, "source": job.source, "reference": job.reference}
 
 
 def job_dict(job: Job) -> dict[str, Any]:
@@ -211,11 +224,11 @@ def status_data(settings: Settings) -> dict[str, Any]:
         except StoreError as e:  # show everything else all the same
             prod, production = None, {"error": str(e)}
         if prod is not None:
-            production = {"version": prod.number, "name": prod.name, "path": str(prod.path)}
+            production = {"version": prod.number, "name": prod.name, "path": str(prod.path.absolute())}
             try:
                 rec = prod.lineage()
                 production.update(step=rec.step, method=rec.method, created_at=rec.created_at,
-                                  checkpoints=[c.path for c in rec.checkpoints])
+                                  checkpoints=[merged_checkpoint(journal, c.sha256, c.path) for c in rec.checkpoints])
             except NufiltError as e:
                 production["error"] = str(e)
             production["scores"] = prod.report().get("scores")
@@ -228,6 +241,9 @@ def status_data(settings: Settings) -> dict[str, Any]:
                 inbox.update(json.loads(state_paths(Path(settings.state_dir))["inbox"].read_text()))
             except (OSError, ValueError):
                 pass
+        for e in inbox["entries"]:  # one time format in the JSON: ISO 8601, UTC
+            if isinstance(e.get("seen_at"), int | float):
+                e["seen_at"] = _iso(e["seen_at"])
         return {
             "production": production,
             "queue": {s: counts[s] for s in ACTIVE_STATES},

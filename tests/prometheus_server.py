@@ -28,7 +28,7 @@ def require_binary(name: str, package: str = "the Debian package prometheus") ->
     path = shutil.which(name)
     if path:
         return path
-    reason = f"`{name}` not found: install {package} (as .ci/run and scripts/setup.sh do)"
+    reason = f"`{name}` not found: install {package} (as .ci/run does with apt-get)"
     if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
         pytest.fail(f"{reason}; CI must have it")
     pytest.skip(reason)

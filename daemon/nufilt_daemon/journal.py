@@ -137,6 +137,24 @@ class OutboxItem:
     updated_at: float
 
 
+
+def _add_transition(db: sqlite3.Connection, job_id: int, from_state: str | None, to_state: str, reason: str | None,
+                    at: float) -> None:
+    db.execute("INSERT INTO transitions (job_id, from_state, to_state, reason, at) VALUES (?,?,?,?,?)",
+               (job_id, from_state, to_state, reason, at))
+
+
+def _add_production_change(db: sqlite3.Connection, kind: str, from_version: int | None, to_version: int,
+                           job_id: int | None, reason: str | None, at: float) -> None:
+    db.execute("INSERT INTO production_changes (kind, from_version, to_version, job_id, reason, at) "
+               "VALUES (?,?,?,?,?,?)", (kind, from_version, to_version, job_id, reason, at))
+
+
+def _add_outbox(db: sqlite3.Connection, kind: str, version: int, now: float) -> int:
+    cur = db.execute("INSERT INTO outbox (kind, version, state, created_at, updated_at) VALUES (?,?,?,?,?)",
+                     (kind, version, "pending", now, now))
+    return int(cur.lastrowid)  # type: ignore[arg-type]
+
 class Journal:
     def __init__(self, path: Path, *, create: bool = True):
         self.path = Path(path)
@@ -208,8 +226,7 @@ class Journal:
                 "created_at, updated_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (source, reference, sha256, staged_path, state, reason, duplicate_of, now, now, final))
             job_id = cur.lastrowid
-            db.execute("INSERT INTO transitions (job_id, from_state, to_state, reason, at) VALUES (?,?,?,?,?)",
-                       (job_id, None, state, reason, now))
+            _add_transition(db, job_id, None, state, reason, now)
         return self.job(job_id)  # type: ignore[arg-type]
 
     def add_if_duplicate(self, source: str, reference: str, sha256: str) -> Job | None:
@@ -226,8 +243,7 @@ class Journal:
                 "INSERT INTO jobs (source, reference, sha256, state, reason, duplicate_of, created_at, updated_at, "
                 "finished_at) VALUES (?,?,?,?,?,?,?,?,?)",
                 (source, reference, sha256, JobState.DUPLICATE, reason, row["id"], now, now, now))
-            db.execute("INSERT INTO transitions (job_id, from_state, to_state, reason, at) VALUES (?,?,?,?,?)",
-                       (cur.lastrowid, None, JobState.DUPLICATE, reason, now))
+            _add_transition(db, cur.lastrowid, None, JobState.DUPLICATE, reason, now)
             job_id = cur.lastrowid
         return self.job(job_id)  # type: ignore[arg-type]
 
@@ -252,8 +268,7 @@ class Journal:
                 cols["finished_at"] = now
             sets = ", ".join(f"{k} = ?" for k in cols)
             db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*cols.values(), job_id))
-            db.execute("INSERT INTO transitions (job_id, from_state, to_state, reason, at) VALUES (?,?,?,?,?)",
-                       (job_id, row["state"], to_state, reason, now))
+            _add_transition(db, job_id, row["state"], to_state, reason, now)
         return self.job(job_id)  # type: ignore[return-value]
 
     def job(self, job_id: int) -> Job | None:
@@ -327,32 +342,21 @@ class Journal:
                 raise JournalError(f"job {job_id}: cannot be promoted from state {row and row['state']}")
             db.execute("UPDATE jobs SET state = ?, reason = NULL, version = ?, step = ?, updated_at = ?, "
                        "finished_at = ? WHERE id = ?", (JobState.PROMOTED, version, step, now, now, job_id))
-            db.execute("INSERT INTO transitions (job_id, from_state, to_state, reason, at) VALUES (?,?,?,?,?)",
-                       (job_id, JobState.VALIDATING, JobState.PROMOTED, f"version {version}", now))
-            db.execute("INSERT INTO production_changes (kind, from_version, to_version, job_id, reason, at) "
-                       "VALUES (?,?,?,?,?,?)", ("promote", from_version, version, job_id, None, now))
+            _add_transition(db, job_id, JobState.VALIDATING, JobState.PROMOTED, f"version {version}", now)
+            _add_production_change(db, "promote", from_version, version, job_id, None, now)
             if publish:
-                db.execute("INSERT INTO outbox (kind, version, state, created_at, updated_at) VALUES (?,?,?,?,?)",
-                           ("publish", version, "pending", now, now))
+                _add_outbox(db, "publish", version, now)
         return self.job(job_id)  # type: ignore[return-value]
 
     def record_rollback(self, from_version: int, to_version: int, reason: str | None, publish: bool) -> None:
         now = time.time()
         with self._tx() as db:
-            db.execute("INSERT INTO production_changes (kind, from_version, to_version, job_id, reason, at) "
-                       "VALUES (?,?,?,?,?,?)", ("rollback", from_version, to_version, None, reason, now))
+            _add_production_change(db, "rollback", from_version, to_version, None, reason, now)
             # this store publishes to a registry even if the caller (`nufilt rollback` in a shell
             # without the MLflow settings) does not know it: the alias must follow all the same
             published = db.execute("SELECT 1 FROM outbox WHERE kind = 'publish' LIMIT 1").fetchone() is not None
             if publish or published:
-                db.execute("INSERT INTO outbox (kind, version, state, created_at, updated_at) VALUES (?,?,?,?,?)",
-                           ("set_production", to_version, "pending", now, now))
-
-    def record_production_change(self, kind: str, from_version: int | None, to_version: int,
-                                 job_id: int | None = None, reason: str | None = None) -> None:
-        with self._tx() as db:
-            db.execute("INSERT INTO production_changes (kind, from_version, to_version, job_id, reason, at) "
-                       "VALUES (?,?,?,?,?,?)", (kind, from_version, to_version, job_id, reason, time.time()))
+                _add_outbox(db, "set_production", to_version, now)
 
     def production_changes(self, limit: int = 50) -> list[ProductionChange]:
         rows = self._query("SELECT * FROM production_changes ORDER BY id DESC LIMIT ?", (limit,))
@@ -364,11 +368,9 @@ class Journal:
     # --- outbox (publishing that must survive restarts) ------------------------------------
 
     def enqueue_outbox(self, kind: str, version: int) -> int:
-        now = time.time()
+        """A publishing work item on its own (promotions and rollbacks add theirs in their transaction)."""
         with self._tx() as db:
-            cur = db.execute("INSERT INTO outbox (kind, version, state, created_at, updated_at) VALUES (?,?,?,?,?)",
-                             (kind, version, "pending", now, now))
-            return int(cur.lastrowid)  # type: ignore[arg-type]
+            return _add_outbox(db, kind, version, time.time())
 
     def next_outbox(self) -> OutboxItem | None:
         rows = self._query("SELECT * FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1")

@@ -381,6 +381,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise NufiltError(f"{src}: does not exist")
     # what the daemon will accept, refused here with the same reason (a pickle with the conversion command)
     Checkpoint.open(src, strict=True)
+    # with --wait: the content's identity and the journal's last job of it, taken before the copy is
+    # renamed into the inbox, where the daemon may journal it at once
+    mark = journal_mark(settings, src) if args.wait else None
     inbox = Path(settings.watch_dir)
     inbox.mkdir(parents=True, exist_ok=True)
     name = args.name or src.name
@@ -406,31 +409,35 @@ def cmd_submit(args: argparse.Namespace) -> int:
             tmp.unlink(missing_ok=True)
         raise
     print(f"submitted {src} as {dest}", flush=True)
-    return wait_for_outcome(settings, src, args.timeout) if args.wait else 0
+    return wait_for_outcome(settings, *mark, args.timeout) if mark else 0
 
 
-def wait_for_outcome(settings: Settings, src: Path, timeout: float) -> int:
-    """Follow the submitted content through the journal until it is promoted, rejected or failed."""
-    sha = content_hash(src)  # the identity the daemon journals (the copy in the inbox has the same)
+def _lookup(settings: Settings, sha: str, after: int) -> tuple[Job | None, Job | None]:
+    """(newest job of this content above id `after`, the job it duplicates if it is a duplicate)."""
     path = Path(settings.state_dir) / JOURNAL_NAME
+    if not path.exists():  # the daemon has not started yet
+        return None, None
+    journal = Journal(path, create=False)
+    try:
+        job = journal.latest_with_content(sha, after)
+        first = journal.job(job.duplicate_of) if job and job.duplicate_of is not None else None
+        return job, first
+    finally:
+        journal.close()
 
-    def lookup(after: int) -> tuple[Job | None, Job | None]:
-        """(newest job of this content above `after`, the job it duplicates if it is a duplicate)."""
-        if not path.exists():  # the daemon has not started yet
-            return None, None
-        journal = Journal(path, create=False)
-        try:
-            job = journal.latest_with_content(sha, after)
-            first = journal.job(job.duplicate_of) if job and job.duplicate_of is not None else None
-            return job, first
-        finally:
-            journal.close()
 
-    earlier, _ = lookup(0)
-    after = earlier.id if earlier else 0  # jobs of this content from before the submission do not count
+def journal_mark(settings: Settings, src: Path) -> tuple[str, int]:
+    """(content hash, id of the last job of that content so far): jobs up to it are not this submission's."""
+    sha = content_hash(src)  # the identity the daemon journals (the copy in the inbox has the same)
+    earlier, _ = _lookup(settings, sha, 0)
+    return sha, earlier.id if earlier else 0
+
+
+def wait_for_outcome(settings: Settings, sha: str, after: int, timeout: float) -> int:
+    """Follow the submitted content through the journal until it is promoted, rejected or failed."""
     t0, last = time.monotonic(), None
     while time.monotonic() - t0 < timeout:
-        job, first = lookup(after)
+        job, first = _lookup(settings, sha, after)
         took = f"{time.monotonic() - t0:.1f} s"
         if job is not None and job.state == JobState.DUPLICATE:
             print(f"duplicate of job {job.duplicate_of} ({first.state if first else '?'}), never merged twice")
@@ -447,6 +454,7 @@ def wait_for_outcome(settings: Settings, src: Path, timeout: float) -> int:
     print(f"still {last or 'not journaled'} after {timeout:g} s; it stays in the daemon's hands "
           "(follow it with `nufilt status`)", file=sys.stderr)
     return 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,7 @@ from typing import Any
 
 from nufilt_core.errors import NufiltError
 
-from .states import ACTIVE_STATES, ALLOWED, DUPLICATE_OF_STATES, FINAL_STATES, JobState
+from .states import ACTIVE_STATES, ALLOWED, DUPLICATE_OF_STATES, FINAL_STATES, OUTCOME_STATES, JobState
 
 JOURNAL_NAME = "journal.db"
 
@@ -306,7 +306,7 @@ class Journal:
 
     def last_finished(self) -> Job | None:
         rows = self._query("SELECT * FROM jobs WHERE state IN (?,?,?) ORDER BY finished_at DESC, id DESC LIMIT 1",
-                           (JobState.PROMOTED, JobState.REJECTED, JobState.FAILED))
+                           OUTCOME_STATES)
         return Job(**dict(rows[0])) if rows else None
 
     def transitions(self, job_id: int) -> list[tuple[str | None, str, str | None, float]]:

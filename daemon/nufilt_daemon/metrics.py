@@ -36,7 +36,6 @@ disable_created_metrics()
 
 # merges take seconds to many minutes: 0.5 s … 1 h (the default buckets stop at 10 s)
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 2700, 3600)
-OUTCOMES = OUTCOME_STATES
 BUILTIN_SCORES = ("stability", "plasticity", "harmonic_mean")
 REGISTRY_OPERATIONS = ("poll", "publish", "set_production")
 INBOX_STATES = ("waiting", "ignored", "error")
@@ -127,7 +126,7 @@ class Metrics:
                                       ["dir"], registry=r)
         self.build = Info("nufilt_build", "Version of the running daemon", registry=r)
         self.build.info({"version": __version__, "python": platform.python_version(), "torch": _torch_version()})
-        for o in OUTCOMES:
+        for o in OUTCOME_STATES:
             self.merges.labels(o)
         for s in sources:
             self.detected.labels(s)

@@ -36,6 +36,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "only the diagnosis (one order of the paper's NUFILT) is replayed when missing")
     p.add_argument("--cache", type=Path, default=HERE.parent / "cache", help="stage cache (default bench/cache)")
     p.add_argument("--results", type=Path, default=HERE.parent / "results", help="where results go")
+    p.add_argument("--runs", type=Path, help="per-order merge results (small JSON; default RESULTS/runs): kept in "
+                                             "git, so a run spread over sessions resumes where bench/cache is gone")
     p.add_argument("--methods", help="comma-separated registered methods (default: all in METHODS)")
     p.add_argument("--tasks", help="comma-separated subset of the preset's tasks")
     p.add_argument("--orders", type=int, help="number of task orders (default: the preset's)")
@@ -61,6 +63,7 @@ def configure(args: argparse.Namespace) -> BenchConfig:
         cfg = replace(cfg, data=replace(cfg.data, tasks=tasks))
     if args.orders is not None:
         cfg = replace(cfg, merge=replace(cfg.merge, orders=args.orders))
+    args.runs = args.runs or args.results / "runs"
     return replace(cfg, name=args.name or cfg.name)
 
 
@@ -110,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     checkpoints = {t: f / "body" for t, f in ft_dirs.items()}
     evals = {t: EvalSet(tasks[t].test, load_heads(ft_dirs[t])[0]) for t in tasks}
-    runs = args.cache / "runs" / run_key(cfg)
+    runs = args.runs / run_key(cfg)
     log(f"merge: {len(variants)} variant(s) × {cfg.merge.orders} order(s) into {runs}")
-    run_all(variants, checkpoints, evals, runs, cfg, log)
+    run_all(variants, checkpoints, evals, runs, args.cache / "work" / run_key(cfg), cfg, log)
     if last < 3:
         return 0
     results = {v.name: (v, load_results(runs, v)) for v in variants}
@@ -167,7 +170,7 @@ def report_only(cfg: BenchConfig, variants: list, args: argparse.Namespace, log)
         print("error: no fine-tune is finished yet; nothing to report", file=sys.stderr)
         return 1
     missing = [t for t in cfg.data.tasks if t not in done]
-    runs = args.cache / "runs" / run_key(cfg)
+    runs = args.runs / run_key(cfg)
     results = {} if missing else {v.name: (v, load_results(runs, v)) for v in variants}
     # the diagnosis replays one order of the paper's NUFILT (seconds), so it is made once every fine-tune exists
     diagnosis = None if missing else cached_diagnosis(runs, {t: f / "body" for t, f in done.items()}, log)

@@ -1,8 +1,9 @@
 """Stage 3: continual merges over task orders, through the engine users get (nufilt_core.merge_step),
 each merged body evaluated with every task's own fine-tuned head.
 
-Per (variant, order) one JSON file under the run's cache folder, written when the order is
-complete, so an interrupted run resumes where it stopped and the report can use what exists.
+Per (variant, order) one JSON file under the run's results folder (bench/results/runs, kept in git),
+written when the order is complete, so an interrupted run resumes where it stopped, even in another
+session on another machine, and the report can use what exists.
 Evaluation: after step t the new task's accuracy a_t(θ_t^m) (for BWT), and after the last step
 every task (ACC); on the first `curve_orders` orders every seen task after every step (the plot).
 """
@@ -120,9 +121,10 @@ def claimed(path: Path):
 
 
 def run_all(variants: list[Variant], checkpoints: dict[str, Path], evals: dict[str, EvalSet], runs: Path,
-            cfg: BenchConfig, log=print) -> None:
-    """Every (variant, order) not yet cached; order by order, so partial runs cover all variants.
+            work: Path, cfg: BenchConfig, log=print) -> None:
+    """Every (variant, order) without a result in `runs`; order by order, so partial runs cover all variants.
 
+    The merged models of a job live in `work` (large, deleted when the job ends); only the result is kept.
     Jobs are claimed one at a time, so running this in two processes at once shares the work.
     """
     limit = {"settings": cfg.merge.settings_orders, "ablation": cfg.merge.ablation_orders}
@@ -137,7 +139,7 @@ def run_all(variants: list[Variant], checkpoints: dict[str, Path], evals: dict[s
             if not mine:
                 continue
             t0 = time.perf_counter()
-            record = run_order(var, v, checkpoints, evals, runs / "work" / f"{var.name}-{v}", cfg,
+            record = run_order(var, v, checkpoints, evals, work / f"{var.name}-{v}", cfg,
                                curve=v < cfg.merge.curve_orders, encoder=encoder)
             write_json(path, record)
         final = record["steps"][-1]["acc"]

@@ -226,6 +226,25 @@ def test_null_energy_filters_the_fewest_directions_holding_that_share():
     assert r.v_prev.shape[1] == 3  # never more than null_rank
 
 
+def test_task_energy_filters_the_low_rank_part_of_the_new_task_vector():
+    g = torch.Generator().manual_seed(5)
+    u, _ = torch.linalg.qr(torch.randn(20, 6, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(12, 6, generator=g, dtype=torch.float64))
+    tau_new = u @ torch.diag(torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)) @ v.T
+    tau_prev = torch.randn(20, 12, generator=g, dtype=torch.float64)
+    for share, k in ((0.75, 1), (0.9, 2), (0.99, 4)):
+        got = nufilt_matrix(tau_prev, tau_new, None, NufiltSettings(task_energy=share, lora_rank=0, null_rank=3))
+        # the formula, from an independent SVD: τ_k = Σ_{i≤k} σ_i u_i v_iᵀ, then τ_k (I − V̂p V̂pᵀ)
+        uu, sv, vh = torch.linalg.svd(tau_new)
+        tau_k = uu[:, :k] @ torch.diag(sv[:k]) @ vh[:k]
+        vp = torch.linalg.svd(tau_prev).Vh[:3].T
+        torch.testing.assert_close(got.update, tau_k - tau_k @ vp @ vp.T)
+        assert torch.linalg.matrix_rank(got.update) == k
+    whole = nufilt_matrix(tau_prev, tau_new, None, NufiltSettings(task_energy=1.0, lora_rank=0, null_rank=3))
+    torch.testing.assert_close(whole.update, nufilt_matrix(tau_prev, tau_new, None,
+                                                           NufiltSettings(lora_rank=0, null_rank=3)).update)
+
+
 def test_a_trust_radius_wider_than_the_merged_vector_leaves_the_papers_nufilt(tiny, tmp_path):
     outs = {}
     for label, opts in (("paper", {}), ("radius", {"rescale": "model", "rescale_radius": 10.0})):

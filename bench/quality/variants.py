@@ -96,6 +96,12 @@ LEVER_GRID = (
     Variant("nufilt_plus_rv32", "nufilt",
             {"preset": "all-linear", "policy": "average", "rescale": "matrix", "rescale_radius": 0.03, "null_rank": 32,
              "task_rank": 32}, "lever", "plus with r_v = 32 (more of the new task's directions in the adapter's loss)"),
+    # the new task vector's low-rank part only (task_energy), on its own and inside the plus profile
+    Variant("nufilt_te70", "nufilt", {"task_energy": 0.7}, "lever",
+            "low-rank τ_t: its top directions holding 70 % of ‖τ_t‖²"),
+    *(Variant(f"nufilt_plus_te{round(e * 100)}", "nufilt", {"profile": "plus", "task_energy": e}, "lever",
+              f"plus with low-rank τ_t: its top directions holding {round(e * 100)} % of ‖τ_t‖²")
+      for e in (0.5, 0.7, 0.9)),
     Variant("nufilt_radius03_rp64", "nufilt", {"rescale": "matrix", "rescale_radius": 0.03, "null_rank": 64}, "lever",
             "trust radius 0.03 and r_p = 64"),
 )

@@ -24,6 +24,9 @@ Beyond the paper (issue 9; the defaults are the paper's method, profile "plus" a
     `matrix` needs no extra pass; `model` needs ‖U‖ over the whole model first, so its statistics
     pass runs the NUFILT step of every matrix and the merge pass runs it again (twice the work);
   * null_energy: r_p = the fewest directions holding that share of ‖τ_{≤t-1}‖²;
+  * task_energy: τ_t → τ_t V_k V_kᵀ, its fewest top right singular directions holding that share of
+    ‖τ_t‖², before anything else: fine-tuning's small high-rank rest helps its task little and,
+    summed over tasks, reaches every other task's inputs (the low-rank task vectors of TSV / CART);
   * adapter_span: A projected onto span([V̂t, V̂p]) after the loop (the loss only sees A V̂);
   * policy sum: other float tensors take θ^m + τ_t (rescaled with the rest when rescale is on).
 """
@@ -89,6 +92,8 @@ class NufiltSettings(MethodSettings):
                                "loss sees: A's random start outside them is dropped (the loss is unchanged)")
     null_energy: float | None = Field(None, gt=0, le=1, description="r_p by energy: the fewest directions holding this "
                                       "share of ‖τ_{≤t-1}‖², at most null_rank (None: null_rank directions)")
+    task_energy: float | None = Field(None, gt=0, le=1, description="low-rank τ_t: keep only its top right singular "
+                                      "directions holding this share of ‖τ_t‖² before filtering (None: all of τ_t)")
 
     @field_validator("include")
     @classmethod
@@ -124,6 +129,16 @@ def energy_count(projected: torch.Tensor, total: float, share: float) -> int:
     """Fewest leading columns of τ V̂ (in singular order) whose energy reaches `share` of ‖τ‖²."""
     cumulative = projected.double().square().sum(0).cumsum(0)
     return min(int((cumulative < share * total).sum()) + 1, projected.shape[1])
+
+
+def low_rank_by_energy(tau: torch.Tensor, share: float) -> torch.Tensor:
+    """τ V_k V_kᵀ with V_k the fewest top right singular vectors of τ holding `share` of ‖τ‖²."""
+    v = top_right_singular_vectors(tau, min(tau.shape))
+    if v.shape[1] == 0:
+        return tau
+    projected = tau @ v
+    k = energy_count(projected, float(tau.double().square().sum()), share)
+    return projected[:, :k] @ v[:, :k].T
 
 
 # A starts as ADAPTER_INIT_SCALE·N(0, 1) and B at 0 (the published FilterLoRA's init): B A = 0 at the
@@ -164,6 +179,8 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
                   s: NufiltSettings) -> MatrixResult:
     """One NUFILT step on one weight matrix (all inputs on one device, fp32 or fp64)."""
     d_out, d_in = tau_new.shape
+    if s.task_energy is not None:  # beyond the paper: the new task vector's low-rank part only
+        tau_new = low_rank_by_energy(tau_new, s.task_energy)
     v_prev = top_right_singular_vectors(tau_prev, s.null_rank)  # V̂_{≤t-1} of τ̃_{≤t-1} (Eq. 7)
     if s.null_energy is not None and v_prev.shape[1]:
         v_prev = v_prev[:, : energy_count(tau_prev @ v_prev, float(tau_prev.square().sum()), s.null_energy)]

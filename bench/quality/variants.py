@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nufilt_core.methods import METHODS
+from nufilt_core.methods.nufilt import PROFILES
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ LEVER_GRID = (
     # the new task vector's low-rank part only (task_energy), on its own and inside the plus profile
     Variant("nufilt_te70", "nufilt", {"task_energy": 0.7}, "lever",
             "low-rank τ_t: its top directions holding 70 % of ‖τ_t‖²"),
-    *(Variant(f"nufilt_plus_te{round(e * 100)}", "nufilt", {"profile": "plus", "task_energy": e}, "lever",
+    *(Variant(f"nufilt_plus_te{round(e * 100)}", "nufilt", {**PROFILES["plus"], "task_energy": e}, "lever",
               f"plus with low-rank τ_t: its top directions holding {round(e * 100)} % of ‖τ_t‖²")
       for e in (0.5, 0.7, 0.9)),
     Variant("nufilt_radius03_rp64", "nufilt", {"rescale": "matrix", "rescale_radius": 0.03, "null_rank": 64}, "lever",

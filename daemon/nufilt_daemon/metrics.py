@@ -1,16 +1,19 @@
 """Prometheus metrics, on their own registry, served at http://METRICS_HOST:METRICS_PORT/metrics.
 
-Every labelled series is created at start (outcomes, sources, score names), so dashboards and
-alerts see 0 rather than "no data" before the first event. Labels never carry checkpoint names
-or hashes (unbounded cardinality); those are in the logs and the journal.
+Every labelled series is created at start (outcomes, sources), so dashboards and alerts see 0
+rather than "no data" before the first event. The exception is nufilt_validation_score: a score
+is a measurement, not a count, so it is exported only once measured (a 0.0 would read as
+"perfect" for these lower-is-better scores). Labels never carry checkpoint names or hashes
+(unbounded cardinality); those are in the logs and the journal.
 """
 
 from __future__ import annotations
 
 import platform
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from http.server import ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -36,7 +39,9 @@ disable_created_metrics()
 
 # merges take seconds to many minutes: 0.5 s … 1 h (the default buckets stop at 10 s)
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 2700, 3600)
-BUILTIN_SCORES = ("stability", "plasticity", "harmonic_mean")
+# what a user waits for: a queue wait can be ~0 (an idle worker) or hours (a backlog of long merges);
+# arrival to production is at least one merge: 0.1 s … 1 day
+LATENCY_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 REGISTRY_OPERATIONS = ("poll", "publish", "set_production")
 INBOX_STATES = ("waiting", "ignored", "error")
 
@@ -78,8 +83,7 @@ def read_nvidia_smi(query: tuple[str, ...]) -> list[tuple[int, float, float]]:
 
 
 class Metrics:
-    def __init__(self, sources: Iterable[str] = ("folder",), score_names: Iterable[str] = (),
-                 gpu: bool = False):
+    def __init__(self, sources: Iterable[str] = ("folder",), gpu: bool = False):
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -89,6 +93,12 @@ class Metrics:
         self.validation_duration = Histogram(
             "nufilt_validation_duration_seconds", "Wall time of validating one candidate (checks, scores, command)",
             buckets=DURATION_BUCKETS, registry=r)
+        self.arrival_to_production = Histogram(
+            "nufilt_arrival_to_production_seconds", "Time from a checkpoint's arrival (journaled) to its "
+            "promotion to production", ["source"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram(
+            "nufilt_queue_wait_seconds", "Time from a checkpoint's arrival (journaled) to the start of its "
+            "first merge", ["source"], buckets=LATENCY_BUCKETS, registry=r)
         self.merges = Counter("nufilt_merges", "Finished merge jobs by outcome", ["outcome"], registry=r)
         self.detected = Counter("nufilt_checkpoints_detected", "Checkpoints handed over by a source",
                                 ["source"], registry=r)
@@ -130,19 +140,36 @@ class Metrics:
             self.merges.labels(o)
         for s in sources:
             self.detected.labels(s)
+            self.arrival_to_production.labels(s)
+            self.queue_wait.labels(s)
             self.source_errors.labels(s)
             self.source_healthy.labels(s).set(1)
         for st in INBOX_STATES:
             self.inbox_entries.labels(st)
         for d in ("store", "state"):
             self.storage_writable.labels(d).set(1)
-        for m in dict.fromkeys((*BUILTIN_SCORES, *score_names)):
-            self.validation_score.labels(m)
         for op in REGISTRY_OPERATIONS:
             self.registry_errors.labels(op)
         if gpu:
             r.register(GpuMemoryCollector())
         self._server: ThreadingHTTPServer | None = None
+        self._scores_shown: set[str] = set()
+
+    def observe_merge_start(self, source: str, arrived_at: float, started_at: float) -> None:
+        """Queue wait of a job's first merge (a retry or a redo after a restart is not a new wait)."""
+        self.queue_wait.labels(source).observe(max(0.0, started_at - arrived_at))  # wall clock may step back
+
+    def observe_promotion(self, source: str, arrived_at: float, promoted_at: float) -> None:
+        self.arrival_to_production.labels(source).observe(max(0.0, promoted_at - arrived_at))
+
+    def show_scores(self, values: Mapping[str, float]) -> None:
+        """nufilt_validation_score holds exactly `values` (the last candidate's measured scores): the
+        series of a score not measured this time are removed, not left at an older candidate's value."""
+        for name in self._scores_shown - set(values):
+            self.validation_score.remove(name)
+        for name, value in values.items():
+            self.validation_score.labels(name).set(value)
+        self._scores_shown = set(values)
 
     def serve(self, host: str, port: int) -> int:
         """Start /metrics in a background thread; returns the bound port (port 0: any free one)."""
@@ -155,6 +182,20 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def measured_scores(metrics: Mapping[str, float], scores: Mapping[str, Any],
+                    reported: Mapping[str, float]) -> dict[str, float]:
+    """The gate's metrics less the built-in surrogates nothing was measured for: stability at step 1
+    (no earlier directions, its reference is 0), plasticity when the new checkpoint's directions are
+    empty, the harmonic mean when either is missing. A value the validation command `reported` is
+    its measurement and kept. (The gate itself still sees 0.0 for these: its decisions do not change.)"""
+    unmeasured: set[str] = set()
+    if not scores.get("stability_ref", 0) > 0:
+        unmeasured |= {"stability", "harmonic_mean"}
+    if not scores.get("plasticity_ref", 0) > 0:
+        unmeasured |= {"plasticity", "harmonic_mean"}
+    return {k: v for k, v in metrics.items() if k not in unmeasured or k in reported}
 
 
 def _torch_version() -> str:

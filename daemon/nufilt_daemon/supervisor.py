@@ -162,7 +162,7 @@ class Daemon:
         self.journal = Journal.in_state_dir(Path(s.state_dir))
         source_names = (["folder"] if s.folder.enabled else []) + (["mlflow"] if s.mlflow.source_model else [])
         gpu = s.device != "cpu" and _cuda_available()
-        self.metrics = Metrics(sources=source_names or ["folder"], score_names=list(s.gate.thresholds), gpu=gpu)
+        self.metrics = Metrics(sources=source_names or ["folder"], gpu=gpu)
         self.promoter = Promoter(self.store, self.journal, s.keep_versions, s.keep_quarantine, publishing_enabled(s))
         self.worker = MergeWorker(s, self.journal, self.store, self.promoter, self.metrics, self.paths["logs"])
         self.intake = Intake(self.journal, self.paths["staged"], self._on_journaled)
@@ -226,6 +226,8 @@ class Daemon:
             self._build()
             report = recover(self.journal, self.store, self.intake, s.interrupted_retry_seconds, publishing_enabled(s))
             self.metrics.interruptions.inc(len(report.requeued))
+            for job in filter(None, map(self.journal.job, report.completed)):  # promoted by recovery
+                self.metrics.observe_promotion(job.source, job.created_at, job.finished_at or time.time())
             log.info("daemon_starting", pid=os.getpid(), config=s.redacted(), requeued=report.requeued,
                      failed=report.failed, completed=report.completed, removed=len(report.removed))
             self._rollbacks_seen = self.journal.count_rollbacks()

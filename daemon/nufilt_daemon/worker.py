@@ -31,7 +31,7 @@ import structlog
 from .config import Settings
 from .gate import decide
 from .journal import Job, Journal
-from .metrics import Metrics
+from .metrics import Metrics, measured_scores
 from .promoter import Promoter
 from .states import FINAL_STATES, GateOutcome, JobState
 from .store import Store
@@ -146,8 +146,11 @@ class MergeWorker:
 
     def process(self, job: Job) -> None:
         prod = self.store.production()
+        first_start = job.started_at is None  # a retried or redone job was not queued anew
         job = self.journal.mark_started(job.id, prod.number if prod else None)
         self.current = job
+        if first_start and job.started_at is not None:
+            self.metrics.observe_merge_start(job.source, job.created_at, job.started_at)
         jlog = log.bind(job=job.id, checkpoint=job.reference, from_version=job.from_version, attempt=job.attempts)
         jlog.info("merge_started")
         candidate = self.store.candidate_path(job.id, job.attempts)
@@ -178,8 +181,8 @@ class MergeWorker:
                           command=decision.command, metrics=decision.metrics,
                           validation_seconds=round(validation_seconds, 3))
             self.metrics.validation_duration.observe(validation_seconds)
-            for name, value in decision.metrics.items():
-                self.metrics.validation_score.labels(name).set(value)
+            self.metrics.show_scores(measured_scores(decision.metrics, res.validation.get("scores") or {},
+                                                     (decision.command or {}).get("metrics") or {}))
         retry = self._abnormal(res) and job.child_failures + 1 < self.settings.max_attempts
         if outcome == GateOutcome.FAILED and retry:
             return self._retry_after_child_failure(job, candidate, reasons, jlog)
@@ -215,7 +218,9 @@ class MergeWorker:
             version = v.number
             self.metrics.production_version.set(version)
             self.metrics.merge_step.set(step)
-            self.metrics.last_promotion.set(time.time())
+            now = time.time()
+            self.metrics.last_promotion.set(now)
+            self.metrics.observe_promotion(job.source, job.created_at, now)
         elif outcome == GateOutcome.REJECTED:
             where = self.promoter.reject(job, candidate if candidate.exists() else None, report,
                                          reason or JobState.REJECTED)

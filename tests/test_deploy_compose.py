@@ -245,7 +245,8 @@ def test_dashboard_is_well_formed_and_covers_what_operators_watch():
     for must in ("nufilt_production_version", "time() - (nufilt_last_promotion_timestamp_seconds",
                  "sum by (outcome) (increase(nufilt_merges_total", "histogram_quantile(0.5,",
                  "histogram_quantile(0.95,", "nufilt_pending_checkpoints", "nufilt_validation_score",
-                 "process_resident_memory_bytes", "nufilt_gpu_memory_used_bytes", "nufilt_rollbacks_total"):
+                 "process_resident_memory_bytes", "nufilt_gpu_memory_used_bytes", "nufilt_rollbacks_total",
+                 "nufilt_arrival_to_production_seconds_bucket", "nufilt_queue_wait_seconds_bucket"):
         assert must in everything, must
     assert DASHBOARD.stat().st_size < 200_000
 

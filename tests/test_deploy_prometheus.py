@@ -27,7 +27,7 @@ from deploy_files import (
     metric_names,
 )
 from models import base_state, finetune, write_model
-from nufilt_daemon.metrics import GpuMemoryCollector
+from nufilt_daemon.metrics import LATENCY_BUCKETS, GpuMemoryCollector
 from prometheus_server import Prometheus, require_binary
 
 pytestmark = pytest.mark.slow
@@ -80,14 +80,19 @@ def test_every_dashboard_query_and_alert_evaluates_on_a_real_scrape(tiny: dict[s
         target = json.loads((d.state / "daemon.json").read_text())["metrics_url"].split("/")[2]  # host:port
         with Prometheus(scrape_config(tmp_path, target), tmp_path / "prom") as prom:
             wait_for("the first scrape", lambda: prom.query(f'up{{job="{JOB}"}} == 1'), timeout=30)
-            for i in (1, 2):  # while Prometheus watches, so rates and quantiles see the merges happen
-                d.drop(tiny[f"t{i}"], f"task{i}")
+            # while Prometheus watches, so rates and quantiles see the merges happen
+            d.drop(tiny["t1"], "task1")
+            wait_for("Prometheus to see version 1", lambda: prom.query(
+                f'nufilt_production_version{{job="{JOB}"}} == 1'), timeout=120)
+            check_step_one_scores(prom)
+            d.drop(tiny["t2"], "task2")
             wait_for("two promotions", lambda: len(d.in_states("promoted")) == 2, timeout=120)
             wait_for("Prometheus to see version 2 and an empty queue", lambda: prom.query(
                 f'nufilt_production_version{{job="{JOB}"}} == 2 and on() nufilt_pending_checkpoints == 0'
                 f' and on() nufilt_merges_total{{outcome="promoted"}} == 2'), timeout=30)
 
             check_dashboard_queries(prom, d, target)
+            check_latency_histograms(prom, d)
             check_alert_rules(prom)
 
             # a healthy daemon raises nothing; a real rejection fires the real alert
@@ -136,6 +141,34 @@ def check_dashboard_queries(prom: Prometheus, d: DaemonProcess, target: str) -> 
             value = float(sample["value"][1])
             assert math.isfinite(value), f"{title}/{ref}: {value} for {sample['metric']} from {expr}"
     assert len(empty_on_cpu) <= 2, empty_on_cpu
+
+
+def check_step_one_scores(prom: Prometheus) -> None:
+    """Step 1 has no previous model: stability (and the harmonic mean) were not measured, so the
+    scrape that shows version 1 (a scrape is atomic; the scores are set before the promotion) holds
+    plasticity alone, not a 0.0 "lower is better" score."""
+    shown = {s["metric"]["metric"] for s in prom.query(f'nufilt_validation_score{{job="{JOB}"}}')}
+    assert shown == {"plasticity"}, shown
+
+
+def check_latency_histograms(prom: Prometheus, d: DaemonProcess) -> None:
+    """Both jobs are in the arrival-to-production and queue-wait histograms of their source, and the
+    dashboard's quantile of the first lies in the buckets that hold the journal's own latencies."""
+    for name in ("nufilt_arrival_to_production_seconds", "nufilt_queue_wait_seconds"):
+        counts = {s["metric"]["source"]: float(s["value"][1])
+                  for s in prom.query(f'{name}_count{{job="{JOB}"}}')}
+        assert counts == {"folder": 2.0}, (name, counts)
+    # the journal's promotion time; the metric is taken just after it (milliseconds later: + 1 s)
+    latencies = sorted(j["finished_at"] - j["created_at"] for j in d.in_states("promoted"))
+    panel = next(p for p in dashboard()["panels"] if p["title"] == "Arrival to production")
+    values = {"instance": ".*", "window": "1h"}
+    for target in panel["targets"][:2]:  # end to end p50, p95
+        (sample,) = prom.query(expand(target["expr"], values))
+        quantile = float(sample["value"][1])
+        low = max([0.0, *(b for b in LATENCY_BUCKETS if b < latencies[0])])
+        high = min(b for b in LATENCY_BUCKETS if b >= latencies[-1] + 1)
+        assert sample["metric"] == {"source": "folder"} and low <= quantile <= high, (target["expr"], quantile,
+                                                                                     latencies)
 
 
 def check_alert_rules(prom: Prometheus) -> None:

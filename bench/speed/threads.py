@@ -1,0 +1,117 @@
+"""Does the default thread behaviour of `nufilt merge` hold up beside a busy process? (issue 11)
+
+torch's OpenMP threads spin-wait for each other; with a core taken by another process, a spinning
+thread burns the time its descheduled sibling needs. nufilt_core sets OMP_WAIT_POLICY=PASSIVE
+before torch loads (unless the user set it). This runs the whole CLI, `nufilt merge` step 2 on
+the same inputs, in fresh processes, side by side in one run:
+
+  idle   nothing else running
+  busy   beside one process that keeps one core busy (a Python spin loop)
+
+with three thread settings: the default (no OMP_* variables: what a user gets), `--threads 1`,
+and spinning threads (OMP_WAIT_POLICY=ACTIVE, what torch does without our default at its worst).
+Each (situation, setting) runs `--repeats` times, interleaved; the median is reported, and the
+ratios against `--threads 1` in the same situation are what the targets judge:
+  busy: default ≤ 1.5 × --threads 1;  idle: default ≤ 1.0 × --threads 1.
+
+    .venv/bin/python bench/speed/threads.py --shape vit-b-32     # ≈ 6 min here
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from make_models import CACHE, ensure_models
+
+NUFILT = Path(sys.executable).with_name("nufilt")
+SETTINGS = {
+    "default": ([], {}),
+    "--threads 1": (["--threads", "1"], {}),
+    "spinning (OMP_WAIT_POLICY=ACTIVE)": ([], {"OMP_WAIT_POLICY": "ACTIVE"}),
+}
+TARGETS = {"busy": 1.5, "idle": 1.0}
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment without thread settings, so each run gets exactly the setting under test."""
+    drop = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOMP_SPINCOUNT")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
+def merge_seconds(base: Path, previous: Path, checkpoint: Path, out: Path, args: list[str],
+                  env: dict[str, str]) -> float:
+    cmd = [str(NUFILT), "merge", "--base", str(base), "--previous", str(previous), "--checkpoint", str(checkpoint),
+           "--output", str(out), "--overwrite", "--device", "cpu", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+@contextmanager
+def busy_core(on: bool):
+    """One process spinning on one core for the duration (nothing when `on` is false)."""
+    if not on:
+        yield
+        return
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)  # let it take its core before the measured run starts
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="vit-b-32", help="vit-b-32, vit-b-16, vit-l-14, vit-tiny")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per (situation, setting); the median counts")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args(argv)
+
+    models = ensure_models(args.shape, 2, 0)
+    work = CACHE / f"{args.shape}-s0"
+    merged1 = work / "merged-1-threads"
+    if not merged1.exists():
+        subprocess.run([str(NUFILT), "merge", "--base", str(models["base"]), "--checkpoint", str(models["ft-1"]),
+                        "--output", str(merged1), "--device", "cpu"], check=True, env=clean_env({}),
+                       capture_output=True)
+    out = work / "merged-2-threads"
+    print(f"shape {args.shape}, {os.cpu_count()} CPUs, load average before: {os.getloadavg()[0]:.2f}")
+    times: dict[str, dict[str, list[float]]] = {s: {k: [] for k in SETTINGS} for s in TARGETS}
+    for _ in range(args.repeats):
+        for situation in ("idle", "busy"):
+            with busy_core(situation == "busy"):
+                for name, (cli_args, extra) in SETTINGS.items():
+                    times[situation][name].append(merge_seconds(models["base"], merged1, models["ft-2"], out,
+                                                                cli_args, clean_env(extra)))
+    ok = True
+    print(f"{'situation':<10}{'setting':<36}{'wall s (median)':>16}{'vs --threads 1':>16}")
+    figures = {}
+    for situation, target in TARGETS.items():
+        one = statistics.median(times[situation]["--threads 1"])
+        for name, runs in times[situation].items():
+            med = statistics.median(runs)
+            figures[f"{situation}/{name}"] = {"runs": runs, "median": med, "ratio": med / one}
+            print(f"{situation:<10}{name:<36}{med:>16.1f}{med / one:>15.2f}x")
+        ratio = statistics.median(times[situation]["default"]) / one
+        hit = ratio <= target
+        ok = ok and hit
+        print(f"  {situation}: default ≤ {target:g} × --threads 1: {'PASS' if hit else 'MISS'} ({ratio:.2f}x)")
+    if args.json:
+        args.json.write_text(json.dumps({"shape": args.shape, "cpus": os.cpu_count(), **figures}, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
 from . import __version__
 from .checkpoint import Checkpoint
@@ -33,7 +32,7 @@ from .devices import resolve_device
 from .errors import CheckpointError, LineageError, NufiltError, SettingsError
 from .fsutil import fsync_dir
 from .lineage import CheckpointRef, LineageRecord
-from .methods import MergeMethod, StepContext, get_method
+from .methods import MergeMethod, StepContext, get_method, resolve_settings
 from .safetensors_io import StreamingWriter
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -86,14 +85,6 @@ def scan_and_hash(ckpt: Checkpoint, role: str, report: Callable[[str], None]) ->
         raise CheckpointError(first.file, f"{role} holds NaN/Inf values ({len(non_finite)} tensor(s) "
                               "affected, this is the first)", tensor=first.name)
     return sha
-
-
-def resolve_settings(method_cls: type[MergeMethod], inherited: dict[str, Any], options: dict[str, Any]):
-    try:
-        return method_cls.Settings(**{**inherited, **options})
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise SettingsError(f"settings for method {method_cls.name}: {problems}") from None
 
 
 @dataclass

@@ -26,7 +26,8 @@ import torch
 from .checkpoint import Checkpoint
 from .linalg import top_right_singular_vectors
 from .lineage import LineageRecord
-from .selection import Selection, is_linear_weight
+from .methods import recorded
+from .selection import is_linear_weight
 
 DEFAULT_NULL_RANK, DEFAULT_TASK_RANK = 128, 8
 
@@ -76,24 +77,16 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else 0.0
 
 
-def record_selection(record: LineageRecord, names: list[str]) -> Selection | None:
-    """The tensors a NUFILT step filtered, from its lineage record (None for other methods)."""
-    if record.method != "nufilt":
-        return None
-    s = record.settings
-    return Selection.resolve(names, tuple(s.get("include") or ()), s.get("preset", "auto"))
-
-
 def record_scope(record: LineageRecord, names: list[str]) -> tuple[Callable[[str, tuple[int, ...]], bool], int, int]:
-    """Which matrices a step's scores cover, and r_p, r_v: NUFILT's own selection and ranks (the
-    paper's where a rank is 0 or unset), else every Linear weight with the paper's ranks (what the
-    daemon's gate and the benchmark both use)."""
-    selection = record_selection(record, names)
-    if selection is None:
+    """Which matrices a step's scores cover, and r_p, r_v: what the step's method says (NUFILT: its
+    own selection and ranks, the paper's where a rank is 0), else every Linear weight with the
+    paper's ranks (what the daemon's gate and the benchmark both use)."""
+    method_cls, settings = recorded(record)
+    scope = method_cls.scored(settings, names)
+    if scope is None:
         return is_linear_weight, DEFAULT_NULL_RANK, DEFAULT_TASK_RANK
-    s = record.settings
-    return (selection.is_filtered, s.get("null_rank") or DEFAULT_NULL_RANK,
-            s.get("task_rank") or DEFAULT_TASK_RANK)
+    selected, null_rank, task_rank = scope
+    return selected, null_rank or DEFAULT_NULL_RANK, task_rank or DEFAULT_TASK_RANK
 
 
 def surrogate_scores(base: Checkpoint, previous: Checkpoint | None, new: Checkpoint, merged: Checkpoint,

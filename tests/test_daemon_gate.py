@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from models import base_state, finetune, write_model
 from nufilt_daemon.config import GateSettings, Threshold
@@ -14,6 +17,7 @@ from nufilt_daemon.states import GateOutcome
 from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.lineage import LineageRecord
 from nufilt_core.merge import MergeRequest, merge_step
+from nufilt_core.methods import METHODS
 from nufilt_core.scores import matrix_terms, surrogate_scores
 from nufilt_core.selection import is_linear_weight
 
@@ -79,6 +83,68 @@ def test_check_candidate_passes_a_real_merge_and_catches_a_changed_untouched_ten
     assert any("'embeddings.LayerNorm.weight'" in p and "leaves alone" in p for p in bad["problems"])
     assert any("model_sha256" in p for p in bad["problems"])
     assert decide(bad, tampered, GateSettings()).outcome == GateOutcome.REJECTED
+
+
+def test_the_gate_names_no_method():
+    """Method knowledge stays in the method (MergeMethod.untouched, .scored): gate.py asks, it never
+    spells a method's name in a string, an identifier or an import."""
+    import nufilt_daemon.gate
+
+    tree = ast.parse(Path(nufilt_daemon.gate.__file__).read_text())
+    names = {n.lower() for n in METHODS} | {m.__name__.lower() for m in METHODS.values()}
+    words = re.compile(r"\b(" + "|".join(map(re.escape, sorted(names))) + r")\b", re.IGNORECASE)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and words.search(node.value):
+            found.append(node.value)
+        elif isinstance(node, ast.Name | ast.Attribute | ast.alias | ast.ImportFrom):
+            ident = {ast.Name: "id", ast.Attribute: "attr", ast.alias: "name", ast.ImportFrom: "module"}[type(node)]
+            parts = str(getattr(node, ident) or "").lower().split(".")
+            found += [p for p in parts if p in names]
+    assert found == []
+
+
+def tampered(model: Path, name: str, folder: Path) -> Path:
+    """A copy of `model` (with its lineage record) where one tensor is nudged by +1."""
+    from conftest import load
+
+    state = load(model)
+    state[name] = state[name] + 1
+    out = write_model(state, folder)
+    LineageRecord.read(model).write(out)
+    return out
+
+
+@pytest.mark.parametrize(("method", "options", "steps", "checked"), [
+    ("opcm", {}, 1, 28),  # step 1: θ_1^m = θ_1, every tensor equals the new checkpoint
+    ("wudi", {}, 1, 28),
+    ("nufilt", {"policy": "keep_previous", "iters": 2}, 2, 18),  # unfiltered tensors stay as θ_1^m
+    ("task_arithmetic", {}, 1, 1),  # claims nothing: only the integer buffer is compared
+])
+def test_the_untouched_check_asks_the_method_and_catches_a_changed_tensor(
+        tiny: dict[str, Path], tmp_path: Path, method: str, options: dict, steps: int, checked: int):
+    previous = None
+    for t in range(1, steps + 1):
+        out = tmp_path / f"m{t}"
+        res = merge_step(MergeRequest(base=tiny["base"], previous=previous, checkpoint=tiny[f"t{t}"], output=out,
+                                      method=method if t == 1 else None, options=options if t == 1 else {}))
+        previous_model, previous = previous, out
+    ck = {n: Checkpoint.open(p) for n, p in (("b", tiny["base"]), ("n", tiny[f"t{steps}"]), ("c", out))}
+    prev = Checkpoint.open(previous_model) if previous_model else None
+    gate = GateSettings(scores=False)
+    report = check_candidate(ck["b"], prev, ck["n"], ck["c"], res.record, gate, "cpu")
+    assert report["problems"] == [] and report["checks"]["untouched"] == {"checked": checked, "changed": []}
+
+    name = "embeddings.LayerNorm.weight"
+    bad = check_candidate(ck["b"], prev, ck["n"], Checkpoint.open(tampered(out, name, tmp_path / "tampered")),
+                          res.record, gate, "cpu")
+    if checked > 1:  # the method says this tensor is one of its inputs, bit for bit
+        assert bad["checks"]["untouched"]["changed"] == [name]
+        assert any(f"'{name}'" in p and "leaves alone" in p for p in bad["problems"])
+    else:
+        assert bad["checks"]["untouched"]["changed"] == []
+    assert any("model_sha256" in p for p in bad["problems"])  # and the lineage hash catches it anyway
+    assert decide(bad, out, gate).outcome == GateOutcome.REJECTED
 
 
 def script(tmp_path: Path, body: str) -> list[str]:

@@ -30,8 +30,8 @@ from pydantic_settings import (
 )
 
 from nufilt_core.errors import NufiltError, SettingsError
-from nufilt_core.merge import DEFAULT_MAX_SHARD_BYTES, resolve_settings
-from nufilt_core.methods import get_method
+from nufilt_core.merge import DEFAULT_MAX_SHARD_BYTES
+from nufilt_core.methods import get_method, resolve_settings
 from nufilt_core.plausibility import DEFAULT_MAX_RELATIVE_DISTANCE
 
 ENV_PREFIX = "NUFILT_"
@@ -72,7 +72,7 @@ class GateSettings(_Section):
     scores: bool = Field(True, description="compute the stability/plasticity surrogates (Eq. 13-14)")
     null_rank: int | None = Field(None, ge=1, description="r_p for the scores; default: the method's, else 128")
     task_rank: int | None = Field(None, ge=1, description="r_v for the scores; default: the method's, else 8")
-    check_untouched: bool = Field(True, description="tensors the policy leaves alone must be bit-identical")
+    check_untouched: bool = Field(True, description="tensors the method leaves alone must be bit-identical")
     max_relative_distance: float = Field(
         DEFAULT_MAX_RELATIVE_DISTANCE, ge=0, description="reject a checkpoint whose median ‖θ_t − θ0‖/‖θ0‖ over "
         "its weight matrices exceeds this (not fine-tuned from this base); 0: off")

@@ -6,9 +6,9 @@ Three layers, cheapest first:
    those into a rejection with that message (there is then no candidate).
 2. built-in checks on the candidate (`check_candidate`, run in the merge's child process, which
    already has torch and the models at hand): same layout as the base, every value finite, the
-   weights match the lineage record's hash, tensors the method's policy leaves alone are
-   bit-identical to where they come from; plus the paper's stability/plasticity surrogates
-   (nufilt_core.scores) as scores.
+   weights match the lineage record's hash, tensors the step's method says it leaves alone
+   (`MergeMethod.untouched`) are bit-identical to the input they come from; plus the paper's
+   stability/plasticity surrogates (nufilt_core.scores) as scores.
 3. an optional user command (`gate.command`) that gets the candidate folder and prints a JSON
    object of numbers; any metric (built-in or the command's) can have {min, max} thresholds.
 
@@ -34,9 +34,9 @@ import torch
 from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.errors import NufiltError
 from nufilt_core.lineage import LineageRecord
+from nufilt_core.methods import recorded
 from nufilt_core.safetensors_io import read_raw
-from nufilt_core.scores import record_scope, record_selection, surrogate_scores
-from nufilt_core.selection import Selection
+from nufilt_core.scores import record_scope, surrogate_scores
 
 from .config import GateSettings
 from .states import GateOutcome
@@ -44,17 +44,23 @@ from .states import GateOutcome
 # --- built-in checks (run in the child process) -------------------------------------------
 
 
-def _untouched_sources(record: LineageRecord, names: list[str]) -> tuple[Selection | None, str | None]:
-    """(which tensors NUFILT filters, what the others must equal: 'base' | 'previous' | 'new' | None)."""
-    selection = record_selection(record, names)
-    if selection is None:
-        return None, None
-    policy = record.settings.get("policy", "keep_base")
-    if policy == "keep_base":
-        return selection, "base"
-    if policy == "keep_previous":
-        return selection, "new" if record.step == 1 else "previous"
-    return selection, None  # average: every float tensor changes
+def check_untouched(base: Checkpoint, previous: Checkpoint | None, new: Checkpoint, candidate: Checkpoint,
+                    record: LineageRecord) -> tuple[int, list[str]]:
+    """(how many tensors were compared, which differ): integer and bool buffers against the base
+    (the engine never merges them), float tensors against the input the step's method says it left
+    them as. The method is asked, not known here, so every method gets the check."""
+    method_cls, method_settings = recorded(record)
+    rule = method_cls.untouched(method_settings, record.step, list(base.tensors))
+    sources = {"base": base, "previous": previous or base, "new": new}  # θ_0^m = θ0
+    checked, changed = 0, []
+    for name, info in base.tensors.items():
+        source = rule(name, info.shape) if info.is_float else "base"
+        if source is None:
+            continue
+        checked += 1
+        if read_raw(sources[source].tensors[name]) != read_raw(candidate.tensors[name]):
+            changed.append(name)
+    return checked, changed
 
 
 def check_candidate(base: Checkpoint, previous: Checkpoint | None, new: Checkpoint, candidate: Checkpoint,
@@ -80,23 +86,10 @@ def check_candidate(base: Checkpoint, previous: Checkpoint | None, new: Checkpoi
     else:
         checks["lineage_hash"] = "ok"
 
-    selection, must_equal = _untouched_sources(record, list(base.tensors))
-    sources = {"base": base, "previous": previous or base, "new": new}
-    untouched_bad: list[str] = []
-    n_untouched = 0
     if settings.check_untouched:
-        for name, info in base.tensors.items():
-            if not info.is_float:
-                origin = base  # integer and bool buffers are never merged
-            elif selection is not None and must_equal is not None and not selection.is_filtered(name, info.shape):
-                origin = sources[must_equal]
-            else:
-                continue
-            n_untouched += 1
-            if read_raw(origin.tensors[name]) != read_raw(candidate.tensors[name]):
-                untouched_bad.append(name)
+        n_untouched, untouched_bad = check_untouched(base, previous, new, candidate, record)
         if untouched_bad:
-            problems.append(f"{candidate.path}: {len(untouched_bad)} tensor(s) the policy leaves alone were "
+            problems.append(f"{candidate.path}: {len(untouched_bad)} tensor(s) the method leaves alone were "
                             f"changed, first '{untouched_bad[0]}'")
         checks["untouched"] = {"checked": n_untouched, "changed": untouched_bad[:10]}
 

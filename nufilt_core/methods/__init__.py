@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydantic import ValidationError
+
 from ..errors import SettingsError
-from .base import MergeMethod, MethodSettings, StepContext
+from ..lineage import LineageRecord
+from .base import MergeMethod, MethodSettings, Source, StepContext
 from .dop import Dop
 from .magmax import MagMax
 from .nufilt import Nufilt
@@ -25,4 +30,20 @@ def get_method(name: str) -> type[MergeMethod]:
         raise SettingsError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
 
 
-__all__ = ["METHODS", "MergeMethod", "MethodSettings", "StepContext", "get_method"]
+def resolve_settings(method_cls: type[MergeMethod], inherited: dict[str, Any], options: dict[str, Any]) -> Any:
+    """The method's Settings from inherited values overridden by explicit ones; SettingsError names each problem."""
+    try:
+        return method_cls.Settings(**{**inherited, **options})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise SettingsError(f"settings for method {method_cls.name}: {problems}") from None
+
+
+def recorded(record: LineageRecord) -> tuple[type[MergeMethod], MethodSettings]:
+    """The method and settings a lineage record was merged with, for asking the method's hooks."""
+    method_cls = get_method(record.method)
+    return method_cls, resolve_settings(method_cls, record.settings, {})
+
+
+__all__ = ["METHODS", "MergeMethod", "MethodSettings", "Source", "StepContext", "get_method", "recorded",
+           "resolve_settings"]

@@ -5,16 +5,34 @@ base θ0, the previous merged model θ_{t-1}^m and the new checkpoint θ_t (fp32
 compute device) and writes back what `merge` returns. Methods that need whole-model
 statistics declare `passes` > 0: the engine first streams every float tensor through
 `observe` that many times (calling `end_pass` after each), then runs the merge pass.
+
+Two class-level hooks let callers that only hold a lineage record (the daemon's gate, the
+benchmark) ask the method about a step instead of knowing each method's rules: `untouched`
+(which float tensors the step leaves bit for bit as one of its inputs) and `scored` (which
+matrices and ranks the stability/plasticity surrogates cover).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+# The inputs of a step a tensor can be left equal to; "previous" is θ0 at step 1 (θ_0^m = θ0).
+Source = Literal["base", "previous", "new"]
+# (name, shape) of a float tensor → the input it must equal bit for bit, None when it may change.
+UntouchedRule = Callable[[str, tuple[int, ...]], Source | None]
+# (name, shape) of a 2-D float tensor → whether the surrogate scores cover it.
+ScoredRule = Callable[[str, tuple[int, ...]], bool]
+
+
+def every_tensor(source: Source | None) -> UntouchedRule:
+    """The rule of a step that leaves every float tensor as `source` (None: it may change them all)."""
+    return lambda name, shape: source
 
 
 class MethodSettings(BaseModel):
@@ -60,3 +78,17 @@ class MergeMethod(ABC):
     def summary(self) -> dict[str, Any]:
         """Figures about this step worth recording (counts, losses)."""
         return {}
+
+    @classmethod
+    def untouched(cls, settings: MethodSettings, step: int, names: Sequence[str]) -> UntouchedRule:
+        """Which float tensors step `step` leaves bit for bit as one of its inputs, and which input:
+        the gate checks the candidate holds exactly that. `names`: every tensor of the model, in
+        storage order. Declare only what `merge` guarantees bit for bit (it returns the input tensor
+        itself, which the engine casts back losslessly); the default claims nothing."""
+        return every_tensor(None)
+
+    @classmethod
+    def scored(cls, settings: MethodSettings, names: Sequence[str]) -> tuple[ScoredRule, int, int] | None:
+        """(which matrices, r_p, r_v) the surrogate scores of this method's steps cover; a rank of 0
+        means the paper's. None (the default): every Linear weight at the paper's ranks."""
+        return None

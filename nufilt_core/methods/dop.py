@@ -25,6 +25,7 @@ walking leaf modules that a state dict cannot see: here they take the pair mean 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,7 +33,7 @@ import torch
 from pydantic import Field
 
 from ..selection import is_linear_weight
-from .base import MergeMethod, MethodSettings, StepContext
+from .base import MergeMethod, MethodSettings, StepContext, UntouchedRule, every_tensor
 
 
 class DopSettings(MethodSettings):
@@ -149,6 +150,10 @@ class Dop(MergeMethod):
             self.loss_before[i] += figures["loss_before"][i]
             self.loss_after[i] += figures["loss_after"][i]
         return merged
+
+    @classmethod
+    def untouched(cls, settings: MethodSettings, step: int, names: Sequence[str]) -> UntouchedRule:
+        return every_tensor("new" if step == 1 else None)  # merge returns `new` itself at step 1
 
     def summary(self) -> dict[str, Any]:
         return {"optimized_tensors": self.optimized,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import fmean
 from typing import Any, Literal
@@ -45,7 +46,7 @@ from pydantic import Field, field_validator, model_validator
 from ..errors import LineageError
 from ..linalg import adapter_seed, seeded_normal, top_right_singular_vectors
 from ..selection import Selection
-from .base import MergeMethod, MethodSettings, StepContext
+from .base import MergeMethod, MethodSettings, ScoredRule, Source, StepContext, UntouchedRule, every_tensor
 
 Policy = Literal["keep_base", "keep_previous", "average", "sum"]
 Preset = Literal["auto", "all-linear", "clip", "vit", "bert", "t5", "llama"]  # selection.PRESETS and two rules
@@ -254,7 +255,7 @@ class Nufilt(MergeMethod):
 
     def __init__(self, settings: NufiltSettings, ctx: StepContext):
         super().__init__(settings, ctx)
-        self.selection = Selection.resolve(ctx.names, settings.include, settings.preset)
+        self.selection = self.selection_of(settings, ctx.names)
         self.filtered = 0
         self.loss_before = 0.0
         self.loss_after = 0.0
@@ -346,13 +347,37 @@ class Nufilt(MergeMethod):
         return base + u / self.lambdas[unit]
 
     def _policy(self, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        policy = self.settings.policy  # type: ignore[attr-defined]
         t = self.ctx.step
-        if policy == "keep_base":
-            return base
-        if policy == "keep_previous":  # θ_1^m = θ_1 (paper), then frozen
-            return new if t == 1 else previous
-        return previous * ((t - 1) / t) + new / t  # running average of the fine-tuned models
+        kept = self.policy_source(self.settings, t)  # type: ignore[arg-type]
+        if kept is not None:
+            return {"base": base, "previous": previous, "new": new}[kept]
+        return previous * ((t - 1) / t) + new / t  # average: running mean of the fine-tuned models
+
+    @staticmethod
+    def policy_source(settings: NufiltSettings, step: int) -> Source | None:
+        """The input an unfiltered float tensor is left as, None where the policy computes it (average, sum)."""
+        if settings.policy == "keep_base":
+            return "base"
+        if settings.policy == "keep_previous":  # θ_1^m = θ_1 (paper), then frozen
+            return "new" if step == 1 else "previous"
+        return None
+
+    @staticmethod
+    def selection_of(settings: NufiltSettings, names: Sequence[str]) -> Selection:
+        return Selection.resolve(names, settings.include, settings.preset)
+
+    @classmethod
+    def untouched(cls, settings: MethodSettings, step: int, names: Sequence[str]) -> UntouchedRule:
+        kept = cls.policy_source(settings, step)  # type: ignore[arg-type]
+        if kept is None:
+            return every_tensor(None)
+        selection = cls.selection_of(settings, names)  # type: ignore[arg-type]
+        return lambda name, shape: None if selection.is_filtered(name, shape) else kept
+
+    @classmethod
+    def scored(cls, settings: MethodSettings, names: Sequence[str]) -> tuple[ScoredRule, int, int] | None:
+        s: NufiltSettings = settings  # type: ignore[assignment]
+        return cls.selection_of(s, names).is_filtered, s.null_rank, s.task_rank
 
     def state(self) -> dict[str, Any]:
         if self.settings.rescale == "none":  # type: ignore[attr-defined]

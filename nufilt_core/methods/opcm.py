@@ -26,6 +26,7 @@ which carries no information about earlier tasks and is not reproducible across 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from statistics import fmean
 from typing import Any
 
@@ -34,7 +35,7 @@ from pydantic import Field
 
 from ..errors import LineageError
 from ..selection import is_linear_weight
-from .base import MergeMethod, MethodSettings, StepContext
+from .base import MergeMethod, MethodSettings, StepContext, UntouchedRule, every_tensor
 
 
 class OpcmSettings(MethodSettings):
@@ -116,6 +117,10 @@ class Opcm(MergeMethod):
 
     def state(self) -> dict[str, Any]:
         return {"lambda": self.lambda_t, "task_vector_norms": self.norms}
+
+    @classmethod
+    def untouched(cls, settings: MethodSettings, step: int, names: Sequence[str]) -> UntouchedRule:
+        return every_tensor("new" if step == 1 else None)  # merge returns `new` itself at step 1
 
     def summary(self) -> dict[str, Any]:
         return {"lambda": self.lambda_t, "mean_task_vector_norm": fmean(self.norms) if self.norms else 0.0,

@@ -19,13 +19,14 @@ divide by zero: it is left out of the loss (the published code would produce NaN
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from pydantic import Field
 
 from ..selection import is_linear_weight
-from .base import MergeMethod, MethodSettings, StepContext
+from .base import MergeMethod, MethodSettings, StepContext, UntouchedRule, every_tensor
 
 
 class WudiSettings(MethodSettings):
@@ -103,6 +104,10 @@ class Wudi(MergeMethod):
         self.loss_before += before
         self.loss_after += after
         return base + merged
+
+    @classmethod
+    def untouched(cls, settings: MethodSettings, step: int, names: Sequence[str]) -> UntouchedRule:
+        return every_tensor("new" if step == 1 else None)  # merge returns `new` itself at step 1
 
     def summary(self) -> dict[str, Any]:
         return {"optimized_tensors": self.optimized, "loss_before": self.loss_before, "loss_after": self.loss_after}

@@ -26,6 +26,9 @@ def test_job_lifecycle_is_enforced_and_survives_reopening(tmp_path: Path):
     assert job.state == JobState.QUEUED and job.attempts == 0
     with pytest.raises(JournalError, match="queued → promoted is not allowed"):
         j.transition(job.id, JobState.PROMOTED)
+    with pytest.raises(JournalError, match="queued → promoted is not allowed"):  # the same lifecycle check
+        j.record_promotion(job.id, None, 1, 1, publish=True)
+    assert j.production_changes() == [] and j.outbox_pending() == []  # nothing of it was written
     j.mark_started(job.id, None)
     j.transition(job.id, JobState.VALIDATING, step=1)
     j.record_promotion(job.id, None, 1, 1, publish=True)
@@ -45,11 +48,13 @@ def test_job_lifecycle_is_enforced_and_survives_reopening(tmp_path: Path):
 
 def test_duplicates_are_recorded_and_failed_content_may_come_again(tmp_path: Path):
     j = Journal.in_state_dir(tmp_path)
+    assert j.add_if_duplicate("folder", "a", "aaa") is None  # new content: the intake stages it, then adds it
     first = j.add_job("folder", "a", "aaa", "/s/a")
-    again = j.add_job("mlflow", "models:/m/3", "aaa", "/s/b")
+    again = j.add_if_duplicate("mlflow", "models:/m/3", "aaa")
     assert (again.state, again.duplicate_of, again.staged_path) == (JobState.DUPLICATE, first.id, None)
     j.mark_started(first.id, None)
     j.transition(first.id, JobState.FAILED, "out of memory")
+    assert j.add_if_duplicate("folder", "a-retry", "aaa") is None
     retry = j.add_job("folder", "a-retry", "aaa", "/s/c")
     assert retry.state == JobState.QUEUED  # a failed job's content is not a duplicate: it may be retried
     rejected = j.add_job("folder", "broken", None, None, JobState.REJECTED, "unreadable")
@@ -166,14 +171,24 @@ class FlakyRegistry:
 def test_outbox_retries_in_order_until_the_registry_is_back(tiny: dict[str, Path], tmp_path: Path):
     store = Store(tmp_path / "store").ensure()
     j = Journal.in_state_dir(tmp_path / "state")
+
+    def promote(reference: str, version: int) -> None:
+        """The journal's side of a promotion, which adds the publish item in its transaction."""
+        job = j.add_job("folder", reference, reference * 3, None)
+        j.mark_started(job.id, None)
+        j.transition(job.id, JobState.VALIDATING, step=1)
+        j.record_promotion(job.id, None, version, 1, publish=True)
+
     for job in (1, 2):
         cand = store.candidate_path(job, 1)
         shutil.copytree(tiny["t1"], cand)
         record(job).write(cand)
-        store.add_version(cand, {"job_id": job})
-        j.enqueue_outbox("publish", job)
-    j.enqueue_outbox("set_production", 1)  # a rollback after both publishes
-    j.enqueue_outbox("publish", 99)  # pruned before it could be published
+        version = store.add_version(cand, {"job_id": job}).number
+        promote(f"t{job}", version)
+    j.record_rollback(2, 1, "worse", publish=True)  # a rollback after both publishes: set_production 1
+    promote("pruned", 99)  # pruned before it could be published
+    assert [(o.kind, o.version) for o in j.outbox_pending()] == [
+        ("publish", 1), ("publish", 2), ("set_production", 1), ("publish", 99)]
     metrics = Metrics()
     registry = FlakyRegistry(failures=2)
     outbox = Outbox(j, store, registry, metrics, min_backoff=0.01, max_backoff=0.05)

@@ -153,8 +153,6 @@ class Intake:
             shutil.rmtree(partial, ignore_errors=True)
             shutil.rmtree(final, ignore_errors=True)
             raise
-        if job.state == JobState.DUPLICATE:  # cannot happen under our lock, but never keep a copy nobody owns
-            shutil.rmtree(final, ignore_errors=True)
         return job
 
     def gc_staged(self) -> list[Path]:

@@ -155,6 +155,25 @@ def _add_outbox(db: sqlite3.Connection, kind: str, version: int, now: float) -> 
                      (kind, version, "pending", now, now))
     return int(cur.lastrowid)  # type: ignore[arg-type]
 
+def _move(db: sqlite3.Connection, job_id: int, to_state: str, reason: str | None, now: float,
+          fields: dict[str, Any], transition_reason: str | None = None) -> None:
+    """Within the caller's transaction: the lifecycle check (ALLOWED), the job's new state with
+    `fields`, and its transition row (with `transition_reason` where it differs from the job's)."""
+    row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise JournalError(f"no job {job_id}")
+    if to_state not in ALLOWED.get(row["state"], set()):
+        raise JournalError(f"job {job_id}: {row['state']} → {to_state} is not allowed")
+    cols = {**fields, "state": to_state, "reason": reason, "updated_at": now}
+    if to_state == JobState.MERGING:
+        cols["started_at"] = now
+    if to_state in FINAL_STATES:
+        cols["finished_at"] = now
+    sets = ", ".join(f"{k} = ?" for k in cols)
+    db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*cols.values(), job_id))
+    _add_transition(db, job_id, row["state"], to_state, transition_reason or reason, now)
+
+
 class Journal:
     def __init__(self, path: Path, *, create: bool = True):
         self.path = Path(path)
@@ -208,23 +227,15 @@ class Journal:
 
     def add_job(self, source: str, reference: str, sha256: str | None, staged_path: str | None,
                 state: str = JobState.QUEUED, reason: str | None = None) -> Job:
-        """Record an arrival. A known content hash makes it a `duplicate` (its staged copy is then
-        the caller's to delete: the returned job has staged_path None)."""
+        """Record an arrival as it is. Whether its content is a duplicate is `add_if_duplicate`'s
+        question, asked first under the intake's lock, so it is never asked twice here."""
         now = time.time()
+        final = now if state in FINAL_STATES else None
         with self._tx() as db:
-            duplicate_of = None
-            if sha256 is not None:
-                marks = ",".join("?" * len(DUPLICATE_OF_STATES))
-                row = db.execute(f"SELECT id FROM jobs WHERE sha256 = ? AND state IN ({marks}) ORDER BY id LIMIT 1",
-                                 (sha256, *DUPLICATE_OF_STATES)).fetchone()
-                if row is not None:
-                    duplicate_of, state, staged_path = row["id"], JobState.DUPLICATE, None
-                    reason = f"same content as job {row['id']}"
-            final = now if state in FINAL_STATES else None
             cur = db.execute(
-                "INSERT INTO jobs (source, reference, sha256, staged_path, state, reason, duplicate_of, "
-                "created_at, updated_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (source, reference, sha256, staged_path, state, reason, duplicate_of, now, now, final))
+                "INSERT INTO jobs (source, reference, sha256, staged_path, state, reason, created_at, updated_at, "
+                "finished_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (source, reference, sha256, staged_path, state, reason, now, now, final))
             job_id = cur.lastrowid
             _add_transition(db, job_id, None, state, reason, now)
         return self.job(job_id)  # type: ignore[arg-type]
@@ -254,21 +265,8 @@ class Journal:
         unknown = set(fields) - allowed_fields
         if unknown:
             raise JournalError(f"transition cannot set {sorted(unknown)}")
-        now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise JournalError(f"no job {job_id}")
-            if to_state not in ALLOWED.get(row["state"], set()):
-                raise JournalError(f"job {job_id}: {row['state']} → {to_state} is not allowed")
-            cols = {**fields, "state": to_state, "reason": reason, "updated_at": now}
-            if to_state == JobState.MERGING:
-                cols["started_at"] = now
-            if to_state in FINAL_STATES:
-                cols["finished_at"] = now
-            sets = ", ".join(f"{k} = ?" for k in cols)
-            db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*cols.values(), job_id))
-            _add_transition(db, job_id, row["state"], to_state, reason, now)
+            _move(db, job_id, to_state, reason, time.time(), fields)
         return self.job(job_id)  # type: ignore[return-value]
 
     def job(self, job_id: int) -> Job | None:
@@ -337,12 +335,9 @@ class Journal:
         in one transaction: a crash cannot leave a promotion that is never published."""
         now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row["state"] != JobState.VALIDATING:
-                raise JournalError(f"job {job_id}: cannot be promoted from state {row and row['state']}")
-            db.execute("UPDATE jobs SET state = ?, reason = NULL, version = ?, step = ?, updated_at = ?, "
-                       "finished_at = ? WHERE id = ?", (JobState.PROMOTED, version, step, now, now, job_id))
-            _add_transition(db, job_id, JobState.VALIDATING, JobState.PROMOTED, f"version {version}", now)
+            # the job's reason stays empty (a promotion needs none); its transition says which version
+            _move(db, job_id, JobState.PROMOTED, None, now, {"version": version, "step": step},
+                  transition_reason=f"version {version}")
             _add_production_change(db, "promote", from_version, version, job_id, None, now)
             if publish:
                 _add_outbox(db, "publish", version, now)
@@ -366,11 +361,6 @@ class Journal:
         return int(self._query("SELECT COUNT(*) AS n FROM production_changes WHERE kind = 'rollback'")[0]["n"])
 
     # --- outbox (publishing that must survive restarts) ------------------------------------
-
-    def enqueue_outbox(self, kind: str, version: int) -> int:
-        """A publishing work item on its own (promotions and rollbacks add theirs in their transaction)."""
-        with self._tx() as db:
-            return _add_outbox(db, kind, version, time.time())
 
     def next_outbox(self) -> OutboxItem | None:
         rows = self._query("SELECT * FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1")

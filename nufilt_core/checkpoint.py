@@ -129,6 +129,13 @@ class Checkpoint:
     def weight_files(self) -> list[Path]:
         return sorted({i.file for i in self.tensors.values()})
 
+    def largest_shard_bytes(self) -> int | None:
+        """Tensor bytes of the biggest weight file when the weights are sharded (several files), else None."""
+        per_file: dict[Path, int] = {}
+        for info in self.tensors.values():
+            per_file[info.file] = per_file.get(info.file, 0) + info.nbytes
+        return max(per_file.values()) if len(per_file) > 1 else None
+
     def side_files(self, reserved: tuple[str, ...] = ()) -> list[Path]:
         """Small files beside the weights (config.json, tokenizer, ...) worth carrying along; never the
         lineage record or a name in `reserved` (files the caller writes itself)."""

@@ -18,7 +18,7 @@ from .demo import add_demo_parser
 from .devices import set_threads
 from .errors import NufiltError
 from .lineage import LineageRecord
-from .merge import DEFAULT_MAX_SHARD_BYTES, MergeRequest, Progress, merge_step
+from .merge import MergeRequest, Progress, merge_step
 from .methods import METHODS
 from .selection import PRESETS
 
@@ -71,8 +71,9 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     io.add_argument("--checkpoint", required=True, type=Path, help="the new fine-tuned model θ_t")
     io.add_argument("--output", required=True, type=Path, help="folder to create for the merged model")
     io.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    io.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
-                    help="split the output into shards of at most this size (default 5GB)")
+    io.add_argument("--max-shard-size", type=parse_size,
+                    help="split the output into shards of at most this size (default: as the base, i.e. its "
+                    "largest shard when it is sharded, else 5GB)")
     m = p.add_argument_group("method (default: the previous step's, else nufilt)")
     m.add_argument("--method", choices=list(METHODS))
     m.add_argument("--seed", type=int, help="seed of NUFILT's adapter init (default: previous step's, else 0)")

@@ -61,7 +61,7 @@ class MergeRequest:
     options: dict[str, Any] = field(default_factory=dict)  # explicit settings; the rest are inherited
     seed: int | None = None  # None: the previous record's seed, else 0
     device: str = "auto"
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    max_shard_bytes: int | None = None  # None: follow the base's sharding (output_shard_bytes)
     overwrite: bool = False
     reserved_names: tuple[str, ...] = ()  # side files never copied: the caller writes its own (the daemon's report)
 
@@ -75,6 +75,15 @@ class MergeResult:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def output_shard_bytes(requested: int | None, base: Checkpoint) -> int:
+    """The output's max shard size: the one asked for, else the base's largest shard when the base is
+    sharded, else DEFAULT_MAX_SHARD_BYTES. The writer cuts greedily in the base's tensor order, so a base
+    cut the same way (as `save_pretrained` does) gets back the same files with the same tensors in each."""
+    if requested is not None:
+        return requested
+    return base.largest_shard_bytes() or DEFAULT_MAX_SHARD_BYTES
 
 
 def scan_and_hash(ckpt: Checkpoint, role: str, report: Callable[[str], None]) -> str:
@@ -184,7 +193,7 @@ def _write(s: _Step, method: MergeMethod, hashes: dict[str, str], report: Callab
     tmp.mkdir()
     try:
         plan = [(n, i.dtype, i.shape) for n, i in s.base.tensors.items()]
-        writer = StreamingWriter(tmp, plan, req.max_shard_bytes)
+        writer = StreamingWriter(tmp, plan, output_shard_bytes(req.max_shard_bytes, s.base))
         with torch.no_grad():
             for i, (name, info) in enumerate(s.base.tensors.items(), 1):
                 if info.is_float:

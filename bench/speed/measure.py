@@ -29,8 +29,8 @@ def peak_rss_bytes() -> int:
 
 
 def report(**fields: object) -> None:
-    """What a child prints last: one JSON line the parent picks up."""
-    print(REPORT_PREFIX + json.dumps({**fields, "peak_rss_bytes": peak_rss_bytes()}), flush=True)
+    """What a child prints last: one JSON line the parent picks up (a `peak_rss_bytes` field given wins)."""
+    print(REPORT_PREFIX + json.dumps({"peak_rss_bytes": peak_rss_bytes(), **fields}), flush=True)
 
 
 def child_env(threads: int | None) -> dict[str, str]:

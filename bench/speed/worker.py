@@ -1,25 +1,72 @@
 """Child process of the speed benchmark: runs one merge step and reports its time and peak RSS.
 
-    worker.py engine    --base B [--previous P] --checkpoint C --output DIR  [--device D]
+    worker.py engine    --base B [--previous P] --checkpoint C --output DIR  [--device D] [--timeline]
     worker.py reference --base B --previous P --checkpoint C --output FILE [--variant paper|published]
 
 The engine runs through `nufilt_core.merge.merge_step` exactly as `nufilt merge` does (checks,
 hashing, streaming, atomic write); the reference loads everything, computes, and saves the
 merged filtered matrices with `safetensors.torch.save_file`. Both report wall and CPU seconds
-from just before the inputs are opened to just after the output is on disk.
+from just before the inputs are opened to just after the output is on disk. `--timeline` adds one
+row per tensor of the engine's progress: phase, name, seconds since the step began, and the peak
+RSS while that tensor was processed (llm_step.py turns them into time and memory per layer).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from measure import cpu_seconds, report
+from measure import cpu_seconds, peak_rss_bytes, report
+
+if TYPE_CHECKING:  # the engine is imported in run_engine only, as before
+    from nufilt_core.merge import Progress
+
+VM_HWM = re.compile(r"VmHWM:\s+(\d+) kB")
+
+
+class Timeline:
+    """The engine's progress, one row per tensor: [phase, name, seconds since the step began, peak RSS bytes
+    since the previous row]. After each reading the kernel's high-water mark is reset ("5" into
+    /proc/self/clear_refs), so a row's peak is its own tensor's, not the step's so far. That reset also
+    lowers ru_maxrss, so the step's peak is kept here (`peak`), and the lineage record's peak_rss_bytes of
+    a run with --timeline under-reports."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[object]] = []
+        self.peak = peak_rss_bytes()  # imports and opening, before the first reset
+        self.resets = self._reset()
+
+    @staticmethod
+    def _hwm() -> int:
+        with open("/proc/self/status") as f:
+            found = VM_HWM.search(f.read())
+        return int(found.group(1)) * 1024 if found else peak_rss_bytes()
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:  # not Linux, or not allowed: rows then hold the running peak
+            return False
+
+    def __call__(self, p: Progress) -> None:
+        hwm = self._hwm()
+        self.peak = max(self.peak, hwm)
+        self.rows.append([p.phase, p.name, round(p.elapsed, 4), hwm])
+        if self.resets:
+            self._reset()
+
+    def final_peak(self) -> int:
+        return max(self.peak, self._hwm())  # the end of the step (index, lineage record) since the last row
 
 
 def run_engine(args: argparse.Namespace) -> None:
@@ -29,10 +76,14 @@ def run_engine(args: argparse.Namespace) -> None:
         shutil.rmtree(args.output)
     req = MergeRequest(base=args.base, previous=args.previous, checkpoint=args.checkpoint, output=args.output,
                        device=args.device, seed=args.seed, options=dict(args.option))
+    timeline = Timeline() if args.timeline else None
     t0, c0 = time.perf_counter(), cpu_seconds()
-    result = merge_step(req)
+    result = merge_step(req, timeline)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    extra = {}
+    extra: dict[str, object] = {}
+    if timeline:
+        extra |= {"timeline": timeline.rows, "peak_rss_bytes": timeline.final_peak(),
+                  "per_tensor_peaks": timeline.resets}
     if result.record.device.startswith("cuda"):
         extra["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     report(role="engine", seconds=wall, cpu_seconds=cpu, phases=result.seconds, device=result.record.device,
@@ -72,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     eng = sub.choices["engine"]
     eng.add_argument("--device", default="cpu")
     eng.add_argument("--overwrite", action="store_true")
+    eng.add_argument("--timeline", action="store_true", help="report time and peak RSS per tensor")
     eng.add_argument("--option", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
                      help="a NUFILT setting, e.g. iters=5 (step 1 only; later steps inherit)")
     ref = sub.choices["reference"]

@@ -100,6 +100,8 @@ LEVER_GRID = (
     # the new task vector's low-rank part only (task_energy), on its own and inside the plus profile
     Variant("nufilt_te70", "nufilt", {"task_energy": 0.7}, "lever",
             "low-rank τ_t: its top directions holding 70 % of ‖τ_t‖²"),
+    Variant("nufilt_radius03_te70", "nufilt", {"rescale": "matrix", "rescale_radius": 0.03, "task_energy": 0.7},
+            "lever", "trust radius 0.03 per matrix, low-rank τ_t (70 % of ‖τ_t‖²)"),
     *(Variant(f"nufilt_plus_te{round(e * 100)}", "nufilt", {**PROFILES["plus"], "task_energy": e}, "lever",
               f"plus with low-rank τ_t: its top directions holding {round(e * 100)} % of ‖τ_t‖²")
       for e in (0.5, 0.7, 0.9)),

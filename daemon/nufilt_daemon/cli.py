@@ -109,7 +109,9 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
     add_config_arg(p)
     p.add_argument("--name", help="name in the inbox (default: the source's name)")
     p.add_argument("--wait", action="store_true", help="return once the daemon has decided: print the outcome "
-                   "(promoted as vNNNNNN, rejected or failed, with the reason) and the time; exit 0 only if promoted")
+                   "(promoted as vNNNNNN, rejected or failed, with the reason) and the time; exit 0 only if promoted. "
+                   "With a model registry, a promotion also waits until it is published there (not while the "
+                   "registry fails)")
     p.add_argument("--timeout", type=float, default=3600, help="with --wait: give up after this many seconds "
                    "(default 3600); the checkpoint stays queued")
     p.set_defaults(func=cmd_submit)
@@ -445,7 +447,9 @@ def wait_for_outcome(settings: Settings, sha: str, after: int, timeout: float) -
         if job is not None and job.state != last:
             last = job.state
             if job.state == JobState.PROMOTED:
-                print(f"promoted as {version_name(job.version)} (step {job.step}) in {took}")
+                print(f"promoted as {version_name(job.version)} (step {job.step}) in {took}", flush=True)
+                if job.version is not None:
+                    wait_for_publication(settings, job.version, t0, timeout)
                 return 0
             if job.state in FINAL_STATES:
                 print(f"{job.state} after {took}: {printable(job.reason or '')}")
@@ -454,6 +458,31 @@ def wait_for_outcome(settings: Settings, sha: str, after: int, timeout: float) -
     print(f"still {last or 'not journaled'} after {timeout:g} s; it stays in the daemon's hands "
           "(follow it with `nufilt status`)", file=sys.stderr)
     return 1
+
+
+def wait_for_publication(settings: Settings, version: int, t0: float, timeout: float) -> None:
+    """With a registry (the promotion queued a publish item in the journal): until the daemon has
+    published `version` and moved the production alias to it, so that what the user looks at next
+    (the registry) agrees. Not while the registry fails: that is said once and left to the daemon."""
+    while time.monotonic() - t0 < timeout:
+        journal = Journal(Path(settings.state_dir) / JOURNAL_NAME, create=False)
+        try:
+            pending = journal.outbox_pending()
+            mine = next((i for i in pending if i.kind == "publish" and i.version == version), None)
+            registry_version = journal.registry_version_of(version) if mine is None else None
+        finally:
+            journal.close()
+        took = f"{time.monotonic() - t0:.1f} s"
+        if mine is None:  # published, skipped, or no registry configured
+            if registry_version is not None:
+                print(f"published to the model registry as version {registry_version} in {took}")
+            return
+        failing = [i for i in pending if i.id <= mine.id and i.attempts > 0]  # in order: earlier ones block it
+        if failing:
+            print(f"not published to the model registry yet ({printable(failing[0].last_error or '?')}); the "
+                  "daemon retries (`nufilt status` shows what waits)")
+            return
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":

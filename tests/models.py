@@ -1,4 +1,4 @@
-"""Tiny random models written as real safetensors files, shaped like a 2-layer BERT."""
+"""Tiny random models written as real safetensors files, shaped like a 2-layer BERT, and read back."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 HIDDEN, FFN, LAYERS = 16, 32, 2
 
@@ -67,3 +67,11 @@ def write_model(state: dict[str, torch.Tensor], folder: Path, shards: int = 1, c
     if config:
         (folder / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": HIDDEN}))
     return folder
+
+
+def load(folder: Path) -> dict[str, torch.Tensor]:
+    """Read a model back with the safetensors library itself (an independent reader)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load, run_cli
-from models import base_state, finetune, write_model
+from cli_runner import run_cli
+from models import base_state, finetune, load, write_model
 
 from nufilt_core.checkpoint import LINEAGE_NAME
 from nufilt_core.errors import LineageError

@@ -20,3 +20,14 @@ def test_no_function_in_the_core_or_the_daemon_is_longer_than_80_lines():
                     if lines > MAX_FUNCTION_LINES:
                         long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {lines} lines")
     assert long == []
+
+
+def test_tests_import_helpers_from_modules_not_from_conftest():
+    """conftest.py holds fixtures, which pytest injects; helpers live in modules (models.py, cli_runner.py, ...)."""
+    importers = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.ImportFrom) and node.module == "conftest") or (
+                    isinstance(node, ast.Import) and any(a.name == "conftest" for a in node.names)):
+                importers.append(f"{path.name}:{node.lineno}")
+    assert importers == []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import base_state, finetune, write_model
+from models import base_state, finetune, load, write_model
 from nufilt_daemon.config import GateSettings, Threshold
 from nufilt_daemon.gate import check_candidate, decide, parse_metrics
 from nufilt_daemon.states import GateOutcome
@@ -73,8 +73,6 @@ def test_check_candidate_passes_a_real_merge_and_catches_a_changed_untouched_ten
     assert 0 < report["scores"]["stability"] and report["scores"]["matrices"] == 10
 
     # someone edits a LayerNorm of the candidate (keep_base says it must equal the base)
-    from conftest import load
-
     state = load(out2)
     state["embeddings.LayerNorm.weight"] = state["embeddings.LayerNorm.weight"] + 1
     tampered = write_model(state, tmp_path / "tampered")
@@ -106,8 +104,6 @@ def test_the_gate_names_no_method():
 
 def tampered(model: Path, name: str, folder: Path) -> Path:
     """A copy of `model` (with its lineage record) where one tensor is nudged by +1."""
-    from conftest import load
-
     state = load(model)
     state[name] = state[name] + 1
     out = write_model(state, folder)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from cli_runner import run_cli
 from hostile import HEADER_CASES, index_cases, write_corpus
 from models import write_model
 from nufilt_daemon.cli import main

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load, run_cli
+from cli_runner import run_cli
+from models import load
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "speed"))  # bench/ is not a package
 

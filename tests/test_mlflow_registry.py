@@ -11,14 +11,14 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import load
+from daemon_harness import wait_for
 from mlflow_server import MlflowServer
-from models import base_state, finetune, write_model
+from models import base_state, finetune, load, write_model
 from nufilt_daemon.config import MlflowSettings
 from nufilt_daemon.journal import Journal
 from nufilt_daemon.mlflow_connection import registry_client
@@ -107,14 +107,6 @@ class Collector:
     def references(self) -> list[str]:
         with self.lock:
             return [a.reference for a, _ in self.arrivals]
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT_SECONDS) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def settings_for(server: MlflowServer, **kw) -> MlflowSettings:
@@ -216,7 +208,7 @@ def test_restart_resumes_at_the_cursor_without_re_emitting(server, client, base,
     source = MlflowRegistrySource(settings, downloads, journal)
     source.start(first)
     try:
-        wait_for(lambda: len(first.arrivals) == 2, "versions 1 and 2")
+        wait_for("versions 1 and 2", lambda: len(first.arrivals) == 2, timeout=WAIT_SECONDS)
         assert source.healthy()
     finally:
         source.stop()
@@ -229,9 +221,12 @@ def test_restart_resumes_at_the_cursor_without_re_emitting(server, client, base,
     source = MlflowRegistrySource(settings, downloads, Journal(tmp_path / "journal.db"))
     source.start(second)
     try:
-        wait_for(lambda: len(second.arrivals) == 1, "version 3 after the restart")
-        time.sleep(0.6)  # a few more polls: nothing else may arrive
-        assert second.references == [f"models:/{model}/3"]
+        wait_for("version 3 after the restart", lambda: len(second.arrivals) == 1, timeout=WAIT_SECONDS)
+        # nothing else may arrive: versions come in order, so anything re-emitted (1, 2, or 3 again)
+        # would reach us before a version registered now
+        register(client, model, finetune(base, 4), tmp_path)
+        wait_for("version 4", lambda: len(second.arrivals) == 2, timeout=WAIT_SECONDS)
+        assert second.references == [f"models:/{model}/3", f"models:/{model}/4"]
     finally:
         source.stop()
     assert not (downloads / ".partial-left-by-a-crash").exists()
@@ -250,21 +245,21 @@ def test_mlflow_down_counts_errors_backs_off_and_loses_nothing(server, client, b
     emit = Collector()
     source.start(emit)
     try:
-        wait_for(lambda: len(emit.arrivals) == 1, "version 1")
+        wait_for("version 1", lambda: len(emit.arrivals) == 1, timeout=WAIT_SECONDS)
         # registered while the source sleeps, then MLflow goes down before it looks
         register(client, model, finetune(base, 2), tmp_path)
         server.stop()
         source.wake()
-        wait_for(lambda: source.errors >= 3, "three failed polls")  # retried by back-off alone
+        wait_for("three failed polls", lambda: source.errors >= 3, timeout=WAIT_SECONDS)  # retried by back-off alone
         assert source.consecutive_errors >= 3 and source.last_error
         assert len(errors_seen) == source.errors
         assert source.healthy()  # down MLflow is an error count, not a dead source
         assert len(emit.arrivals) == 1
 
         server.start()
-        wait_for(lambda: len(emit.arrivals) == 2, "version 2 after MLflow came back")
+        wait_for("version 2 after MLflow came back", lambda: len(emit.arrivals) == 2, timeout=WAIT_SECONDS)
         assert emit.references == [f"models:/{model}/1", f"models:/{model}/2"]
-        wait_for(lambda: source.consecutive_errors == 0, "the error streak to end")
+        wait_for("the error streak to end", lambda: source.consecutive_errors == 0, timeout=WAIT_SECONDS)
         assert source.last_error is None and source.errors >= 3
     finally:
         source.stop()
@@ -289,14 +284,14 @@ def test_webhook_from_mlflow_wakes_the_source(server, client, base, tmp_path):
     source.start(emit)
     hook = None
     try:
-        wait_for(lambda: len(emit.arrivals) == 1, "version 1 (first poll at start)")
+        wait_for("version 1 (first poll at start)", lambda: len(emit.arrivals) == 1, timeout=WAIT_SECONDS)
         hook = client.create_webhook(unique("nufilt"), listener.url, events=["model_version.created"], secret=secret)
         assert client.test_webhook(hook.webhook_id).response_status == 200  # MLflow signs, we accept
         time.sleep(1.2)  # the server caches its webhook list per event for MLFLOW_WEBHOOK_CACHE_TTL=1 s
         wakes.clear()
         register(client, model, finetune(base, 2), tmp_path)
         # the poll interval is an hour: only the webhook can bring version 2 in now
-        wait_for(lambda: len(emit.arrivals) == 2, "version 2 through the webhook", timeout=30)
+        wait_for("version 2 through the webhook", lambda: len(emit.arrivals) == 2, timeout=30)
         assert wakes and emit.references[-1] == f"models:/{model}/2"
         assert listener.rejected == 0
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load, run_cli
-from models import base_state, finetune, write_model
+from cli_runner import run_cli
+from models import base_state, finetune, load, write_model
 
 from nufilt_core.linalg import adapter_seed, seeded_normal, top_right_singular_vectors
 from nufilt_core.merge import MergeRequest, merge_step

@@ -66,11 +66,18 @@ def test_renamed_checkpoints_arrive_once_and_temporary_names_never(tiny: dict[st
         (inbox / "tmp-upload").mkdir()
         (inbox / "big.safetensors.partial").write_bytes(b"x")
         wait_for("three arrivals", lambda: len(got.names()) >= 3, timeout=15)
-        time.sleep(0.6)  # would a second event, or our own move into .processed, emit again?
-        assert sorted(got.names()) == ["early.safetensors", "task1", "task2.safetensors"]
+        # Would a second event, or our own moves into .processed, emit again? Those events are queued
+        # before a later arrival's, and the one scanner thread notes and settles entries in that order:
+        # once a checkpoint dropped after the moves is through, anything they would emit has been.
+        wait_for("the three set aside", lambda: len(list((inbox / PROCESSED_DIR).iterdir())) == 3, timeout=15)
+        rename_in(tiny["t3"], inbox, "zz-later")  # a folder: a polling diff lists it after the deletions moves leave
+        wait_for("the later arrival", lambda: "zz-later" in got.names(), timeout=15)
+        assert sorted(got.names()) == ["early.safetensors", "task1", "task2.safetensors", "zz-later"]
+        assert got.names()[-1] == "zz-later"  # nothing of the first three came again, before it or with it
         assert {a.source for a in got.arrivals} == {"folder"}
+        wait_for("the later one set aside", lambda: len(list((inbox / PROCESSED_DIR).iterdir())) == 4, timeout=15)
         processed = sorted(p.name.split("-", 1)[1] for p in (inbox / PROCESSED_DIR).iterdir())
-        assert processed == ["early.safetensors", "task1", "task2.safetensors"]
+        assert processed == ["early.safetensors", "task1", "task2.safetensors", "zz-later"]
         assert sorted(p.name for p in inbox.iterdir()) == [".hidden.safetensors", PROCESSED_DIR,
                                                            "big.safetensors.partial", "tmp-upload"]
     finally:
@@ -97,7 +104,9 @@ def test_a_folder_written_in_place_waits_for_its_marker_or_for_all_its_shards(ti
         shutil.copytree(tiny["t1"], marked)
         (marked / "_COMPLETE").touch()
         wait_for("the marked folder", lambda: "marked" in got.names(), timeout=10)
-        time.sleep(1.0)  # several settle windows and rescans
+        # the source looked at the settled folder and decided to wait: it says why, naming the missing shard
+        wait_for("the slow folder waiting", lambda: [e["reason"] for e in src.entries() if e["name"] == "slow"
+                                                     and "model-00002-of-00002" in (e["reason"] or "")], timeout=10)
         assert "slow" not in got.names()
         shutil.copy2(sharded / "model-00002-of-00002.safetensors", slow)
         wait_for("the completed shards", lambda: "slow" in got.names(), timeout=10)

@@ -213,7 +213,9 @@ def test_daemon_notifies_only_from_its_main_process_and_pings_the_watchdog_durin
         d.drop(tiny["t1"], "task1")
         wait_for("a merge running", lambda: d.in_states("merging", "validating", "promoted"), timeout=60)
         wait_for("the promotion", lambda: d.in_states("promoted"), timeout=120)
-        time.sleep(2)  # a ping after it
+        finished = d.jobs()[0]["finished_at"]
+        wait_for("a ping after it", lambda: [t for t, _, m in list(received) if "WATCHDOG=1" in m and t > finished],
+                 timeout=30)
     finally:
         assert d.stop() == 0
         done.set()

@@ -5,9 +5,10 @@ native library, or be OOM-killed; in a child that ends only this job (the worker
 signal), the daemon keeps running, and every byte is returned to the OS afterwards. The cost is
 one interpreter start and torch import per job (about a second), small next to a merge.
 
-Protocol: the request is one JSON object on stdin; the child writes JSON lines to the file
-descriptor named by --events-fd (stdout and stderr stay free for libraries' chatter, which the
-worker saves to STATE/logs/): {"event": "progress"|"merged"|"validated"|"error", ...}.
+Protocol (child_protocol.py): the request is one ChildRequest as JSON on stdin; the child writes
+ChildEvent JSON lines (progress, merged, validated, error) to the file descriptor named by
+--events-fd (stdout and stderr stay free for libraries' chatter, which the worker saves to
+STATE/logs/).
 The child asks the kernel to SIGKILL it if the daemon dies (PR_SET_PDEATHSIG), so a kill -9 of
 the daemon never leaves an orphan still writing into the store.
 """
@@ -23,8 +24,9 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
+from .child_protocol import ChildError, ChildEvent, ChildRequest, Merged, Progress, Validated
 from .states import GateOutcome
 from .store import VALIDATION_NAME
 
@@ -45,18 +47,18 @@ class Events:
         self.stream = stream
         self.last_progress = 0.0
 
-    def send(self, event: str, **data: Any) -> None:
-        self.stream.write(json.dumps({"event": event, **data}) + "\n")
+    def send(self, event: Progress | Merged | Validated | ChildError) -> None:
+        self.stream.write(ChildEvent(event).model_dump_json() + "\n")
         self.stream.flush()
 
     def progress(self, p: Any) -> None:
         now = time.monotonic()
         if now - self.last_progress >= 2 or p.index == p.total:
             self.last_progress = now
-            self.send("progress", phase=p.phase, index=p.index, total=p.total, elapsed=round(p.elapsed, 3))
+            self.send(Progress(phase=p.phase, index=p.index, total=p.total, elapsed=round(p.elapsed, 3)))
 
 
-def error_kind(exc: BaseException) -> GateOutcome:
+def error_kind(exc: BaseException) -> Literal[GateOutcome.REJECTED, GateOutcome.FAILED]:
     """rejected: the input or candidate is bad; failed: something else went wrong."""
     from nufilt_core.errors import CheckpointError, LineageError, NufiltError, SettingsError
 
@@ -96,7 +98,7 @@ def check_plausible(base: Path, checkpoint: Path, bound: float) -> dict[str, Any
     return d.as_dict()
 
 
-def run(request: dict[str, Any], events: Events) -> int:
+def run(request: ChildRequest, events: Events) -> int:
     import torch
 
     from nufilt_core.checkpoint import Checkpoint
@@ -104,25 +106,22 @@ def run(request: dict[str, Any], events: Events) -> int:
     from nufilt_core.fsguard import check_tree
     from nufilt_core.merge import MergeRequest, merge_step
 
-    from .config import GateSettings
     from .gate import check_candidate
 
-    m = request["merge"]
-    stage = "merge"
+    r, gate = request, request.gate
+    stage: Literal["merge", "validate"] = "merge"
     try:
-        set_threads(m.get("threads"))
-        gate = GateSettings(**request["gate"])
-        check_tree(Path(m["checkpoint"]))  # the staged copy: regular files only (intake checked; never trust)
-        distance = check_plausible(Path(m["base"]), Path(m["checkpoint"]), gate.max_relative_distance)
+        set_threads(r.threads)
+        check_tree(r.checkpoint)  # the staged copy: regular files only (intake checked; never trust)
+        distance = check_plausible(r.base, r.checkpoint, gate.max_relative_distance)
         req = MergeRequest(
-            base=Path(m["base"]), checkpoint=Path(m["checkpoint"]), output=Path(m["output"]),
-            previous=Path(m["previous"]) if m.get("previous") else None, method=m.get("method"),
-            options=m.get("options") or {}, seed=m.get("seed"), device=m.get("device", "auto"),
-            max_shard_bytes=int(m["max_shard_bytes"]), reserved_names=(VALIDATION_NAME,))
+            base=r.base, checkpoint=r.checkpoint, output=r.output, previous=r.previous, method=r.method,
+            options=r.options, seed=r.seed, device=r.device, max_shard_bytes=r.max_shard_bytes,
+            reserved_names=(VALIDATION_NAME,))
         result = merge_step(req, events.progress)
         gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None
-        events.send("merged", record=json.loads(result.record.to_json()), seconds=result.seconds,
-                    gpu_peak_bytes=gpu_peak)
+        events.send(Merged(record=json.loads(result.record.to_json()), seconds=result.seconds,
+                           gpu_peak_bytes=gpu_peak))
         stage = "validate"
         t0 = time.perf_counter()
         open_ = Checkpoint.open
@@ -131,11 +130,11 @@ def run(request: dict[str, Any], events: Events) -> int:
                                  resolve_device(req.device))
         if distance is not None:
             report["checks"]["distance_from_base"] = distance
-        events.send("validated", report=report, seconds=round(time.perf_counter() - t0, 3))
+        events.send(Validated(report=report, seconds=round(time.perf_counter() - t0, 3)))
         return 0
     except BaseException as e:  # report everything, including KeyboardInterrupt from SIGINT
         traceback.print_exc(file=sys.stderr)
-        events.send("error", stage=stage, kind=error_kind(e), type=type(e).__name__, message=describe(e))
+        events.send(ChildError(stage=stage, kind=error_kind(e), type=type(e).__name__, message=describe(e)))
         return 1
 
 
@@ -149,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     with os.fdopen(args.events_fd, "w") as stream:
         events = Events(stream)
         try:
-            request = json.loads(sys.stdin.read())
-        except ValueError as e:
-            events.send("error", stage="request", kind=GateOutcome.FAILED, type="ValueError",
-                        message=f"bad request: {e}")
+            request = ChildRequest.model_validate_json(sys.stdin.read())
+        except ValueError as e:  # not JSON, or not a ChildRequest (pydantic's ValidationError is a ValueError)
+            events.send(ChildError(stage="request", kind=GateOutcome.FAILED, type=type(e).__name__,
+                                   message=f"bad request: {e}"))
             return 2
         return run(request, events)
 

@@ -13,7 +13,6 @@ deleted and the job goes back to the queue, to be redone after the restart.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -27,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
+from .child_protocol import ChildError, ChildEvent, ChildRequest, Merged, Progress, Validated
 from .config import Settings
 from .gate import decide
 from .journal import Job, Journal
@@ -47,7 +48,7 @@ class ChildResult:
     merge_phase_seconds: dict[str, float] = field(default_factory=dict)
     merged_at: float | None = None  # monotonic
     validation: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
+    error: ChildError | None = None
     returncode: int | None = None
     timed_out: bool = False
     gpu_peak_bytes: int | None = None
@@ -255,9 +256,8 @@ class MergeWorker:
         if res.timed_out:
             return GateOutcome.FAILED, [f"merge timed out after {self.settings.merge_timeout_seconds:g}s"]
         if res.error is not None:
-            where = "merge" if res.error.get("stage") == "merge" else "validation"
-            kind = GateOutcome.REJECTED if res.error.get("kind") == GateOutcome.REJECTED else GateOutcome.FAILED
-            return kind, [f"{where}: {res.error.get('message')}"]
+            where = "merge" if res.error.stage == "merge" else "validation"
+            return res.error.kind, [f"{where}: {res.error.message}"]
         if res.returncode is not None and res.returncode < 0:
             sig = signal_name(res.returncode)
             hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if sig == "SIGKILL" else ""
@@ -271,20 +271,18 @@ class MergeWorker:
                             "(was the file changed in place after it was dropped?)"]
         return None, []
 
-    def _request(self, job: Job, candidate: Path, previous: Path | None) -> dict[str, Any]:
+    def _request(self, job: Job, candidate: Path, previous: Path | None) -> ChildRequest:
         s = self.settings
-        return {
-            "merge": {"base": str(s.base_model), "checkpoint": job.staged_path, "output": str(candidate),
-                      "previous": str(previous) if previous else None, "method": s.method,
-                      "options": s.method_settings, "seed": s.seed, "device": s.device, "threads": s.threads,
-                      "max_shard_bytes": s.max_shard_bytes},
-            "gate": s.gate.model_dump(mode="json"),
-        }
+        if job.staged_path is None:  # a queued job always owns its staged copy: a bug, failed as internal
+            raise RuntimeError(f"job {job.id} is queued without a staged copy")
+        return ChildRequest(base=s.base_model, checkpoint=Path(job.staged_path), output=candidate, previous=previous,
+                            method=s.method, options=s.method_settings, seed=s.seed, device=s.device,
+                            threads=s.threads, max_shard_bytes=s.max_shard_bytes, gate=s.gate)
 
     def _log_path(self, job: Job) -> Path:
         return self.logs_dir / f"job-{job.id:06d}-a{job.attempts}.log"
 
-    def _run_child(self, job: Job, request: dict[str, Any], jlog: Any) -> ChildResult:
+    def _run_child(self, job: Job, request: ChildRequest, jlog: Any) -> ChildResult:
         res = ChildResult()
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         read_fd, write_fd = os.pipe()
@@ -310,7 +308,7 @@ class MergeWorker:
         try:
             assert proc.stdin is not None
             try:
-                proc.stdin.write(json.dumps(request).encode())
+                proc.stdin.write(request.model_dump_json().encode())
                 proc.stdin.close()
             except BrokenPipeError:
                 pass  # the child died at once; its exit code tells
@@ -327,23 +325,24 @@ class MergeWorker:
 
     def _handle_event(self, job: Job, line: str, res: ChildResult, jlog: Any) -> None:
         try:
-            ev = json.loads(line)
-        except ValueError:
+            ev = ChildEvent.model_validate_json(line).root
+        except ValidationError as e:  # not from our child's code: skipped, as an unknown line always was
+            jlog.warning("merge_event_unreadable", line=line[:200], error=str(e).splitlines()[0])
             return
-        kind = ev.get("event")
-        if kind == "progress":
-            jlog.debug("merge_progress", phase=ev.get("phase"), index=ev.get("index"), total=ev.get("total"))
-        elif kind == "merged":
-            res.record, res.merge_phase_seconds = ev.get("record"), ev.get("seconds") or {}
-            res.merged_at = time.monotonic()
-            res.gpu_peak_bytes = ev.get("gpu_peak_bytes")
-            step = (res.record or {}).get("step")
-            self.journal.transition(job.id, JobState.VALIDATING, step=step)
-            jlog.info("candidate_merged", step=step, seconds=res.merge_phase_seconds)
-        elif kind == "validated":
-            res.validation = ev.get("report")
-        elif kind == "error":
-            res.error = ev
+        match ev:
+            case Progress():
+                jlog.debug("merge_progress", phase=ev.phase, index=ev.index, total=ev.total)
+            case Merged():
+                res.record, res.merge_phase_seconds = ev.record, ev.seconds
+                res.merged_at = time.monotonic()
+                res.gpu_peak_bytes = ev.gpu_peak_bytes
+                step = ev.record.get("step")
+                self.journal.transition(job.id, JobState.VALIDATING, step=step)
+                jlog.info("candidate_merged", step=step, seconds=res.merge_phase_seconds)
+            case Validated():
+                res.validation = ev.report
+            case ChildError():
+                res.error = ev
 
     def _prune_logs(self, keep: int = KEEP_CHILD_LOGS) -> None:
         logs = sorted(self.logs_dir.glob("job-*.log"), key=lambda p: p.stat().st_mtime)

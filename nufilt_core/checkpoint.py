@@ -182,12 +182,19 @@ class Checkpoint:
         """One streaming pass: the content hash, and the float tensors holding NaN/Inf."""
         digests, non_finite = [], []
         for info, tensor, digest in self.scan():
-            if info.is_float and tensor.numel() and not bool(torch.isfinite(tensor.float()).all()):
+            if info.is_float and not all_finite(tensor):
                 non_finite.append(info)
             digests.append(digest)
             if report:
                 report(info.name)
         return combine_digests(digests), non_finite
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN/Inf in a float tensor: fp16/bf16/fp8 checked in fp32, fp64 as it is (never cast down, where a
+    large finite value would become Inf)."""
+    wide = tensor if tensor.dtype.itemsize >= 4 else tensor.float()
+    return not tensor.numel() or bool(torch.isfinite(wide).all())
 
 
 # The lineage record nufilt writes into a merged model's folder; never copied from an input.

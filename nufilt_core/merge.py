@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, all_finite
 from .devices import resolve_device
 from .errors import CheckpointError, LineageError, NufiltError, SettingsError
 from .fsutil import fsync_dir
@@ -198,7 +198,7 @@ def _write(s: _Step, method: MergeMethod, hashes: dict[str, str], report: Callab
             for i, (name, info) in enumerate(s.base.tensors.items(), 1):
                 if info.is_float:
                     merged = method.merge(name, *s.load(name))
-                    if not bool(torch.isfinite(merged).all()):
+                    if not all_finite(merged):
                         raise NufiltError(f"method {s.method_name} produced NaN/Inf for tensor '{name}'")
                     out = merged.to(device="cpu", dtype=info.torch_dtype)
                 else:  # integer/bool buffers are never merged

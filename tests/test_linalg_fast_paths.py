@@ -1,8 +1,10 @@
 """The engine's fast paths against the plain computations they replace.
 
 `top_right_singular_vectors` takes fp32 inputs through an fp64 Gram eigendecomposition instead
-of a full SVD, and `nufilt_matrix` runs Adam on hand-written gradients (through G = τᵀτ when
-d_in < 2·d_out) instead of autograd on the paper's loss. Both must give the plain results.
+of a full SVD (for a few top directions of a large matrix, a subspace iteration instead of the
+full `eigh`), and `nufilt_matrix` runs Adam (written out, `adam_step`) on hand-written gradients
+(through G = τᵀτ when d_in < 2·d_out) instead of torch.optim.Adam and autograd on the paper's
+loss. All must give the plain results.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nufilt_core.linalg import seeded_normal, top_right_singular_vectors
-from nufilt_core.methods.nufilt import NufiltSettings, nufilt_matrix, paper_loss
+from nufilt_core.linalg import gram64, seeded_normal, top_eigenpairs, top_right_singular_vectors
+from nufilt_core.methods.nufilt import NufiltSettings, adam_step, nufilt_matrix, paper_loss
 
 
 def task_like(d_out: int, d_in: int, rank: int, seed: int, noise: float = 0.05) -> torch.Tensor:
@@ -77,3 +79,58 @@ def test_hand_written_adam_follows_autograd(d_out, d_in):
     assert (r.b - b).norm() <= 1e-4 * b.norm()
     assert (r.a - a).norm() <= 1e-4 * a.norm()
     assert (r.update - update).norm() <= 1e-5 * update.norm()
+
+
+def spectrum_matrix(values: list[float], n: int, seed: int) -> torch.Tensor:
+    """Q diag(values, 0…) Qᵀ in fp64: a symmetric PSD matrix with a chosen spectrum."""
+    q = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)).Q
+    lam = torch.zeros(n, dtype=torch.float64)
+    lam[: len(values)] = torch.tensor(values, dtype=torch.float64)
+    return (q * lam) @ q.T
+
+
+def test_partial_eigensolver_spans_eighs_top_k():
+    # k = r_v = 8 of n = 256: the subspace iteration runs (block 32 ≤ n / 6) and must give eigh's subspace
+    x = task_like(400, 256, 12, seed=5)
+    gram = gram64(x)
+    top = top_eigenpairs(gram, 8)
+    assert top is not None
+    evals, evecs = torch.linalg.eigh(gram)
+    want = evecs.flip(1)[:, :8]
+    assert (projector(top[1]) - projector(want)).norm() < 1e-7
+    assert torch.allclose(top[0], evals.flip(0)[:8], rtol=1e-10)
+    assert torch.equal(top_eigenpairs(gram, 8)[1], top[1])  # seeded start: deterministic
+    # through top_right_singular_vectors, for a tall and a wide matrix, against the fp64 SVD
+    for m in (x, x.T.contiguous()):
+        vh = torch.linalg.svd(m.double(), full_matrices=False)[2]
+        assert (projector(top_right_singular_vectors(m, 8)) - projector(vh[:8].T)).norm() < 1e-6
+
+
+def test_partial_eigensolver_leaves_hard_cases_to_eigh():
+    n = 300
+    decaying = [1.0 / (i + 1) for i in range(100)]
+    assert top_eigenpairs(spectrum_matrix(decaying, n, 0), 8) is not None
+    tied = [*decaying[:7], 0.11, 0.11, *decaying[9:]]  # λ8 = λ9: no top-8 subspace to converge to
+    assert top_eigenpairs(spectrum_matrix(tied, n, 1), 8) is None
+    flat = [1.0 - 1e-4 * i for i in range(n)]  # the gap after 8 would take longer than eigh
+    assert top_eigenpairs(spectrum_matrix(flat, n, 2), 8) is None
+    assert top_eigenpairs(spectrum_matrix([3.0, 2.0, 1.0], n, 3), 8) is None  # rank 3 < k
+    assert top_eigenpairs(spectrum_matrix(decaying[:64], 64, 4), 8) is None  # k not ≪ n: eigh is as cheap
+    # and the callers still get eigh's answer: rank 3 gives 3 directions
+    low = task_like(n, n, 3, seed=6, noise=0.0)
+    assert top_right_singular_vectors(low, 8).shape == (n, 3)
+
+
+def test_adam_step_is_torch_adam():
+    params = [seeded_normal((5, 7), 1), seeded_normal((7, 5), 2)]
+    ref = [p.clone() for p in params]
+    opt = torch.optim.Adam(ref, lr=3e-3)
+    moments, squares = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    for step in range(1, 21):
+        grads = [seeded_normal(p.shape, 100 * step + i) * 10.0 ** (i - step % 3) for i, p in enumerate(params)]
+        adam_step(params, grads, moments, squares, step, 3e-3)
+        for r, g in zip(ref, grads, strict=True):
+            r.grad = g
+        opt.step()
+    for p, r in zip(params, ref, strict=True):
+        assert torch.allclose(p, r, rtol=1e-6, atol=1e-9)

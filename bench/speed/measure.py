@@ -42,9 +42,10 @@ def child_env(threads: int | None) -> dict[str, str]:
     return env
 
 
-def run_child(args: list[str], threads: int | None = None, timeout: float | None = None) -> dict:
-    """Run `python bench/speed/worker.py ARGS` and return its report (raises with its stderr on failure)."""
-    cmd = [sys.executable, str(HERE / "worker.py"), *args]
+def run_child(args: list[str], threads: int | None = None, timeout: float | None = None,
+              script: str = "worker.py") -> dict:
+    """Run `python bench/speed/SCRIPT ARGS` and return its report (raises with its stderr on failure)."""
+    cmd = [sys.executable, str(HERE / script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads), timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(REPORT_PREFIX)]
     if proc.returncode != 0 or not lines:

@@ -1,6 +1,7 @@
 """Child process of the speed benchmark: runs one merge step and reports its time and peak RSS.
 
     worker.py engine    --base B [--previous P] --checkpoint C --output DIR  [--device D] [--timeline]
+                        [--profile STATS [--clock cpu|wall]]
     worker.py reference --base B --previous P --checkpoint C --output FILE [--variant paper|published]
 
 The engine runs through `nufilt_core.merge.merge_step` exactly as `nufilt merge` does (checks,
@@ -9,11 +10,13 @@ merged filtered matrices with `safetensors.torch.save_file`. Both report wall an
 from just before the inputs are opened to just after the output is on disk. `--timeline` adds one
 row per tensor of the engine's progress: phase, name, seconds since the step began, and the peak
 RSS while that tensor was processed (llm_step.py turns them into time and memory per layer).
+`--profile` runs the step under cProfile and writes its stats (profile_step.py reads them).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
 import re
 import shutil
@@ -77,9 +80,18 @@ def run_engine(args: argparse.Namespace) -> None:
     req = MergeRequest(base=args.base, previous=args.previous, checkpoint=args.checkpoint, output=args.output,
                        device=args.device, seed=args.seed, options=dict(args.option))
     timeline = Timeline() if args.timeline else None
+    profiler = None
+    if args.profile:  # profile_step.py groups these by function; the thread's CPU clock ignores the neighbours
+        profiler = cProfile.Profile(time.thread_time if args.clock == "cpu" else time.perf_counter)
     t0, c0 = time.perf_counter(), cpu_seconds()
+    if profiler:
+        profiler.enable()
     result = merge_step(req, timeline)
+    if profiler:
+        profiler.disable()
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    if profiler:
+        profiler.dump_stats(args.profile)
     extra: dict[str, object] = {}
     if timeline:
         extra |= {"timeline": timeline.rows, "peak_rss_bytes": timeline.final_peak(),
@@ -124,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     eng.add_argument("--device", default="cpu")
     eng.add_argument("--overwrite", action="store_true")
     eng.add_argument("--timeline", action="store_true", help="report time and peak RSS per tensor")
+    eng.add_argument("--profile", type=Path, help="run the step under cProfile and write its stats here")
+    eng.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                     help="--profile's clock: this thread's CPU time, or wall time")
     eng.add_argument("--option", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
                      help="a NUFILT setting, e.g. iters=5 (step 1 only; later steps inherit)")
     ref = sub.choices["reference"]

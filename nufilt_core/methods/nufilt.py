@@ -44,7 +44,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import LineageError
-from ..linalg import adapter_seed, seeded_normal, top_right_singular_vectors
+from ..linalg import adapter_seed, gram64, seeded_normal, top_right_singular_vectors
 from ..selection import Selection
 from .base import MergeMethod, MethodSettings, ScoredRule, Source, StepContext, UntouchedRule, every_tensor
 
@@ -176,23 +176,84 @@ def paper_loss(tau_prev: torch.Tensor, tau_new: torch.Tensor, a: torch.Tensor, b
     return s.lambda_new * r[:, :k].square().sum() + s.lambda_old * r[:, k:].square().sum()
 
 
+def earlier_task_directions(tau_prev: torch.Tensor, s: NufiltSettings) -> torch.Tensor:
+    """V̂_{≤t-1} [d_in, k_p]: the top right singular directions of τ̃_{≤t-1} (Eq. 7), none for zero ones."""
+    d_out, d_in = tau_prev.shape
+    if s.first_step == "published_code" and not bool(tau_prev.any()):
+        # the authors' code: SVD(0) returns V = I, so the first r_p input coordinates are "earlier directions"
+        return torch.eye(d_in, dtype=tau_prev.dtype, device=tau_prev.device)[:, : min(s.null_rank, d_out, d_in)]
+    if s.null_rank <= 0 or not bool(tau_prev.any()):
+        return tau_prev.new_zeros((d_in, 0))
+    gram = gram64(tau_prev) if tau_prev.dtype != torch.float64 else None  # fp64 keeps the SVD
+    v_prev = top_right_singular_vectors(tau_prev, s.null_rank, gram=gram)
+    if s.null_energy is not None and v_prev.shape[1]:
+        v_prev = v_prev[:, : energy_count(tau_prev @ v_prev, float(tau_prev.square().sum()), s.null_energy)]
+    return v_prev
+
+
+def new_task_directions(tau_new: torch.Tensor, s: NufiltSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """V̂t [d_in, k_t], and τ_tᵀτ_t in fp64 when it is the Gram matrix they came from (d_in ≤ d_out), which
+    the Adam loop reuses."""
+    d_out, d_in = tau_new.shape
+    shared = d_in <= d_out  # the smaller side's Gram matrix is then G = τ_tᵀτ_t
+    wanted = shared or (s.task_rank > 0 and bool(tau_new.any()))
+    gram = gram64(tau_new) if wanted and tau_new.dtype != torch.float64 else None
+    v_new = top_right_singular_vectors(tau_new, s.task_rank, gram=gram)
+    return v_new, gram if shared else None
+
+
+# torch.optim.Adam's defaults, which the published code uses
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def adam_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], moments: Sequence[torch.Tensor],
+              squares: Sequence[torch.Tensor], step: int, lr: float) -> None:
+    """One step of torch.optim.Adam (default settings), op for op as its single-tensor path, in place.
+
+    Written out because the optimiser's first construction imports torch's compiler stack (≈ 1.5 s of a
+    ≈ 20 s ViT-B/32 step in a fresh process) and its per-step bookkeeping costs as much as the update.
+    tests/test_linalg_fast_paths.py checks it against torch.optim.Adam."""
+    beta1, beta2 = ADAM_BETAS
+    step_size = lr / (1 - beta1 ** float(step))
+    bias_correction2_sqrt = (1 - beta2 ** float(step)) ** 0.5
+    for p, g, m, v in zip(params, grads, moments, squares, strict=True):
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        p.addcdiv_(m, (v.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS), value=-step_size)
+
+
+def fit_adapter(tau_new: torch.Tensor, residual: torch.Tensor, v_weighted: torch.Tensor, a: torch.Tensor,
+                b: torch.Tensor, s: NufiltSettings, gram64_new: torch.Tensor | None) -> None:
+    """Adam on L(A, B) = ‖C − τ_t B A V̂‖² (columns weighted), in place on a and b, hand-written gradients."""
+    d_out, d_in = tau_new.shape
+    moments, squares = [torch.zeros_like(a), torch.zeros_like(b)], [torch.zeros_like(a), torch.zeros_like(b)]
+    use_gram = d_in < 2 * d_out  # G costs d_in² per Adam step, the direct form 2·d_out·d_in
+    if use_gram:
+        g = gram64_new.to(tau_new.dtype) if gram64_new is not None else tau_new.T @ tau_new
+        h = tau_new.T @ residual  # [d_in, k]
+    for step in range(1, s.iters + 1):
+        x = a @ v_weighted  # [r_l, k]
+        if use_gram:
+            gb = g @ b  # the one large product of the step
+            grad_b = 2 * (gb @ (x @ x.T) - h @ x.T)
+            grad_x = 2 * ((b.T @ gb) @ x - b.T @ h)
+        else:
+            y = tau_new @ b
+            err = y @ x - residual  # τ_t B X − C
+            grad_b = 2 * (tau_new.T @ (err @ x.T))
+            grad_x = 2 * (y.T @ err)
+        adam_step((a, b), (grad_x @ v_weighted.T, grad_b), moments, squares, step, s.lr)
+
+
 def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.Tensor | None,
                   s: NufiltSettings) -> MatrixResult:
     """One NUFILT step on one weight matrix (all inputs on one device, fp32 or fp64)."""
-    d_out, d_in = tau_new.shape
+    d_in = tau_new.shape[1]
     if s.task_energy is not None:  # beyond the paper: the new task vector's low-rank part only
         tau_new = low_rank_by_energy(tau_new, s.task_energy)
-    v_prev = top_right_singular_vectors(tau_prev, s.null_rank)  # V̂_{≤t-1} of τ̃_{≤t-1} (Eq. 7)
-    if s.null_energy is not None and v_prev.shape[1]:
-        v_prev = v_prev[:, : energy_count(tau_prev @ v_prev, float(tau_prev.square().sum()), s.null_energy)]
-    if s.first_step == "published_code" and not bool(tau_prev.any()):
-        # the authors' code: SVD(0) returns V = I, so the first r_p input coordinates are "earlier directions"
-        v_prev = torch.eye(d_in, dtype=tau_new.dtype, device=tau_new.device)[:, : min(s.null_rank, d_out, d_in)]
-    use_gram = d_in < 2 * d_out  # G costs d_in² per Adam step, the direct form 2·d_out·d_in
-    gram64 = None  # τ_tᵀτ_t in fp64, shared by V̂t's eigendecomposition and the Adam loop
-    if d_in <= d_out and tau_new.dtype != torch.float64:
-        gram64 = tau_new.double().T @ tau_new.double()
-    v_new = top_right_singular_vectors(tau_new, s.task_rank, gram=gram64)  # V̂t
+    v_prev = earlier_task_directions(tau_prev, s)
+    v_new, gram = new_task_directions(tau_new, s)
     v_filter = v_prev if s.null_space else v_prev[:, :0]  # ablation "adapter only": P = I
     tau_vf = tau_new @ v_filter
     filtered = tau_new - tau_vf @ v_filter.T  # τ_t P, P = I − V̂p V̂pᵀ (Eq. 8) never formed
@@ -218,25 +279,8 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
         return MatrixResult(filtered, v_prev, v_new, a, b, loss_before, loss_before)
 
     a, b = a.clone(), b.clone()
-    opt = torch.optim.Adam([a, b], lr=s.lr)
-    if use_gram:
-        g = gram64.to(tau_new.dtype) if gram64 is not None else tau_new.T @ tau_new
-        h = tau_new.T @ residual  # [d_in, k]
     with torch.no_grad():
-        for _ in range(s.iters):
-            x = a @ v_weighted  # [r_l, k]
-            if use_gram:
-                gb = g @ b  # the one large product of the step
-                grad_b = 2 * (gb @ (x @ x.T) - h @ x.T)
-                grad_x = 2 * ((b.T @ gb) @ x - b.T @ h)
-            else:
-                y = tau_new @ b
-                err = y @ x - residual  # τ_t B X − C
-                grad_b = 2 * (tau_new.T @ (err @ x.T))
-                grad_x = 2 * (y.T @ err)
-            a.grad, b.grad = grad_x @ v_weighted.T, grad_b
-            opt.step()
-        a.grad = b.grad = None
+        fit_adapter(tau_new, residual, v_weighted, a, b, s, gram)
         if s.adapter_span:
             # ∂L/∂A = (∂L/∂X) V̂ᵀ lies in span(V̂), so A's part outside it is its random start, unseen by the
             # loss (A Q Qᵀ V̂ = A V̂): dropping it leaves the loss as it is and adds nothing the loss did not check

@@ -7,12 +7,24 @@ import math
 
 import torch
 
+GRAM_BLOCK = 128  # columns per block of the Gram matrix's upper triangle
+
 
 def gram64(x: torch.Tensor) -> torch.Tensor:
     """The Gram matrix of x's smaller side in fp64: xᵀx [d_in, d_in] when d_in ≤ d_out, else xxᵀ.
-    fp32 products are exact in fp64, so this loses nothing of x."""
+    fp32 products are exact in fp64, so this loses nothing of x. Formed a block row of the upper triangle at
+    a time and mirrored: about half the products of one n × n matmul (measured 1.5× faster for 768 columns)."""
     x64 = x.double()
-    return x64 @ x64.T if x.shape[1] > x.shape[0] else x64.T @ x64
+    if x.shape[1] > x.shape[0]:
+        x64 = x64.T
+    n = x64.shape[1]
+    g = x64.new_empty((n, n))
+    for i in range(0, n, GRAM_BLOCK):
+        j = i + GRAM_BLOCK
+        row = x64[:, i:j].T @ x64[:, i:]  # G[i:j, i:]
+        g[i:j, i:] = row
+        g[j:, i:j] = row[:, GRAM_BLOCK:].T
+    return g
 
 
 # The partial eigensolver stops when its Ritz vectors are within this angle of the true top-k subspace
@@ -57,6 +69,28 @@ def top_eigenpairs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
         spent += per_iter
 
 
+def lapack_top_eigenpairs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The top-k eigenpairs (descending) from LAPACK's syevr through SciPy, which computes only those k
+    (tridiagonalisation, then k eigenvectors): 1.5× torch's full eigh for 128 of 768, 3× for 128 of 2048,
+    as accurate (projectors within 1e-11). None where torch's eigh is used instead: off the CPU, k > n/2,
+    torch on more than one thread (SciPy's OpenBLAS is held to one: its threads spin-wait beside busy
+    processes as OpenMP's did, issue 11), or without SciPy."""
+    n = gram.shape[0]
+    if gram.device.type != "cpu" or 2 * k > n or torch.get_num_threads() != 1:
+        return None
+    try:
+        from scipy.linalg import LinAlgError, eigh
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            evals, evecs = eigh(gram.numpy(), subset_by_index=[n - k, n - 1], driver="evr", check_finite=False)
+    except (LinAlgError, ValueError):
+        return None
+    return torch.from_numpy(evals[::-1].copy()), torch.from_numpy(evecs[:, ::-1].copy())
+
+
 def top_right_singular_vectors(x: torch.Tensor, rank: int, gram: torch.Tensor | None = None) -> torch.Tensor:
     """Top-`rank` right singular vectors of x [d_out, d_in] as columns [d_in, k].
 
@@ -77,7 +111,7 @@ def top_right_singular_vectors(x: torch.Tensor, rank: int, gram: torch.Tensor | 
         v = vh.T
     else:
         g = gram if gram is not None else gram64(x)
-        top = top_eigenpairs(g, rank)
+        top = top_eigenpairs(g, rank) or lapack_top_eigenpairs(g, rank)
         if top is None:
             evals, evecs = torch.linalg.eigh(g)  # ascending
             top = evals.flip(0), evecs.flip(1)

@@ -12,7 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nufilt_core.linalg import gram64, seeded_normal, top_eigenpairs, top_right_singular_vectors
+from nufilt_core.linalg import (
+    gram64,
+    lapack_top_eigenpairs,
+    seeded_normal,
+    top_eigenpairs,
+    top_right_singular_vectors,
+)
 from nufilt_core.methods.nufilt import NufiltSettings, adam_step, nufilt_matrix, paper_loss
 
 
@@ -134,3 +140,31 @@ def test_adam_step_is_torch_adam():
         opt.step()
     for p, r in zip(params, ref, strict=True):
         assert torch.allclose(p, r, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("d_out,d_in", [(300, 200), (200, 300), (64, 64)])  # several blocks, wide, one block
+def test_gram64_is_the_plain_product(d_out, d_in):
+    x = task_like(d_out, d_in, 8, seed=7)
+    x64 = x.double()
+    want = x64.T @ x64 if d_in <= d_out else x64 @ x64.T
+    got = gram64(x)
+    assert torch.equal(got, got.T)  # mirrored, exactly symmetric
+    assert torch.allclose(got, want, rtol=1e-13, atol=1e-13 * float(want.abs().max()))
+
+
+def test_lapack_subset_eigensolver_is_eighs_top_k():
+    pytest.importorskip("scipy")
+    x = task_like(300, 200, 40, seed=8)
+    gram = gram64(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert lapack_top_eigenpairs(gram, 64) is None  # more than one torch thread: torch's threaded eigh
+        torch.set_num_threads(1)
+        evals, evecs = lapack_top_eigenpairs(gram, 64)
+        assert lapack_top_eigenpairs(gram, 150) is None  # k > n/2: no cheaper than the full eigh
+    finally:
+        torch.set_num_threads(threads)
+    want_vals, want_vecs = torch.linalg.eigh(gram)
+    assert torch.allclose(evals, want_vals.flip(0)[:64], rtol=1e-10)
+    assert (projector(evecs) - projector(want_vecs.flip(1)[:, :64])).norm() < 1e-9

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 from daemon_harness import wait_for
+from models import base_state, finetune, write_model
 from nufilt_daemon.config import Settings
 from nufilt_daemon.intake import Intake
 from nufilt_daemon.journal import Journal
 from nufilt_daemon.metrics import Metrics
 from nufilt_daemon.promoter import Promoter
 from nufilt_daemon.sources.base import Arrival
-from nufilt_daemon.states import JobState
+from nufilt_daemon.states import FINAL_STATES, JobState
 from nufilt_daemon.store import Store
 from nufilt_daemon.worker import MergeWorker
 from pydantic import ValidationError
@@ -181,3 +182,17 @@ def test_a_rollback_while_a_merge_runs_discards_the_candidate_and_redoes_the_job
     prod = store.production()
     assert prod.number == job.version == 3 and prod.parent == 1 and prod.lineage().step == 2
     assert list(store.candidates_dir.iterdir()) == []
+
+
+def test_a_sharded_base_gives_sharded_versions(tmp_path: Path):
+    """Without max_shard_bytes, a version is sharded as the base (its largest shard), not one 5 GiB file."""
+    base = base_state()
+    worker, intake, journal, store = make_worker(tmp_path, write_model(base, tmp_path / "base", shards=3))
+    intake.emit(Arrival(write_model(finetune(base, 1), tmp_path / "t1", shards=3), "folder", "t1"))
+    run_until(worker, "the job to end", lambda: journal.job(1).state in FINAL_STATES, timeout=120)
+    assert journal.job(1).state == JobState.PROMOTED, journal.job(1).reason
+    version = store.production().path
+    shards = sorted(p.name for p in version.glob("*.safetensors"))
+    assert len(shards) > 1 and "model.safetensors" not in shards
+    index = json.loads((version / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards and set(index["weight_map"]) == set(base)

@@ -35,7 +35,7 @@ class ChildRequest(_Message):
     seed: int
     device: str
     threads: int | None
-    max_shard_bytes: int
+    max_shard_bytes: int | None  # None: sharded as the base
     gate: GateSettings
 
 

@@ -30,7 +30,6 @@ from pydantic_settings import (
 )
 
 from nufilt_core.errors import NufiltError, SettingsError
-from nufilt_core.merge import DEFAULT_MAX_SHARD_BYTES
 from nufilt_core.methods import get_method, resolve_settings
 from nufilt_core.plausibility import DEFAULT_MAX_RELATIVE_DISTANCE
 
@@ -115,7 +114,8 @@ class Settings(BaseSettings):
     method_settings: dict[str, Any] = Field(default_factory=dict, description="passed to the method, e.g. "
                                             "{null_rank = 64}; unknown keys are rejected by the method")
     seed: int = 0
-    max_shard_bytes: int = Field(DEFAULT_MAX_SHARD_BYTES, gt=0)
+    max_shard_bytes: int | None = Field(None, gt=0, description="shard size of written versions (default: as the "
+                                        "base, its largest shard when it is sharded, else one file up to 5 GiB)")
     keep_versions: int = Field(5, ge=2, description="versions kept; production and its parent always are")
     keep_quarantine: int = Field(10, ge=0, description="rejected candidates kept")
     max_attempts: int = Field(3, ge=1, description="merge processes of one job that may end abnormally (killed "

@@ -14,6 +14,7 @@ import torch
 
 from .errors import CheckpointError
 from .fsguard import check_tree, entry_stat, open_regular, plain_file_name
+from .readahead import read_ahead
 from .safetensors_io import (
     TensorInfo,
     combine_digests,
@@ -173,10 +174,11 @@ class Checkpoint:
                 raise CheckpointError(o.file, f"{role} has dtype {o.dtype}, the base {b.dtype}", tensor=name)
 
     def scan(self) -> Iterator[tuple[TensorInfo, torch.Tensor, str]]:
-        """Every tensor once, in storage order, with its digest line for the content hash."""
-        for info in self.tensors.values():
-            raw = read_raw(info)
-            yield info, tensor_from_raw(info, raw), tensor_digest(info.name, info.dtype, info.shape, raw)
+        """Every tensor once, in storage order, with its digest line for the content hash; the next tensor is
+        read and hashed on a helper thread meanwhile (readahead.py)."""
+        for info, done in read_ahead(list(self.tensors.values()), _read_and_digest, lambda i: i.nbytes):
+            raw, digest = done or _read_and_digest(info)
+            yield info, tensor_from_raw(info, raw), digest
 
     def hash_and_non_finite(self, report: Callable[[str], None] | None = None) -> tuple[str, list[TensorInfo]]:
         """One streaming pass: the content hash, and the float tensors holding NaN/Inf."""
@@ -190,11 +192,21 @@ class Checkpoint:
         return combine_digests(digests), non_finite
 
 
+def _read_and_digest(info: TensorInfo) -> tuple[bytearray, str]:
+    raw = read_raw(info)
+    return raw, tensor_digest(info.name, info.dtype, info.shape, raw)
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN/Inf in a float tensor: fp16/bf16/fp8 checked in fp32, fp64 as it is (never cast down, where a
-    large finite value would become Inf)."""
-    wide = tensor if tensor.dtype.itemsize >= 4 else tensor.float()
-    return not tensor.numel() or bool(torch.isfinite(wide).all())
+    """No NaN/Inf in a float tensor. First its sum, in fp32 at least (fp64 as it is): one NaN or Inf makes
+    it NaN or Inf, so a finite sum proves the tensor finite at a quarter of isfinite's cost; a sum that is
+    not finite (a NaN/Inf, or finite values overflowing) is settled element by element."""
+    if not tensor.numel():
+        return True
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(tensor.sum(dtype=wide))):
+        return True
+    return bool(torch.isfinite(tensor if tensor.dtype.itemsize >= 4 else tensor.float()).all())
 
 
 # The lineage record nufilt writes into a merged model's folder; never copied from an input.

@@ -33,6 +33,7 @@ from .errors import CheckpointError, LineageError, NufiltError, SettingsError
 from .fsutil import fsync_dir
 from .lineage import CheckpointRef, LineageRecord
 from .methods import MergeMethod, StepContext, get_method, resolve_settings
+from .readahead import read_ahead
 from .safetensors_io import StreamingWriter
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -112,15 +113,30 @@ class _Step:
     step: int
     device: torch.device
 
-    def load(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(base, previous, new) of one tensor on the device, in fp32 (fp64 stays fp64)."""
+    @property
+    def inputs(self) -> list[Checkpoint]:
+        return [c for c in (self.base, self.previous, self.new) if c is not None]  # θ_0^m = θ0: read once at step 1
+
+    def _sources(self, name: str) -> list[Checkpoint]:
+        return self.inputs if self.base.tensors[name].is_float else [self.base]  # buffers: the base's
+
+    def stored(self, name: str) -> list[torch.Tensor]:
+        """One tensor as stored in each input it is taken from, on the CPU (what the read-ahead thread reads)."""
+        return [c.read(name) for c in self._sources(name)]
+
+    def stored_bytes(self, name: str) -> int:
+        return sum(c.tensors[name].nbytes for c in self._sources(name))
+
+    def load(self, name: str, stored: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+        """(base, previous, new) of one float tensor on the device, in fp32 (fp64 stays fp64), from what was
+        read ahead, else read now, one input at a time (a big tensor never has three stored copies at once)."""
         compute = torch.float64 if self.base.tensors[name].torch_dtype == torch.float64 else torch.float32
-
-        def get(c: Checkpoint) -> torch.Tensor:
-            return c.read(name).to(device=self.device, dtype=compute)
-
-        b = get(self.base)
-        return b, (get(self.previous) if self.previous else b), get(self.new)  # θ_0^m = θ0: read once at step 1
+        if stored is None:
+            got = [c.read(name).to(device=self.device, dtype=compute) for c in self.inputs]
+        else:
+            got = [t.to(device=self.device, dtype=compute) for t in stored]
+        return (got[0], got[1], got[2]) if self.previous else (got[0], got[0], got[1])
 
 
 def _resolve(req: MergeRequest) -> _Step:
@@ -177,8 +193,8 @@ def _statistics(s: _Step, method: MergeMethod, report: Callable[[str, int, int, 
     float_names = [n for n, i in s.base.tensors.items() if i.is_float]
     with torch.no_grad():
         for p in range(method.passes):
-            for i, name in enumerate(float_names, 1):
-                method.observe(p, name, *s.load(name))
+            for i, (name, stored) in enumerate(read_ahead(float_names, s.stored, s.stored_bytes), 1):
+                method.observe(p, name, *s.load(name, stored))
                 report("statistics", i, len(float_names), name)
             method.end_pass(p)
 
@@ -195,14 +211,17 @@ def _write(s: _Step, method: MergeMethod, hashes: dict[str, str], report: Callab
         plan = [(n, i.dtype, i.shape) for n, i in s.base.tensors.items()]
         writer = StreamingWriter(tmp, plan, output_shard_bytes(req.max_shard_bytes, s.base))
         with torch.no_grad():
-            for i, (name, info) in enumerate(s.base.tensors.items(), 1):
+            for i, (name, stored) in enumerate(read_ahead(list(s.base.tensors), s.stored, s.stored_bytes), 1):
+                info = s.base.tensors[name]
                 if info.is_float:
-                    merged = method.merge(name, *s.load(name))
+                    loaded = s.load(name, stored)
+                    stored = None  # narrow stored copies are not needed once converted
+                    merged = method.merge(name, *loaded)
                     if not all_finite(merged):
                         raise NufiltError(f"method {s.method_name} produced NaN/Inf for tensor '{name}'")
                     out = merged.to(device="cpu", dtype=info.torch_dtype)
                 else:  # integer/bool buffers are never merged
-                    out = s.base.read(name)
+                    out = stored[0] if stored else s.base.read(name)
                 writer.write(name, out)
                 report("merge", i, len(plan), name)
         model_sha = writer.close()

@@ -43,10 +43,12 @@ def child_env(threads: int | None) -> dict[str, str]:
 
 
 def run_child(args: list[str], threads: int | None = None, timeout: float | None = None,
-              script: str = "worker.py") -> dict:
-    """Run `python bench/speed/SCRIPT ARGS` and return its report (raises with its stderr on failure)."""
+              script: str | Path = "worker.py", env: dict[str, str] | None = None) -> dict:
+    """Run `python bench/speed/SCRIPT ARGS` (or an absolute SCRIPT, with `env` added) and return its report
+    (raises with its stderr on failure)."""
     cmd = [sys.executable, str(HERE / script), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads), timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**child_env(threads), **(env or {})},
+                          timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(REPORT_PREFIX)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")

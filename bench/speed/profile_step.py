@@ -39,13 +39,14 @@ from make_models import CACHE, ensure_models
 from measure import report, run_child
 from nufilt_step import engine_args, folder_bytes, gb
 
-from nufilt_core.checkpoint import Checkpoint
+from nufilt_core.checkpoint import Checkpoint, all_finite
 from nufilt_core.linalg import GRAM_BLOCK, gram64
 from nufilt_core.lineage import LineageRecord
 from nufilt_core.methods.nufilt import Nufilt, NufiltSettings
 
 IO, CKPT, LINALG = "nufilt_core/safetensors_io.py", "nufilt_core/checkpoint.py", "nufilt_core/linalg.py"
 NUFILT, MERGE, FSUTIL = "nufilt_core/methods/nufilt.py", "nufilt_core/merge.py", "nufilt_core/fsutil.py"
+READAHEAD = "nufilt_core/readahead.py"
 Func = tuple[str, str]  # (file suffix, function name)
 MiB = 1024**2
 
@@ -69,9 +70,12 @@ class Profile:
 
 
 def breakdown(p: Profile) -> tuple[float, list[tuple[str, float]]]:
-    """The step's time and its categories. Each is a function's cumulative time less what it calls that
-    another category counts; the engine computes V̂p and V̂t in functions of their own, each of which forms
-    its Gram matrix (linalg.gram64) and hands it to the eigendecomposition, so they separate exactly."""
+    """The step's time and its categories, on the main thread (the one cProfile sees). Each is a function's
+    cumulative time less what it calls that another category counts; the engine computes V̂p and V̂t in
+    functions of their own, each of which forms its Gram matrix (linalg.gram64) and hands it to the
+    eigendecomposition, so they separate exactly. The inputs are read and hashed on the read-ahead thread:
+    the main thread's read and hash are what it does itself (the output's hash, tensors too big to read
+    ahead), and its wait for that thread is a category of its own (≈ 0 on the CPU clock)."""
     vp, vt = (NUFILT, "earlier_task_directions"), (NUFILT, "new_task_directions")
     adam, gram = (NUFILT, "fit_adapter"), (LINALG, "gram64")
     digest, combine = (IO, "tensor_digest"), (IO, "combine_digests")
@@ -87,6 +91,7 @@ def breakdown(p: Profile) -> tuple[float, list[tuple[str, float]]]:
         ("fusing + the rest of the algebra", p.cum((NUFILT, "merge")) - p.cum(vp) - p.cum(vt) - p.cum(adam)),
         ("write (serialise + fsync)", p.cum(write) + p.cum(close) + p.cum((FSUTIL, "fsync_dir"))
          - p.edge(write, digest) - p.edge(close, combine)),
+        ("waiting for the read-ahead thread", p.cum((READAHEAD, "read_ahead"))),
     ]
     total = p.cum((MERGE, "merge_step"))
     rows.append(("other (Python, checks, tensor copies)", total - sum(s for _, s in rows)))
@@ -189,7 +194,14 @@ def measure_machine(base: Path, previous: Path, scratch: Path) -> dict[str, Any]
     blob = torch.randn(16 * MiB)  # 64 MiB of fp32
     raw = blob.numpy().tobytes()
     rates["sha256_gbs"] = len(raw) / best(lambda: hashlib.sha256(raw).digest()) / 1e9
-    rates["finite_gbs"] = len(raw) / best(lambda: bool(torch.isfinite(blob).all())) / 1e9
+    rates["finite_gbs"] = len(raw) / best(lambda: all_finite(blob)) / 1e9
+    try:  # a direct eigensolver's reduction to tridiagonal form, alone: LAPACK's syevr asked for one pair
+        from scipy.linalg import eigh as lapack_eigh
+
+        rates["tridiagonal_seconds"] = best(lambda: lapack_eigh(g.numpy(), subset_by_index=[n - 1, n - 1],
+                                                                driver="evr", check_finite=False))
+    except ImportError:
+        rates["tridiagonal_seconds"] = float("nan")
     infos = list(ckpt.tensors.values())
     total = sum(i.nbytes for i in infos)
     rates["read_cache_gbs"] = total / best(lambda: [ckpt.read(i.name) for i in infos], 2, time.perf_counter) / 1e9
@@ -247,13 +259,18 @@ def print_report(eng: dict, plain: dict, total: float, rows: list[tuple[str, flo
         f = floor.get(label)
         extra = f"{f:>9.2f}{secs / f:>9.1f}" if f else f"{'':>18}"
         print(f"  {label:<38}{secs:>9.2f}{100 * secs / total:>7.1f}%{extra}  {work.get(label, '')}")
+    helper = eng["cpu_seconds"] - eng["main_thread_cpu_seconds"]
+    print(f"  {'read-ahead thread (beside the above)':<38}{helper:>9.2f}{'':>8}{'':>18}  CPU-s of the process's other "
+          "threads: the inputs' reads and hashes (nufilt_core/readahead.py), not profiled")
     print(f"  {'sum of the floors':<38}{sum(floor.values()):>9.2f}{100 * sum(floor.values()) / total:>7.1f}%  "
           f"(compute {sum(v for k, v in floor.items() if 'GFLOP' in work[k]):.2f} s)")
     print(f"this machine, one thread ({w.matrices} filtered matrices; speeds measured on the largest, "
           f"{rates['shape']}): matmul {rates['gflops_fp32']:.0f} GFLOP/s fp32, {rates['gflops_fp64']:.0f} fp64; "
           f"one full fp64 eigh {rates['eigh_seconds'] * 1e3:.0f} ms (= {rates['eigh_floor_gflops']:.0f} GFLOP/s "
-          f"at the top-r_p floor's count); sha256 {rates['sha256_gbs']:.2f} GB/s, isfinite "
-          f"{rates['finite_gbs']:.1f} GB/s; read {rates['read_cache_gbs']:.1f} GB/s (page cache), "
+          f"at the top-r_p floor's count), its reduction to tridiagonal form alone "
+          f"{rates['tridiagonal_seconds'] * 1e3:.0f} ms (LAPACK syevr for one pair, SciPy's OpenBLAS); sha256 "
+          f"{rates['sha256_gbs']:.2f} GB/s, finite check {rates['finite_gbs']:.1f} GB/s; read "
+          f"{rates['read_cache_gbs']:.1f} GB/s (page cache), "
           f"{rates['read_disk_gbs']:.2f} GB/s (disk, O_DIRECT); write + fsync {rates['write_gbs']:.2f} GB/s")
     return floor
 

@@ -254,16 +254,17 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
         tau_new = low_rank_by_energy(tau_new, s.task_energy)
     v_prev = earlier_task_directions(tau_prev, s)
     v_new, gram = new_task_directions(tau_new, s)
+    v_hat = torch.cat([v_new, v_prev], dim=1)  # V̂ (Eq. 17)
+    k_t = v_new.shape[1]
+    tau_vhat, prev_vhat = tau_new @ v_hat, tau_prev @ v_hat  # each product once: 𝒯, M V̂ and P use their blocks
     v_filter = v_prev if s.null_space else v_prev[:, :0]  # ablation "adapter only": P = I
-    tau_vf = tau_new @ v_filter
+    tau_vf = tau_vhat[:, k_t : k_t + v_filter.shape[1]]  # τ_t V̂p
     filtered = tau_new - tau_vf @ v_filter.T  # τ_t P, P = I − V̂p V̂pᵀ (Eq. 8) never formed
 
-    v_hat = torch.cat([v_new, v_prev], dim=1)  # V̂ (Eq. 17)
     # 𝒯 − M V̂ (Eq. 16–17) with M V̂ = τ_{≤t-1} V̂ + τ_t V̂ − (τ_t V̂p)(V̂pᵀ V̂); with the filter on, its V̂p
     # block is 0 in exact arithmetic (P V̂p = 0): the adapter is only penalised there
-    tau_vhat = tau_new @ v_hat
-    target = torch.cat([tau_vhat[:, : v_new.shape[1]], tau_prev @ v_prev], dim=1)
-    residual = target - (tau_prev @ v_hat + tau_vhat - tau_vf @ (v_filter.T @ v_hat))
+    target = torch.cat([tau_vhat[:, :k_t], prev_vhat[:, k_t:]], dim=1)
+    residual = target - (prev_vhat + tau_vhat - tau_vf @ (v_filter.T @ v_hat))
     # λ1, λ2 weigh the blocks' squared norms: scaling the columns of R (and of V̂) by √λ does exactly
     # that, ‖R diag(√λ)‖² = λ1 ‖R_t‖² + λ2 ‖R_p‖², so the loop below needs no weights of its own
     weights = torch.cat([residual.new_full((v_new.shape[1],), s.lambda_new),

@@ -60,6 +60,9 @@ def test_results_are_well_formed(small_run) -> None:
     report = json.loads((tmp / "results" / "small.json").read_text())
     tasks = report["tasks"]
     assert sorted(tasks) == ["chat_lang", "fortunes"]
+    # per-order results are kept with the results (committed); the merged models were only work files
+    assert list((tmp / "results" / "runs").glob("*/nufilt-*/order-*.json"))
+    assert not list((tmp / "cache").rglob("work/**/*.safetensors"))
     assert set(report["methods"]) == {"nufilt", "naive", "nufilt_null_only", "nufilt_adapter_only"}
     for name, m in report["methods"].items():
         assert m["orders"] == (2 if name == "nufilt" else 1), name  # the small preset ablates on 1 order
@@ -115,8 +118,8 @@ def test_orders_and_metrics_follow_the_definitions(small_run) -> None:
     report = json.loads((tmp / "results" / "small.json").read_text())
     individual = report["references"]["individual"]["per_task"]
     n_test = report["references"]["finetune"]["fortunes"]["n_test"]
-    records = sorted((tmp / "cache" / "runs").glob("*/nufilt-*/order-*.json"))
-    records += sorted((tmp / "cache" / "runs").glob("*/naive-*/order-*.json"))
+    records = sorted((tmp / "results" / "runs").glob("*/nufilt-*/order-*.json"))
+    records += sorted((tmp / "results" / "runs").glob("*/naive-*/order-*.json"))
     assert len(records) == 3
     for path in records:
         rec = json.loads(path.read_text())
@@ -152,7 +155,7 @@ def test_report_only_shows_what_is_finished(small_run, tmp_path: Path) -> None:
     assert report["missing_tasks"] == ["chat_lang"] and report["tasks"] == ["fortunes"]
     assert report["methods"] == {}
     assert "Partial" in (tmp_path / "results" / "small.md").read_text()
-    assert not list((tmp_path / "cache").glob("runs/*/*/order-*.json"))  # nothing was merged
+    assert not list((tmp_path / "results").glob("runs/*/*/order-*.json"))  # nothing was merged
 
 
 def test_unknown_method_is_a_clear_error(tmp_path: Path) -> None:
@@ -174,7 +177,7 @@ def test_side_by_side_runs_split_the_jobs(small_run, tmp_path: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
     merged = [line for out, _ in outs for line in out.splitlines() if "nufilt order" in line]
     assert sorted(line.split("] ", 2)[2].split(":")[0] for line in merged) == ["nufilt order 0", "nufilt order 1"]
-    assert len(list(cache.glob("runs/*/nufilt-*/order-*.json"))) == 2
+    assert len(list((tmp_path / "results").glob("runs/*/nufilt-*/order-*.json"))) == 2
 
 
 def test_a_claimed_job_is_not_claimed_twice(tmp_path: Path) -> None:

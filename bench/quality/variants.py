@@ -92,6 +92,8 @@ LEVER_GRID = (
     Variant("nufilt_plus_rp32_r05", "nufilt",
             {"preset": "all-linear", "policy": "average", "rescale": "matrix", "rescale_radius": 0.05, "null_rank": 32},
             "lever", "all-linear, other tensors averaged, trust radius 0.05 per matrix, r_p = 32"),
+    *(Variant(f"nufilt_plus_rp32_r{round(r * 100):02d}", "nufilt", {**PROFILES["plus"], "rescale_radius": r}, "lever",
+              f"plus with trust radius {r:g} per matrix") for r in (0.01, 0.02)),
     Variant("nufilt_all_linear_avg_rp32", "nufilt", {"preset": "all-linear", "policy": "average", "null_rank": 32},
             "lever", "all-linear, other tensors averaged, r_p = 32 (plus without its trust radius)"),
     Variant("nufilt_plus_rv32", "nufilt",

@@ -94,6 +94,8 @@ LEVER_GRID = (
             "lever", "all-linear, other tensors averaged, trust radius 0.05 per matrix, r_p = 32"),
     *(Variant(f"nufilt_plus_rp32_r{round(r * 100):02d}", "nufilt", {**PROFILES["plus"], "rescale_radius": r}, "lever",
               f"plus with trust radius {r:g} per matrix") for r in (0.01, 0.02)),
+    *(Variant(f"nufilt_plus_g{round(g * 100)}", "nufilt", {**PROFILES["plus"], "rescale_growth": g}, "lever",
+              f"plus with the rescale target mean ‖τ_i‖·t^{g:g}") for g in (0.25, 0.5)),
     Variant("nufilt_all_linear_avg_rp32", "nufilt", {"preset": "all-linear", "policy": "average", "null_rank": 32},
             "lever", "all-linear, other tensors averaged, r_p = 32 (plus without its trust radius)"),
     Variant("nufilt_plus_rv32", "nufilt",

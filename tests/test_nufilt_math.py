@@ -153,11 +153,12 @@ def _filtered(names) -> list[str]:
     return [n for n in names if sel.is_filtered(n, (1, 1))]
 
 
-@pytest.mark.parametrize(("unit", "radius"), [("model", 0.0), ("matrix", 0.0), ("model", 0.05), ("matrix", 0.05)])
-def test_rescale_follows_opcms_rule_on_the_fused_update(tiny, unit, radius, tmp_path):
+@pytest.mark.parametrize(("unit", "radius", "growth"), [("model", 0.0, 0.0), ("matrix", 0.0, 0.0), ("model", 0.05, 0.0),
+                                                        ("matrix", 0.05, 0.0), ("matrix", 0.0, -0.5)])
+def test_rescale_follows_opcms_rule_on_the_fused_update(tiny, unit, radius, growth, tmp_path):
     # an independent replay: U = λ_{t-1} τ_{≤t-1} + update (update from nufilt_matrix),
-    # λ_t = max(1, ‖U‖ / max(mean ‖τ_i‖, κ‖W0‖))
-    opts = {"rescale": unit, "rescale_radius": radius}
+    # λ_t = max(1, ‖U‖ / max(mean ‖τ_i‖ · t^growth, κ‖W0‖))
+    opts = {"rescale": unit, "rescale_radius": radius, "rescale_growth": growth}
     paths = [tiny["t1"], tiny["t2"], tiny["t3"]]
     previous, outs = None, []
     for t, ckpt in enumerate(paths, 1):
@@ -184,7 +185,7 @@ def test_rescale_follows_opcms_rule_on_the_fused_update(tiny, unit, radius, tmp_
             norms[k].append(sum(float((theta[n] - base[n]).double().square().sum()) for n in members) ** 0.5)
             size = sum(float(u[n].double().square().sum()) for n in members) ** 0.5
             w0 = sum(float(base[n].double().square().sum()) for n in members) ** 0.5
-            lam[k] = 1.0 if t == 1 else max(1.0, size / max(sum(norms[k]) / t, radius * w0))
+            lam[k] = 1.0 if t == 1 else max(1.0, size / max(sum(norms[k]) / t * t**growth, radius * w0))
             for n in members:
                 merged[n] = base[n] + u[n] / lam[k]
         for n in names:

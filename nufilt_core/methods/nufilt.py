@@ -85,8 +85,9 @@ class NufiltSettings(MethodSettings):
     rescale: Rescale = Field("none", description="none: fuse at full size (paper); model / matrix: OPCM's rule on the "
                              "filtered tensors, U = λ_{t-1} τ_{≤t-1} + update, θ^m = θ0 + U / λ_t, λ_t = ‖U‖ / target, "
                              "over the whole model or per matrix")
-    rescale_growth: float = Field(0.0, ge=0, le=1, description="target = mean_i ‖τ_i‖ · t^growth (0: OPCM's mean norm; "
-                                  "0.5: the norm of t orthogonal task vectors); λ_t ≥ 1 (never amplified)")
+    rescale_growth: float = Field(0.0, ge=-1, le=1, description="target = mean_i ‖τ_i‖ · t^growth (0: OPCM's mean "
+                                  "norm; 0.5: the norm of t orthogonal task vectors; < 0: shrinking with t); λ_t ≥ 1 "
+                                  "(never amplified)")
     rescale_radius: float = Field(0.0, ge=0, description="κ: never shrink below κ‖W0‖ (a trust radius around θ0, "
                                   "relative to the base weights): target = max(mean_i ‖τ_i‖ · t^growth, κ‖W0‖)")
     adapter_span: bool = Field(False, description="keep the adapter inside span([V̂t, V̂p]), the only directions its "

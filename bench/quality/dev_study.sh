@@ -13,6 +13,9 @@ MAIN=$MAIN,nufilt_plus_rp32,nufilt_all_linear_avg_rp32,nufilt_plus_rv32
 GRID=nufilt_rescale_matrix,nufilt_radius03,nufilt_radius05,nufilt_adapter_span,nufilt_sum
 GRID=$GRID,nufilt_all_linear_sum_rescale,nufilt_rp32_all_linear_sum_rescale,nufilt_plus_matrix,nufilt_plus_model
 GRID=$GRID,nufilt_plus_rp16,nufilt_plus_rp32_model,nufilt_plus_rp32_r05
+# screened after the full paper-protocol run: low-rank τ_t, the trust radius, the rescale target's growth
+GRID=$GRID,nufilt_te70,nufilt_radius03_te70,nufilt_plus_te50,nufilt_plus_te70,nufilt_plus_te90
+GRID=$GRID,nufilt_plus_rp32_r01,nufilt_plus_rp32_r02,nufilt_plus_g25,nufilt_plus_g50,nufilt_plus_gm25,nufilt_plus_gm50
 presets=("$@")
 [ ${#presets[@]} -gt 0 ] || presets=(paper-protocol paper-protocol-gentle)
 for p in "${presets[@]}"; do

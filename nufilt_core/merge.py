@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from .errors import CheckpointError, LineageError, NufiltError, SettingsError
 from .fsutil import fsync_dir
 from .lineage import CheckpointRef, LineageRecord
 from .methods import MergeMethod, StepContext, get_method, resolve_settings
+from .methods.base import UntouchedRule
 from .readahead import read_ahead
 from .safetensors_io import StreamingWriter
 
@@ -112,20 +114,39 @@ class _Step:
     seed: int
     step: int
     device: torch.device
+    _untouched: UntouchedRule | None = None
 
     @property
     def inputs(self) -> list[Checkpoint]:
         return [c for c in (self.base, self.previous, self.new) if c is not None]  # θ_0^m = θ0: read once at step 1
 
-    def _sources(self, name: str) -> list[Checkpoint]:
-        return self.inputs if self.base.tensors[name].is_float else [self.base]  # buffers: the base's
+    def copied_from(self, name: str) -> Checkpoint | None:
+        """The input a tensor is copied from as stored, when it is one the method leaves bit for bit as an
+        input (`MergeMethod.untouched`) or an integer buffer (the base's): such a tensor is never decoded
+        to fp32, so e.g. a Llama's embeddings and lm_head cost one stored copy, not three fp32 ones."""
+        info = self.base.tensors[name]
+        if not info.is_float:
+            return self.base
+        if self._untouched is None:
+            self._untouched = self.method_cls.untouched(self.settings, self.step, list(self.base.tensors))
+        source = self._untouched(name, info.shape)
+        return None if source is None else {"base": self.base, "previous": self.previous or self.base,
+                                            "new": self.new}[source]
 
-    def stored(self, name: str) -> list[torch.Tensor]:
+    def _sources(self, name: str, writing: bool) -> list[Checkpoint]:
+        """The inputs a pass reads a tensor from: the statistics passes see every input of a float tensor,
+        the merge pass only the one a copied tensor comes from."""
+        if not self.base.tensors[name].is_float:
+            return [self.base]
+        copied = self.copied_from(name) if writing else None
+        return self.inputs if copied is None else [copied]
+
+    def stored(self, name: str, writing: bool = False) -> list[torch.Tensor]:
         """One tensor as stored in each input it is taken from, on the CPU (what the read-ahead thread reads)."""
-        return [c.read(name) for c in self._sources(name)]
+        return [c.read(name) for c in self._sources(name, writing)]
 
-    def stored_bytes(self, name: str) -> int:
-        return sum(c.tensors[name].nbytes for c in self._sources(name))
+    def stored_bytes(self, name: str, writing: bool = False) -> int:
+        return sum(c.tensors[name].nbytes for c in self._sources(name, writing))
 
     def load(self, name: str, stored: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                                   torch.Tensor]:
@@ -211,17 +232,19 @@ def _write(s: _Step, method: MergeMethod, hashes: dict[str, str], report: Callab
         plan = [(n, i.dtype, i.shape) for n, i in s.base.tensors.items()]
         writer = StreamingWriter(tmp, plan, output_shard_bytes(req.max_shard_bytes, s.base))
         with torch.no_grad():
-            for i, (name, stored) in enumerate(read_ahead(list(s.base.tensors), s.stored, s.stored_bytes), 1):
+            for i, (name, stored) in enumerate(read_ahead(list(s.base.tensors), partial(s.stored, writing=True),
+                                                          partial(s.stored_bytes, writing=True)), 1):
                 info = s.base.tensors[name]
-                if info.is_float:
+                copied = s.copied_from(name)
+                if copied is not None:  # as stored in that input (scanned finite by the pre-flight)
+                    out = stored[0] if stored else copied.read(name)
+                else:
                     loaded = s.load(name, stored)
                     stored = None  # narrow stored copies are not needed once converted
                     merged = method.merge(name, *loaded)
                     if not all_finite(merged):
                         raise NufiltError(f"method {s.method_name} produced NaN/Inf for tensor '{name}'")
                     out = merged.to(device="cpu", dtype=info.torch_dtype)
-                else:  # integer/bool buffers are never merged
-                    out = stored[0] if stored else s.base.read(name)
                 writer.write(name, out)
                 report("merge", i, len(plan), name)
         model_sha = writer.close()

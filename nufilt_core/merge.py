@@ -114,7 +114,7 @@ class _Step:
     seed: int
     step: int
     device: torch.device
-    _untouched: UntouchedRule | None = None
+    untouched: UntouchedRule  # the method's: which input a float tensor is left as, bit for bit
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -127,9 +127,7 @@ class _Step:
         info = self.base.tensors[name]
         if not info.is_float:
             return self.base
-        if self._untouched is None:
-            self._untouched = self.method_cls.untouched(self.settings, self.step, list(self.base.tensors))
-        source = self._untouched(name, info.shape)
+        source = self.untouched(name, info.shape)
         return None if source is None else {"base": self.base, "previous": self.previous or self.base,
                                             "new": self.new}[source]
 
@@ -176,7 +174,9 @@ def _resolve(req: MergeRequest) -> _Step:
     settings = resolve_settings(method_cls, prev_record.settings if prev_record else {}, req.options)
     seed = req.seed if req.seed is not None else (prev_record.seed if prev_record else 0)
     step = prev_record.step + 1 if prev_record else 1
-    return _Step(req, base, new, previous, prev_record, method_name, method_cls, settings, seed, step, device)
+    untouched = method_cls.untouched(settings, step, list(base.tensors))
+    return _Step(req, base, new, previous, prev_record, method_name, method_cls, settings, seed, step, device,
+                 untouched)
 
 
 def _preflight(s: _Step, report: Callable[[str, int, int, str], None]) -> dict[str, str]:

@@ -14,6 +14,7 @@ import torch
 
 from .errors import CheckpointError
 from .fsguard import check_tree, entry_stat, open_regular, plain_file_name
+from .private_copy import copy_and_hash
 from .readahead import read_ahead
 from .safetensors_io import (
     TensorInfo,
@@ -190,6 +191,11 @@ class Checkpoint:
             if report:
                 report(info.name)
         return combine_digests(digests), non_finite
+
+    def copy_to(self, dst: Path) -> str:
+        """A real copy of `self.path` at `dst` (must not exist), fsynced, and its content hash from the same
+        read of the bytes (private_copy.py): the daemon stages what it hashed, reading it once."""
+        return copy_and_hash(self, dst)
 
 
 def _read_and_digest(info: TensorInfo) -> tuple[bytearray, str]:

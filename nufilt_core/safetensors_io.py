@@ -157,11 +157,14 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len
     return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, expected)
 
 
-def read_raw(info: TensorInfo) -> bytearray:
-    """The tensor's bytes, read with one pread into a fresh buffer (no mmap)."""
+def read_raw(info: TensorInfo, fd: int | None = None) -> bytearray:
+    """The tensor's bytes, read with one pread into a fresh buffer (no mmap). `fd`: a descriptor already open
+    on `info.file` (left open), so a copy reads the very file it checked, not whatever the name holds now."""
     buf = bytearray(info.nbytes)
     if info.nbytes:
-        fd = open_regular(info.file, strict=False)
+        own = fd is None
+        if fd is None:
+            fd = open_regular(info.file, strict=False)
         try:
             got = 0
             view = memoryview(buf)
@@ -174,7 +177,8 @@ def read_raw(info: TensorInfo) -> bytearray:
                     raise CheckpointError(info.file, "file ended while reading", tensor=info.name)
                 got += n
         finally:
-            os.close(fd)
+            if own:
+                os.close(fd)
     return buf
 
 

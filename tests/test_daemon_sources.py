@@ -155,8 +155,8 @@ def test_intake_stages_a_private_copy_and_journals_it(tiny: dict[str, Path], tmp
     assert job.state == JobState.QUEUED and job.sha256 == content_hash(tiny["t1"])
     staged = Path(job.staged_path)
     assert staged.name == "task1" and staged.is_relative_to(tmp_path / "state" / "staged")
-    # a hard link on the same filesystem: no extra space, and deleting the inbox copy loses nothing
-    assert (staged / "model.safetensors").stat().st_ino == (inbox / "task1/model.safetensors").stat().st_ino
+    # a real copy (never a hard link): deleting the inbox copy loses nothing
+    assert (staged / "model.safetensors").stat().st_ino != (inbox / "task1/model.safetensors").stat().st_ino
     shutil.rmtree(inbox / "task1")
     assert content_hash(staged) == job.sha256
 
@@ -176,6 +176,79 @@ def test_intake_stages_a_private_copy_and_journals_it(tiny: dict[str, Path], tmp
     (tmp_path / "state" / "staged" / "leftover").mkdir()
     assert [p.name for p in intake.gc_staged()] == ["leftover"]
     assert json.loads(json.dumps(job.sha256)) == job.sha256
+
+
+def rewrite_in_place(path: Path) -> None:
+    """What a careless writer does: new bytes into the same inode (a hard link would see them)."""
+    with path.open("r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        last = f.read(8)
+        f.seek(-8, os.SEEK_END)
+        f.write(bytes(b ^ 0xFF for b in last))
+
+
+@pytest.mark.parametrize("shards", [0, 3], ids=["single-file", "sharded"])
+def test_the_staged_copy_is_private_and_a_rewrite_in_place_leaves_it_alone(tmp_path: Path, shards: int):
+    from models import base_state, write_model
+
+    journal = Journal.in_state_dir(tmp_path / "state")
+    intake = Intake(journal, tmp_path / "state" / "staged", lambda job, arrival: None)
+    folder = write_model(base_state(seed=3), tmp_path / "inbox" / "entry", shards=max(shards, 1))
+    entry = folder / "model.safetensors" if shards == 0 else folder
+    original = content_hash(entry)
+    intake.emit(Arrival(entry, "folder", entry.name))
+    job = journal.jobs()[0]
+    assert job.state == JobState.QUEUED and job.sha256 == original  # the hash of the bytes copied is the same
+    staged = Path(job.staged_path)
+    pairs = [(entry, staged)] if shards == 0 else [(folder / p.name, p) for p in staged.iterdir()]
+    assert len(pairs) == (1 if shards == 0 else 5)  # 3 shards, the index, config.json
+    before = {copy: copy.read_bytes() for _, copy in pairs}
+    for source, copy in pairs:
+        assert source.read_bytes() == copy.read_bytes()
+        assert copy.stat().st_ino != source.stat().st_ino and copy.stat().st_nlink == 1
+    for weights in sorted(folder.glob("*.safetensors")):
+        rewrite_in_place(weights)
+    assert content_hash(entry) != original
+    assert {copy: copy.read_bytes() for _, copy in pairs} == before and content_hash(staged) == original
+
+
+def test_an_index_file_on_its_own_is_rejected_and_its_folder_never_copied(tmp_path: Path):
+    from models import base_state, write_model
+
+    journal = Journal.in_state_dir(tmp_path / "state")
+    staged = tmp_path / "state" / "staged"
+    intake = Intake(journal, staged, lambda job, arrival: None)
+    index = write_model(base_state(seed=3), tmp_path / "inbox", shards=2) / "model.safetensors.index.json"
+    intake.emit(Arrival(index, "folder", index.name))
+    job = journal.jobs()[0]
+    assert job.state == JobState.REJECTED and "index file on its own" in job.reason and os.listdir(staged) == []
+
+
+def rchar() -> int:
+    """Bytes this process (all its threads) has read with read-like system calls, cache hits included."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_the_intake_reads_the_checkpoint_bytes_once(tiny: dict[str, Path], tmp_path: Path):
+    """Copy and content hash come from one read: about one size of the weights, not two."""
+    import torch
+    from models import write_model
+
+    journal = Journal.in_state_dir(tmp_path / "state")
+    intake = Intake(journal, tmp_path / "state" / "staged", lambda job, arrival: None)
+    intake.emit(Arrival(tiny["t1"], "folder", "warm-up"))  # lazy imports, the journal's first pages
+    g = torch.Generator().manual_seed(7)
+    state = {f"layer.{i}.weight": torch.randn(512, 1024, generator=g) for i in range(8)}  # 16 MiB
+    entry = write_model(state, tmp_path / "inbox" / "big", shards=2)
+    weights = sum(p.stat().st_size for p in entry.glob("*.safetensors"))
+    before = rchar()
+    intake.emit(Arrival(entry, "folder", "big"))
+    ratio = (rchar() - before) / weights
+    assert journal.jobs()[0].state == JobState.QUEUED and journal.jobs()[0].sha256 == content_hash(entry)
+    assert 0.9 < ratio < 1.3, ratio
 
 
 def test_an_entry_whose_intake_keeps_failing_leaves_nothing_backs_off_and_is_rejected_after_n(

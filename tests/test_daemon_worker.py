@@ -151,7 +151,7 @@ def test_a_staged_copy_changed_after_arrival_fails_the_job(tiny: dict[str, Path]
     worker, intake, journal, store = make_worker(tmp_path, tiny["base"])
     intake.emit(Arrival(mine, "folder", "mine"))
     staged = Path(journal.job(1).staged_path) / "model.safetensors"
-    with staged.open("r+b") as f:  # one data byte changed in place (a hard link: the inbox file too)
+    with staged.open("r+b") as f:  # one data byte changed in place (in the daemon's private copy)
         f.seek(-1, 2)
         last = f.read(1)
         f.seek(-1, 2)

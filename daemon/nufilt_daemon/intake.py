@@ -1,11 +1,12 @@
 """`emit`: turn a source's Arrival into a journaled job, durably, before the source lets go of it.
 
-For each arrival: hash the checkpoint where the source left it (layout-independent content
-hash, which also reads every byte once), then, under one lock so two copies of the same content
-cannot both be queued, either record a duplicate or stage a private copy in STATE/staged/ and
-journal the job as queued. A hard link is used where the filesystem allows (instant, no extra
-space), else a full copy, so deleting or moving the inbox entry cannot lose a queued job. The
-merge later re-hashes the staged copy and fails the job if it no longer matches.
+For each arrival: copy the checkpoint where the source left it into a hidden partial folder in
+STATE/staged/, computing the layout-independent content hash from the very bytes being copied
+(Checkpoint.copy_to: the checkpoint is read once). Then, under one lock so two copies of the same
+content cannot both be queued, either record a duplicate (and remove the copy) or move the copy into
+place and journal the job as queued. The copy is a real, private one, never a hard link: deleting,
+moving or rewriting the inbox entry in place cannot change or lose a queued job. The merge later
+re-hashes the staged copy and fails the job if it no longer matches.
 
 An arrival that cannot be opened or read is journaled as rejected with the reason, so people see
 it in `nufilt history` instead of it vanishing. Arrivals are opened strictly: links, FIFOs,
@@ -30,6 +31,7 @@ import structlog
 from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.errors import CheckpointError, NufiltError
 from nufilt_core.fsguard import check_tree
+from nufilt_core.fsutil import fsync_dir
 from nufilt_core.safetensors_io import combine_digests
 
 from .journal import Job, Journal
@@ -49,34 +51,6 @@ def content_hash(path: Path, strict: bool = False) -> str:
 
 class IntakeError(NufiltError):
     """Staging or journaling one arrival failed (not the checkpoint's fault: disk, journal); retried."""
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst, follow_symlinks=False)  # a link swapped in since the check stays a link (refused)
-    except OSError:  # other filesystem, or links not allowed: copy and make it durable
-        shutil.copy2(src, dst, follow_symlinks=False)
-        if not dst.is_symlink():
-            with dst.open("rb+") as f:
-                os.fsync(f.fileno())
-
-
-def stage_copy(src: Path, dst: Path) -> None:
-    """Hard-link (or copy) a file or folder tree to `dst`, which must not exist. Links are never
-    followed (the copy is checked with check_tree afterwards)."""
-    if not src.is_dir() or src.is_symlink():
-        _link_or_copy(src, dst)
-        return
-    dst.mkdir()
-    for root, dirs, files in os.walk(src):
-        rel = Path(root).relative_to(src)
-        for d in dirs:
-            if (Path(root) / d).is_symlink():
-                _link_or_copy(Path(root) / d, dst / rel / d)
-            else:
-                (dst / rel / d).mkdir()
-        for f in files:
-            _link_or_copy(Path(root) / f, dst / rel / f)
 
 
 class Intake:
@@ -113,47 +87,51 @@ class Intake:
 
     def _emit(self, arrival: Arrival, reference: str) -> None:
         bound = log.bind(source=arrival.source, checkpoint=reference)
-        try:
-            sha = content_hash(arrival.path, strict=True)
-        except NufiltError as e:
-            self._reject(arrival, reference, str(e), bound)
-            return
-        with self._lock:  # one arrival at a time from here: two copies of new content cannot both queue
-            job = self.journal.add_if_duplicate(arrival.source, reference, sha)
-            if job is None:
-                try:
-                    job = self._stage_and_queue(arrival, reference, sha)
-                except CheckpointError as e:  # changed into something refused while we copied it
-                    self._reject(arrival, reference, str(e), bound)
-                    return
+        self.staged_dir.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex[:12]
+        partial = self.staged_dir / f".{token}.partial"
+        final = self.staged_dir / token
+        try:  # all or nothing: the staged copy exists afterwards only if a queued job owns it
+            try:  # outside the lock: copying is the slow part, and a duplicate is only known from the hash
+                sha = self._copy(arrival, partial)
+            except CheckpointError as e:  # the checkpoint's own fault: journaled at once, not retried
+                _remove(partial)
+                self._reject(arrival, reference, str(e), bound)
+                return
+            with self._lock:  # one arrival at a time from here: two copies of new content cannot both queue
+                job = self.journal.add_if_duplicate(arrival.source, reference, sha)
+                if job is not None:
+                    _remove(partial)
+                else:
+                    os.rename(partial, final)  # a crash before the commit below leaves an orphan: gc_staged
+                    fsync_dir(self.staged_dir)
+                    staged = final / staged_name(arrival.path.name)
+                    job = self.journal.add_job(arrival.source, reference, sha, str(staged), JobState.QUEUED)
+        except BaseException:
+            _remove(partial)
+            _remove(final)
+            raise
         event = "checkpoint_duplicate" if job.state == JobState.DUPLICATE else "checkpoint_queued"
         bound.info(event, job=job.id, sha256=sha[:16], duplicate_of=job.duplicate_of)
         self.on_journaled(job, arrival)
+
+    @staticmethod
+    def _copy(arrival: Arrival, partial: Path) -> str:
+        """The private copy in `partial`, and its content hash, from one read of the checkpoint."""
+        checkpoint = Checkpoint.open(arrival.path, strict=True)
+        if checkpoint.path != Path(arrival.path):  # an index alone opens as its folder, maybe the inbox itself
+            raise CheckpointError(arrival.path, "is an index file on its own: drop the folder that holds it and "
+                                  "its shards")
+        partial.mkdir()
+        sha = checkpoint.copy_to(partial / staged_name(arrival.path.name))
+        check_tree(partial)  # made of our own regular files; checked as the merge will trust it
+        return sha
 
     def _reject(self, arrival: Arrival, reference: str, reason: str, bound: Any) -> None:
         reason = printable(reason)
         job = self.journal.add_job(arrival.source, reference, None, None, JobState.REJECTED, reason)
         bound.warning("checkpoint_unreadable", job=job.id, reason=reason)
         self.on_journaled(job, arrival)
-
-    def _stage_and_queue(self, arrival: Arrival, reference: str, sha: str) -> Job:
-        """All or nothing: the staged copy exists afterwards only if a queued job owns it."""
-        self.staged_dir.mkdir(parents=True, exist_ok=True)
-        token = uuid.uuid4().hex[:12]
-        partial = self.staged_dir / f".{token}.partial"
-        final = self.staged_dir / token
-        name = staged_name(arrival.path.name)
-        try:
-            partial.mkdir()
-            stage_copy(arrival.path, partial / name)
-            check_tree(partial / name)
-            os.rename(partial, final)  # a crash before the commit below leaves an orphan: gc_staged
-            job = self.journal.add_job(arrival.source, reference, sha, str(final / name), JobState.QUEUED)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.rmtree(final, ignore_errors=True)
-            raise
-        return job
 
     def gc_staged(self) -> list[Path]:
         """Remove staged copies no queued or running job refers to (crash leftovers)."""
@@ -167,3 +145,7 @@ class Intake:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 removed.append(p)
         return removed
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

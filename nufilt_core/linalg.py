@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+from typing import Any
 
 import torch
 
@@ -69,6 +71,15 @@ def top_eigenpairs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
         spent += per_iter
 
 
+@functools.cache
+def _blas_threads() -> Any:
+    """threadpoolctl's view of the loaded BLAS libraries, taken once (after SciPy loaded its own): building
+    it scans /proc/self/maps, which a call per matrix would redo hundreds of times a step."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 def lapack_top_eigenpairs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The top-k eigenpairs (descending) from LAPACK's syevr through SciPy, which computes only those k
     (tridiagonalisation, then k eigenvectors): 1.5× torch's full eigh for 128 of 768, 3× for 128 of 2048,
@@ -80,11 +91,10 @@ def lapack_top_eigenpairs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
         return None
     try:
         from scipy.linalg import LinAlgError, eigh
-        from threadpoolctl import threadpool_limits
     except ImportError:
         return None
     try:
-        with threadpool_limits(limits=1, user_api="blas"):
+        with _blas_threads().limit(limits=1, user_api="blas"):
             evals, evecs = eigh(gram.numpy(), subset_by_index=[n - k, n - 1], driver="evr", check_finite=False)
     except (LinAlgError, ValueError):
         return None

@@ -5,10 +5,13 @@ layer, not three models. Order of work:
   1. `_resolve`: open the three inputs (headers only), read the previous lineage record, resolve
      method, settings, seed and step;
   2. `_preflight`: names, shapes and dtypes against the base, then one streaming pass that hashes
-     every tensor and checks it is finite, and the lineage checks on those hashes;
+     every tensor and checks it is finite, and the lineage checks on those hashes (`check_first`);
   3. `_statistics`: the method's statistics passes, if it has any;
   4. `_write`: the merge pass into a hidden temporary sibling of the output, which is renamed into place
      only when complete (weights, side files, lineage record, all fsynced).
+With `check_first` off (the daemon), part 2 checks only the layouts and part 4's merge pass hashes and
+checks every input tensor as it reads it, reads once what no pass needed, and runs the lineage checks
+and the observers' verdicts before publishing: each input byte is read once (issue 11).
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from .errors import CheckpointError, LineageError, NufiltError, SettingsError
 from .fsutil import fsync_dir
 from .lineage import CheckpointRef, LineageRecord
 from .methods import MergeMethod, StepContext, get_method, resolve_settings
-from .methods.base import UntouchedRule
+from .methods.base import Source, UntouchedRule, source_input
+from .observers import TensorObserver
 from .readahead import read_ahead
-from .safetensors_io import StreamingWriter
+from .safetensors_io import StreamingWriter, combine_digests, read_raw, read_tensor, tensor_digest, tensor_from_raw
+from .scores import ScoreObserver, SurrogateScores, method_scope
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DEFAULT_METHOD = "nufilt"
@@ -54,6 +59,14 @@ class Progress:
 ProgressFn = Callable[[Progress], None]
 
 
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Surrogate scores computed in the merge pass; a rank None is the method's (MergeMethod.scored)."""
+
+    null_rank: int | None = None
+    task_rank: int | None = None
+
+
 @dataclass
 class MergeRequest:
     base: Path
@@ -67,6 +80,12 @@ class MergeRequest:
     max_shard_bytes: int | None = None  # None: follow the base's sharding (output_shard_bytes)
     overwrite: bool = False
     reserved_names: tuple[str, ...] = ()  # side files never copied: the caller writes its own (the daemon's report)
+    # True: a pre-flight pass hashes and scans every input before any merging (fails early: the CLI's way).
+    # False: one pass over the bytes (the daemon's way): each input byte is read once, by the merge pass,
+    # and hashed and checked there; the lineage checks and observers run after it, before publishing.
+    check_first: bool = True
+    observers: Sequence[TensorObserver] = ()  # work that rides along the merge pass (observers.py)
+    scores: ScoreRequest | None = None  # the surrogate scores (scores.py), computed in the merge pass
 
 
 @dataclass
@@ -74,6 +93,7 @@ class MergeResult:
     output: Path
     record: LineageRecord
     seconds: dict[str, float]  # per phase
+    scores: SurrogateScores | None = None  # when the request asked for them
 
 
 def peak_rss_bytes() -> int:
@@ -99,6 +119,9 @@ def scan_and_hash(ckpt: Checkpoint, role: str, report: Callable[[str], None]) ->
     return sha
 
 
+Input = tuple[str, Checkpoint]  # (role, checkpoint): role "base", "previous" or "checkpoint", as in messages
+
+
 @dataclass
 class _Step:
     """Part 1's result: the opened inputs and everything resolved about this step."""
@@ -115,36 +138,64 @@ class _Step:
     step: int
     device: torch.device
     untouched: UntouchedRule  # the method's: which input a float tensor is left as, bit for bit
+    observers: list[TensorObserver]  # the caller's, and the scores' when asked for
+    scores: ScoreObserver | None
+    # one pass (check_first False): every input tensor's content-hash line, filled as the passes read it
+    digests: dict[str, dict[str, str]] | None = None
+    watchers: dict[str, list[TensorObserver]] = field(default_factory=dict)  # float tensor → observers wanting it
+
+    def __post_init__(self) -> None:
+        if not self.req.check_first:
+            self.digests = {role: {} for role, _ in self.roles}
+        for name, info in self.base.tensors.items():
+            wanting = [o for o in self.observers if info.is_float and o.wants(name, info.shape)]
+            if wanting:
+                self.watchers[name] = wanting
 
     @property
-    def inputs(self) -> list[Checkpoint]:
-        return [c for c in (self.base, self.previous, self.new) if c is not None]  # θ_0^m = θ0: read once at step 1
+    def roles(self) -> list[Input]:
+        inputs = [("base", self.base), ("previous", self.previous), ("checkpoint", self.new)]
+        return [(r, c) for r, c in inputs if c is not None]  # θ_0^m = θ0: read once at step 1
 
-    def copied_from(self, name: str) -> Checkpoint | None:
-        """The input a tensor is copied from as stored, when it is one the method leaves bit for bit as an
-        input (`MergeMethod.untouched`) or an integer buffer (the base's): such a tensor is never decoded
-        to fp32, so e.g. a Llama's embeddings and lm_head cost one stored copy, not three fp32 ones."""
+    def read(self, source: Input, name: str) -> torch.Tensor:
+        """One tensor as stored, on the CPU. In one pass also hashed and, when float, checked finite: each
+        input byte is read once, so this is where that input is verified."""
+        role, ckpt = source
+        info = ckpt.tensors[name]
+        if self.digests is None:
+            return read_tensor(info)
+        raw = read_raw(info)
+        self.digests[role][name] = tensor_digest(info.name, info.dtype, info.shape, raw)
+        tensor = tensor_from_raw(info, raw)
+        if info.is_float and not all_finite(tensor):
+            raise CheckpointError(info.file, f"{role} holds NaN/Inf values", tensor=name)
+        return tensor
+
+    def copied_from(self, name: str) -> Source | None:
+        """The input a tensor is written from as stored: one the method leaves bit for bit as an input
+        (`MergeMethod.untouched`) or an integer buffer (the base's). Such a tensor is never decoded to fp32,
+        so e.g. a Llama's embeddings and lm_head cost one stored copy, not three fp32 ones — unless an
+        observer wants to see it."""
         info = self.base.tensors[name]
         if not info.is_float:
-            return self.base
-        source = self.untouched(name, info.shape)
-        return None if source is None else {"base": self.base, "previous": self.previous or self.base,
-                                            "new": self.new}[source]
+            return "base"
+        return None if name in self.watchers else self.untouched(name, info.shape)
 
-    def _sources(self, name: str, writing: bool) -> list[Checkpoint]:
+    def _sources(self, name: str, writing: bool) -> list[Input]:
         """The inputs a pass reads a tensor from: the statistics passes see every input of a float tensor,
         the merge pass only the one a copied tensor comes from."""
-        if not self.base.tensors[name].is_float:
-            return [self.base]
-        copied = self.copied_from(name) if writing else None
-        return self.inputs if copied is None else [copied]
+        copied = self.copied_from(name) if writing or not self.base.tensors[name].is_float else None
+        if copied is None:
+            return self.roles
+        return [source_input(copied, ("base", self.base), ("previous", self.previous) if self.previous else None,
+                             ("checkpoint", self.new))]
 
     def stored(self, name: str, writing: bool = False) -> list[torch.Tensor]:
         """One tensor as stored in each input it is taken from, on the CPU (what the read-ahead thread reads)."""
-        return [c.read(name) for c in self._sources(name, writing)]
+        return [self.read(source, name) for source in self._sources(name, writing)]
 
     def stored_bytes(self, name: str, writing: bool = False) -> int:
-        return sum(c.tensors[name].nbytes for c in self._sources(name, writing))
+        return sum(c.tensors[name].nbytes for _, c in self._sources(name, writing))
 
     def load(self, name: str, stored: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                                   torch.Tensor]:
@@ -152,10 +203,32 @@ class _Step:
         read ahead, else read now, one input at a time (a big tensor never has three stored copies at once)."""
         compute = torch.float64 if self.base.tensors[name].torch_dtype == torch.float64 else torch.float32
         if stored is None:
-            got = [c.read(name).to(device=self.device, dtype=compute) for c in self.inputs]
+            got = [self.read(source, name).to(device=self.device, dtype=compute) for source in self.roles]
         else:
             got = [t.to(device=self.device, dtype=compute) for t in stored]
         return (got[0], got[1], got[2]) if self.previous else (got[0], got[0], got[1])
+
+    def read_the_rest(self, report: Callable[[str, int, int, str], None]) -> dict[str, str]:
+        """One pass, after the merge pass: the input tensors no pass needed (the other inputs of a copied
+        tensor), read once for their hashes; then every input's content hash."""
+        assert self.digests is not None
+        rest = [(source, name) for source in self.roles for name in source[1].tensors
+                if name not in self.digests[source[0]]]
+        for i, (source, name) in enumerate(rest, 1):
+            self.read(source, name)
+            report("check", i, len(rest), f"{source[0]}: {name}")
+        return {role: combine_digests(self.digests[role][n] for n in c.tensors) for role, c in self.roles}
+
+
+def _score_observer(req: MergeRequest, method_cls: type[MergeMethod], settings: Any,
+                    names: list[str]) -> ScoreObserver | None:
+    """The scores' observer when asked for; it reuses the method's own V̂ when they are at the same ranks."""
+    if req.scores is None:
+        return None
+    selected, null_rank, task_rank = method_scope(method_cls, settings, names)
+    null_rank, task_rank = req.scores.null_rank or null_rank, req.scores.task_rank or task_rank
+    own = method_cls.scored(settings, names)
+    return ScoreObserver(selected, null_rank, task_rank, reuse=own is not None and own[1:] == (null_rank, task_rank))
 
 
 def _resolve(req: MergeRequest) -> _Step:
@@ -174,17 +247,23 @@ def _resolve(req: MergeRequest) -> _Step:
     settings = resolve_settings(method_cls, prev_record.settings if prev_record else {}, req.options)
     seed = req.seed if req.seed is not None else (prev_record.seed if prev_record else 0)
     step = prev_record.step + 1 if prev_record else 1
-    untouched = method_cls.untouched(settings, step, list(base.tensors))
+    names = list(base.tensors)
+    untouched = method_cls.untouched(settings, step, names)
+    scores = _score_observer(req, method_cls, settings, names)
+    observers = [*req.observers, *([scores] if scores else [])]
     return _Step(req, base, new, previous, prev_record, method_name, method_cls, settings, seed, step, device,
-                 untouched)
+                 untouched, observers, scores)
 
 
-def _preflight(s: _Step, report: Callable[[str, int, int, str], None]) -> dict[str, str]:
-    """Part 2: everything that can fail does so before any heavy work. Layouts, then one streaming
-    pass per input that hashes every tensor and checks it is finite, then the lineage checks."""
+def _preflight(s: _Step, report: Callable[[str, int, int, str], None]) -> dict[str, str] | None:
+    """Part 2: everything that can fail does so before any heavy work. Layouts, then (check_first) one
+    streaming pass per input that hashes every tensor and checks it is finite, then the lineage checks.
+    None in one pass: the merge pass hashes and checks what it reads."""
     s.base.check_same_layout(s.new, "checkpoint")
     if s.previous:
         s.base.check_same_layout(s.previous, "previous merged model")
+    if not s.req.check_first:
+        return None
     inputs = [("base", s.base), ("checkpoint", s.new)] + ([("previous", s.previous)] if s.previous else [])
     total = sum(len(c.tensors) for _, c in inputs)
     done = 0
@@ -195,18 +274,24 @@ def _preflight(s: _Step, report: Callable[[str, int, int, str], None]) -> dict[s
             done += 1
             report("check", done, total, f"{role}: {name}")
         hashes[role] = scan_and_hash(ckpt, role, tick)
-    if s.prev_record:
-        req, rec = s.req, s.prev_record
-        if rec.base.sha256 != hashes["base"]:
-            raise LineageError(f"{req.previous} descends from another base (sha256 {rec.base.sha256[:12]}…), "
-                               f"not {req.base} ({hashes['base'][:12]}…)")
-        if rec.model_sha256 != hashes["previous"]:
-            raise LineageError(f"{req.previous}: weights no longer match their lineage record "
-                               "(modified or corrupted after merging)")
-        for t, ref in enumerate(rec.checkpoints, 1):
-            if ref.sha256 == hashes["checkpoint"]:
-                raise LineageError(f"{req.checkpoint} was already merged at step {t} of {req.previous}")
+    _check_lineage(s, hashes)
     return hashes
+
+
+def _check_lineage(s: _Step, hashes: dict[str, str]) -> None:
+    """The inputs' hashes against the previous model's lineage record."""
+    if not s.prev_record:
+        return
+    req, rec = s.req, s.prev_record
+    if rec.base.sha256 != hashes["base"]:
+        raise LineageError(f"{req.previous} descends from another base (sha256 {rec.base.sha256[:12]}…), "
+                           f"not {req.base} ({hashes['base'][:12]}…)")
+    if rec.model_sha256 != hashes["previous"]:
+        raise LineageError(f"{req.previous}: weights no longer match their lineage record "
+                           "(modified or corrupted after merging)")
+    for t, ref in enumerate(rec.checkpoints, 1):
+        if ref.sha256 == hashes["checkpoint"]:
+            raise LineageError(f"{req.checkpoint} was already merged at step {t} of {req.previous}")
 
 
 def _statistics(s: _Step, method: MergeMethod, report: Callable[[str, int, int, str], None]) -> None:
@@ -220,34 +305,73 @@ def _statistics(s: _Step, method: MergeMethod, report: Callable[[str, int, int, 
             method.end_pass(p)
 
 
-def _write(s: _Step, method: MergeMethod, hashes: dict[str, str], report: Callable[[str, int, int, str], None],
-           started: float) -> LineageRecord:
+SOURCE_POSITION = {"base": 0, "previous": 1, "new": 2}  # in _Step.load's (base, previous, new)
+
+
+def _merged(s: _Step, method: MergeMethod, name: str, stored: list[torch.Tensor] | None) -> torch.Tensor:
+    """One tensor of the output, as it is written; the observers that want it see it."""
+    info = s.base.tensors[name]
+    copied = s.copied_from(name)
+    if copied is not None:  # as stored in that input (scanned finite by the pre-flight, or as it was read)
+        return stored[0] if stored else s.stored(name, writing=True)[0]
+    loaded = s.load(name, stored)
+    stored = None  # narrow stored copies are not needed once converted
+    kept = s.untouched(name, info.shape)  # an observed tensor the method leaves as an input: that input
+    merged = loaded[SOURCE_POSITION[kept]] if kept else method.merge(name, *loaded)
+    if not all_finite(merged):
+        raise NufiltError(f"method {s.method_name} produced NaN/Inf for tensor '{name}'")
+    out = merged.to(device="cpu", dtype=info.torch_dtype)
+    watching = s.watchers.get(name, [])
+    if watching:
+        as_written = out.to(device=merged.device, dtype=merged.dtype)
+        subspaces = None if kept else method.subspaces(name)
+        for observer in watching:
+            observer.observe(name, *loaded, as_written, subspaces)
+    return out
+
+
+def _merge_pass(s: _Step, method: MergeMethod, tmp: Path, report: Callable[[str, int, int, str], None]) -> str:
+    """The output's tensors, written in the base's order into `tmp`; returns the output's content hash."""
+    plan = [(n, i.dtype, i.shape) for n, i in s.base.tensors.items()]
+    writer = StreamingWriter(tmp, plan, output_shard_bytes(s.req.max_shard_bytes, s.base))
+    with torch.no_grad():
+        for i, (name, stored) in enumerate(read_ahead(list(s.base.tensors), partial(s.stored, writing=True),
+                                                      partial(s.stored_bytes, writing=True)), 1):
+            writer.write(name, _merged(s, method, name, stored))
+            report("merge", i, len(plan), name)
+    return writer.close()
+
+
+def _publish(tmp: Path, output: Path) -> None:
+    """Rename the finished folder into place; with --overwrite the old one is moved aside first, so a
+    crash keeps one of them."""
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(output, old)
+        os.rename(tmp, output)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, output)
+    fsync_dir(output.parent)
+
+
+def _write(s: _Step, method: MergeMethod, hashes: dict[str, str] | None,
+           report: Callable[[str, int, int, str], None], started: float) -> LineageRecord:
     """Part 4: the merge pass into a hidden temporary sibling of the output (weights, side files, lineage
-    record, all fsynced), renamed into place only when complete; removed on any failure."""
+    record, all fsynced), renamed into place only when complete; removed on any failure. In one pass the
+    inputs' hashes, the lineage checks and the observers' verdicts come after the merge pass, still before
+    anything is published."""
     req, output = s.req, Path(s.req.output)
     tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
-        plan = [(n, i.dtype, i.shape) for n, i in s.base.tensors.items()]
-        writer = StreamingWriter(tmp, plan, output_shard_bytes(req.max_shard_bytes, s.base))
-        with torch.no_grad():
-            for i, (name, stored) in enumerate(read_ahead(list(s.base.tensors), partial(s.stored, writing=True),
-                                                          partial(s.stored_bytes, writing=True)), 1):
-                info = s.base.tensors[name]
-                copied = s.copied_from(name)
-                if copied is not None:  # as stored in that input (scanned finite by the pre-flight)
-                    out = stored[0] if stored else copied.read(name)
-                else:
-                    loaded = s.load(name, stored)
-                    stored = None  # narrow stored copies are not needed once converted
-                    merged = method.merge(name, *loaded)
-                    if not all_finite(merged):
-                        raise NufiltError(f"method {s.method_name} produced NaN/Inf for tensor '{name}'")
-                    out = merged.to(device="cpu", dtype=info.torch_dtype)
-                writer.write(name, out)
-                report("merge", i, len(plan), name)
-        model_sha = writer.close()
+        model_sha = _merge_pass(s, method, tmp, report)
+        if hashes is None:
+            hashes = s.read_the_rest(report)
+            _check_lineage(s, hashes)
+        for observer in s.observers:
+            observer.finish()
         for side in s.new.side_files(req.reserved_names):
             shutil.copy2(side, tmp / side.name)
         record = LineageRecord(
@@ -261,14 +385,7 @@ def _write(s: _Step, method: MergeMethod, hashes: dict[str, str], report: Callab
             peak_rss_bytes=peak_rss_bytes())
         record.write(tmp)
         fsync_dir(tmp)
-        if output.exists():  # --overwrite: move the old one aside first, so a crash keeps one of them
-            old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(output, old)
-            os.rename(tmp, output)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, output)
-        fsync_dir(output.parent)
+        _publish(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -296,7 +413,7 @@ def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeRe
     t = time.perf_counter()
     record = _write(s, method, hashes, report, t0)
     seconds["merge"] = time.perf_counter() - t
-    return MergeResult(Path(req.output), record, seconds)
+    return MergeResult(Path(req.output), record, seconds, s.scores.scores() if s.scores else None)
 
 
 def continual_merge(base: Path, checkpoints: Sequence[Path], output: Path, *, method: str = DEFAULT_METHOD,

@@ -19,12 +19,15 @@ tell: a fine-tune of a *sibling* base (two models fine-tuned from one pre-traini
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .checkpoint import Checkpoint
+from .errors import CheckpointError
 
 DEFAULT_MAX_RELATIVE_DISTANCE = 0.5
 
@@ -41,6 +44,15 @@ class Distance:
                 "tensors": self.tensors}
 
 
+def relative_distance(base: torch.Tensor, new: torch.Tensor) -> float | None:
+    """r of one matrix, in fp64; None for a zero (or non-finite) base, which has no scale to compare against."""
+    b = base.to(torch.float64)
+    norm = float(torch.linalg.vector_norm(b))
+    if norm == 0.0 or not math.isfinite(norm):
+        return None
+    return float(torch.linalg.vector_norm(new.to(torch.float64) - b)) / norm
+
+
 def relative_distances(base: Checkpoint, new: Checkpoint) -> dict[str, float]:
     """r per 2-D float tensor present in both with the same shape (the layout check is the pre-flight's)."""
     out: dict[str, float] = {}
@@ -48,18 +60,47 @@ def relative_distances(base: Checkpoint, new: Checkpoint) -> dict[str, float]:
         other = new.tensors.get(name)
         if not info.is_float or len(info.shape) != 2 or other is None or other.shape != info.shape:
             continue
-        b = base.read(name).to(torch.float64)
-        norm = float(torch.linalg.vector_norm(b))
-        if norm == 0.0 or not torch.isfinite(torch.tensor(norm)):
-            continue  # a zero matrix has no scale to compare against
-        t = new.read(name).to(torch.float64)
-        out[name] = float(torch.linalg.vector_norm(t - b)) / norm
+        r = relative_distance(base.read(name), new.read(name))
+        if r is not None:
+            out[name] = r
     return out
 
 
-def distance_from_base(base: Checkpoint, new: Checkpoint) -> Distance:
-    r = relative_distances(base, new)
+def summarise(r: dict[str, float]) -> Distance:
     if not r:
         return Distance(0.0, 0.0, None, 0)
     worst = max(r, key=lambda k: r[k])
     return Distance(statistics.median(r.values()), r[worst], worst, len(r))
+
+
+def distance_from_base(base: Checkpoint, new: Checkpoint) -> Distance:
+    return summarise(relative_distances(base, new))
+
+
+class DistanceObserver:
+    """The same check riding along the merge pass (observers.py): it refuses the step before the output
+    is published when the median is above `bound`."""
+
+    def __init__(self, checkpoint: Path, bound: float = DEFAULT_MAX_RELATIVE_DISTANCE):
+        self.checkpoint, self.bound = checkpoint, bound
+        self.distances: dict[str, float] = {}
+
+    def wants(self, name: str, shape: tuple[int, ...]) -> bool:
+        return len(shape) == 2
+
+    def observe(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
+                merged: torch.Tensor, subspaces: object) -> None:
+        r = relative_distance(base, new)
+        if r is not None:
+            self.distances[name] = r
+
+    def finish(self) -> None:
+        d = self.distance()
+        if d.median > self.bound:
+            raise CheckpointError(self.checkpoint, f"implausibly far from the base: the median relative distance "
+                                  f"‖θ_t − θ0‖/‖θ0‖ over its {d.tensors} weight matrices is {d.median:.4g} (bound "
+                                  f"gate.max_relative_distance = {self.bound:g}; fine-tunes are typically 0.005-0.05, "
+                                  f"unrelated weights ≈ 1.41); was it fine-tuned from another base?")
+
+    def distance(self) -> Distance:
+        return summarise(self.distances)

@@ -26,7 +26,8 @@ import torch
 from .checkpoint import Checkpoint
 from .linalg import top_right_singular_vectors
 from .lineage import LineageRecord
-from .methods import recorded
+from .methods import MergeMethod, MethodSettings, recorded
+from .observers import Subspaces
 from .selection import is_linear_weight
 
 DEFAULT_NULL_RANK, DEFAULT_TASK_RANK = 128, 8
@@ -49,6 +50,8 @@ class SurrogateScores:
     stability_ref: float
     plasticity_ref: float
     matrices: int
+    null_rank: int  # r_p and r_v the terms were computed at
+    task_rank: int
 
     @property
     def harmonic_mean(self) -> float:
@@ -61,10 +64,12 @@ class SurrogateScores:
 
 
 def matrix_terms(tau_prev: torch.Tensor, tau_new: torch.Tensor, tau_merged: torch.Tensor,
-                 null_rank: int, task_rank: int) -> MatrixTerms:
-    """The four sums of squares for one weight matrix [d_out, d_in] (all on one device, fp32/64)."""
-    v_prev = top_right_singular_vectors(tau_prev, null_rank)
-    v_new = top_right_singular_vectors(tau_new, task_rank)
+                 null_rank: int, task_rank: int, subspaces: Subspaces | None = None) -> MatrixTerms:
+    """The four sums of squares for one weight matrix [d_out, d_in] (all on one device, fp32/64);
+    `subspaces` (V̂_{≤t-1}, V̂_t) when the merge already computed them at these ranks."""
+    if subspaces is None:
+        subspaces = (top_right_singular_vectors(tau_prev, null_rank), top_right_singular_vectors(tau_new, task_rank))
+    v_prev, v_new = subspaces
     return MatrixTerms(
         stab=float(((tau_merged - tau_prev) @ v_prev).square().sum()),
         stab_ref=float((tau_prev @ v_prev).square().sum()),
@@ -77,11 +82,11 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else 0.0
 
 
-def record_scope(record: LineageRecord, names: list[str]) -> tuple[Callable[[str, tuple[int, ...]], bool], int, int]:
-    """Which matrices a step's scores cover, and r_p, r_v: what the step's method says (NUFILT: its
+def method_scope(method_cls: type[MergeMethod], settings: MethodSettings, names: list[str],
+                 ) -> tuple[Callable[[str, tuple[int, ...]], bool], int, int]:
+    """Which matrices a method's steps are scored on, and r_p, r_v: what the method says (NUFILT: its
     own selection and ranks, the paper's where a rank is 0), else every Linear weight with the
     paper's ranks (what the daemon's gate and the benchmark both use)."""
-    method_cls, settings = recorded(record)
     scope = method_cls.scored(settings, names)
     if scope is None:
         return is_linear_weight, DEFAULT_NULL_RANK, DEFAULT_TASK_RANK
@@ -89,34 +94,60 @@ def record_scope(record: LineageRecord, names: list[str]) -> tuple[Callable[[str
     return selected, null_rank or DEFAULT_NULL_RANK, task_rank or DEFAULT_TASK_RANK
 
 
+def record_scope(record: LineageRecord, names: list[str]) -> tuple[Callable[[str, tuple[int, ...]], bool], int, int]:
+    """`method_scope` of the method and settings a step was merged with."""
+    return method_scope(*recorded(record), names)
+
+
+class ScoreObserver:
+    """Sums the terms over the selected matrices as the merge pass (or `surrogate_scores`) shows them.
+    `reuse`: the merge's own V̂ are the top-r_p / top-r_v right singular vectors at these ranks, so the
+    eigen work is not done twice."""
+
+    def __init__(self, selected: Callable[[str, tuple[int, ...]], bool], null_rank: int, task_rank: int,
+                 reuse: bool = False):
+        self.selected, self.null_rank, self.task_rank, self.reuse = selected, null_rank, task_rank, reuse
+        self.totals = MatrixTerms(0.0, 0.0, 0.0, 0.0)
+        self.count = 0
+
+    def wants(self, name: str, shape: tuple[int, ...]) -> bool:
+        return len(shape) == 2 and self.selected(name, shape)
+
+    def observe(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
+                merged: torch.Tensor, subspaces: Subspaces | None) -> None:
+        terms = matrix_terms(previous - base, new - base, merged - base, self.null_rank, self.task_rank,
+                             subspaces if self.reuse else None)
+        for field in ("stab", "stab_ref", "plas", "plas_ref"):
+            setattr(self.totals, field, getattr(self.totals, field) + getattr(terms, field))
+        self.count += 1
+
+    def finish(self) -> None:
+        pass
+
+    def scores(self) -> SurrogateScores:
+        t = self.totals
+        return SurrogateScores(
+            stability=_ratio(t.stab, t.stab_ref), plasticity=_ratio(t.plas, t.plas_ref), stability_raw=t.stab,
+            plasticity_raw=t.plas, stability_ref=t.stab_ref, plasticity_ref=t.plas_ref, matrices=self.count,
+            null_rank=self.null_rank, task_rank=self.task_rank)
+
+
 def surrogate_scores(base: Checkpoint, previous: Checkpoint | None, new: Checkpoint, merged: Checkpoint,
                      selected: Callable[[str, tuple[int, ...]], bool], null_rank: int = DEFAULT_NULL_RANK,
                      task_rank: int = DEFAULT_TASK_RANK,
                      device: torch.device | str = "cpu") -> SurrogateScores:
-    """Stream the selected 2-D float tensors of the four models and sum the terms.
+    """The scores of a step already on disk: streams the selected 2-D float tensors of the four models.
 
-    `previous` None means step 1 (θ_0^m = θ0). Memory: four copies of one matrix at a time.
+    `previous` None means step 1 (θ_0^m = θ0). Memory: four copies of one matrix at a time. (The daemon
+    gets them from the merge pass itself: `MergeRequest.scores`.)
     """
-    totals = MatrixTerms(0.0, 0.0, 0.0, 0.0)
-    count = 0
+    observer = ScoreObserver(selected, null_rank, task_rank)
     with torch.no_grad():
         for name, info in base.tensors.items():
-            if not info.is_float or len(info.shape) != 2 or not selected(name, info.shape):
+            if not info.is_float or not observer.wants(name, info.shape):
                 continue
             compute = torch.float64 if info.torch_dtype == torch.float64 else torch.float32
-
-            def load(c: Checkpoint, name: str = name, compute: torch.dtype = compute) -> torch.Tensor:
-                return c.read(name).to(device=device, dtype=compute)
-
-            w0 = load(base)
-            tau_prev = load(previous) - w0 if previous is not None else torch.zeros_like(w0)
-            terms = matrix_terms(tau_prev, load(new) - w0, load(merged) - w0, null_rank, task_rank)
-            totals.stab += terms.stab
-            totals.stab_ref += terms.stab_ref
-            totals.plas += terms.plas
-            totals.plas_ref += terms.plas_ref
-            count += 1
-    return SurrogateScores(
-        stability=_ratio(totals.stab, totals.stab_ref), plasticity=_ratio(totals.plas, totals.plas_ref),
-        stability_raw=totals.stab, plasticity_raw=totals.plas, stability_ref=totals.stab_ref,
-        plasticity_ref=totals.plas_ref, matrices=count)
+            w0, *rest = (c.read(name).to(device=device, dtype=compute)
+                         for c in (base, previous or base, new, merged))
+            observer.observe(name, w0, *rest, None)
+    return observer.scores()

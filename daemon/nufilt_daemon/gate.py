@@ -34,7 +34,9 @@ import torch
 from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.errors import NufiltError
 from nufilt_core.lineage import LineageRecord
+from nufilt_core.merge import MergeResult
 from nufilt_core.methods import recorded
+from nufilt_core.methods.base import source_input
 from nufilt_core.safetensors_io import read_raw
 from nufilt_core.scores import record_scope, surrogate_scores
 
@@ -51,21 +53,24 @@ def check_untouched(base: Checkpoint, previous: Checkpoint | None, new: Checkpoi
     them as. The method is asked, not known here, so every method gets the check."""
     method_cls, method_settings = recorded(record)
     rule = method_cls.untouched(method_settings, record.step, list(base.tensors))
-    sources = {"base": base, "previous": previous or base, "new": new}  # θ_0^m = θ0
     checked, changed = 0, []
     for name, info in base.tensors.items():
         source = rule(name, info.shape) if info.is_float else "base"
         if source is None:
             continue
         checked += 1
-        if read_raw(sources[source].tensors[name]) != read_raw(candidate.tensors[name]):
+        if read_raw(source_input(source, base, previous, new).tensors[name]) != read_raw(candidate.tensors[name]):
             changed.append(name)
     return checked, changed
 
 
 def check_candidate(base: Checkpoint, previous: Checkpoint | None, new: Checkpoint, candidate: Checkpoint,
-                    record: LineageRecord, settings: GateSettings, device: torch.device | str) -> dict[str, Any]:
-    """Post-merge checks and scores; returns {"problems": [...], "checks": {...}, "scores": {...}}."""
+                    record: LineageRecord, settings: GateSettings, device: torch.device | str,
+                    merged: MergeResult | None = None) -> dict[str, Any]:
+    """Post-merge checks and scores; returns {"problems": [...], "checks": {...}, "scores": {...}}.
+    `merged`: the result of the merge that wrote `candidate` in this very process in one pass (the daemon's
+    child): its values were checked finite and hashed as they were written, and its scores computed in
+    the merge pass, so the candidate is not read again for them. Without it, the candidate is re-read."""
     problems: list[str] = []
     checks: dict[str, Any] = {}
     try:
@@ -76,15 +81,10 @@ def check_candidate(base: Checkpoint, previous: Checkpoint | None, new: Checkpoi
         checks["layout"] = str(e)
         return {"problems": problems, "checks": checks, "scores": {}}
 
-    sha, non_finite = candidate.hash_and_non_finite()
-    if non_finite:
-        problems.append(f"{candidate.path}: {len(non_finite)} tensor(s) hold NaN/Inf, first '{non_finite[0].name}'")
-    checks["finite"] = "ok" if not non_finite else f"{len(non_finite)} tensor(s) with NaN/Inf"
-    if sha != record.model_sha256:
-        problems.append(f"{candidate.path}: weights do not match the lineage record's model_sha256")
-        checks["lineage_hash"] = "mismatch"
+    if merged is None:
+        problems += _check_written(candidate, record, checks)
     else:
-        checks["lineage_hash"] = "ok"
+        checks["finite"] = checks["lineage_hash"] = "ok (checked while written)"
 
     if settings.check_untouched:
         n_untouched, untouched_bad = check_untouched(base, previous, new, candidate, record)
@@ -94,15 +94,31 @@ def check_candidate(base: Checkpoint, previous: Checkpoint | None, new: Checkpoi
         checks["untouched"] = {"checked": n_untouched, "changed": untouched_bad[:10]}
 
     scores: dict[str, Any] = {}
-    if settings.scores:
+    if merged is not None and merged.scores is not None:
+        scores = merged.scores.as_dict()  # computed by the merge pass, no time of their own
+    elif settings.scores:
         selected, null_rank, task_rank = record_scope(record, list(base.tensors))
         null_rank = settings.null_rank or null_rank
         task_rank = settings.task_rank or task_rank
         t0 = time.perf_counter()
         s = surrogate_scores(base, previous, new, candidate, selected, null_rank, task_rank, device)
-        scores = {**s.as_dict(), "null_rank": null_rank, "task_rank": task_rank,
-                  "seconds": round(time.perf_counter() - t0, 3)}
+        scores = {**s.as_dict(), "seconds": round(time.perf_counter() - t0, 3)}
     return {"problems": problems, "checks": checks, "scores": scores}
+
+
+def _check_written(candidate: Checkpoint, record: LineageRecord, checks: dict[str, Any]) -> list[str]:
+    """Re-read the candidate: every value finite, the weights those the lineage record hashed."""
+    problems = []
+    sha, non_finite = candidate.hash_and_non_finite()
+    if non_finite:
+        problems.append(f"{candidate.path}: {len(non_finite)} tensor(s) hold NaN/Inf, first '{non_finite[0].name}'")
+    checks["finite"] = "ok" if not non_finite else f"{len(non_finite)} tensor(s) with NaN/Inf"
+    if sha != record.model_sha256:
+        problems.append(f"{candidate.path}: weights do not match the lineage record's model_sha256")
+        checks["lineage_hash"] = "mismatch"
+    else:
+        checks["lineage_hash"] = "ok"
+    return problems
 
 
 # --- the decision (daemon side) -----------------------------------------------------------

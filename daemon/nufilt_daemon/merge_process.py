@@ -23,7 +23,6 @@ import signal
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import IO, Any, Literal
 
 from .child_protocol import ChildError, ChildEvent, ChildRequest, Merged, Progress, Validated
@@ -81,30 +80,14 @@ def describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, NufiltError) else f"{type(exc).__name__}: {exc}"
 
 
-def check_plausible(base: Path, checkpoint: Path, bound: float) -> dict[str, Any] | None:
-    """The data-free different-base check (nufilt_core.plausibility), before any merging; None when off."""
-    from nufilt_core.checkpoint import Checkpoint
-    from nufilt_core.errors import CheckpointError
-    from nufilt_core.plausibility import distance_from_base
-
-    if not bound:
-        return None
-    d = distance_from_base(Checkpoint.open(base), Checkpoint.open(checkpoint))
-    if d.median > bound:
-        raise CheckpointError(checkpoint, f"implausibly far from the base: the median relative distance "
-                              f"‖θ_t − θ0‖/‖θ0‖ over its {d.tensors} weight matrices is {d.median:.4g} (bound "
-                              f"gate.max_relative_distance = {bound:g}; fine-tunes are typically 0.005-0.05, "
-                              f"unrelated weights ≈ 1.41); was it fine-tuned from another base?")
-    return d.as_dict()
-
-
 def run(request: ChildRequest, events: Events) -> int:
     import torch
 
     from nufilt_core.checkpoint import Checkpoint
     from nufilt_core.devices import resolve_device, set_threads
     from nufilt_core.fsguard import check_tree
-    from nufilt_core.merge import MergeRequest, merge_step
+    from nufilt_core.merge import MergeRequest, ScoreRequest, merge_step
+    from nufilt_core.plausibility import DistanceObserver
 
     from .gate import check_candidate
 
@@ -113,11 +96,14 @@ def run(request: ChildRequest, events: Events) -> int:
     try:
         set_threads(r.threads)
         check_tree(r.checkpoint)  # the staged copy: regular files only (intake checked; never trust)
-        distance = check_plausible(r.base, r.checkpoint, gate.max_relative_distance)
+        # one pass over the bytes (issue 11): the merge hashes and checks what it reads, and the different-base
+        # check and the surrogate scores ride along it instead of reading the models again
+        distance = DistanceObserver(r.checkpoint, gate.max_relative_distance) if gate.max_relative_distance else None
         req = MergeRequest(
             base=r.base, checkpoint=r.checkpoint, output=r.output, previous=r.previous, method=r.method,
             options=r.options, seed=r.seed, device=r.device, max_shard_bytes=r.max_shard_bytes,
-            reserved_names=(VALIDATION_NAME,))
+            reserved_names=(VALIDATION_NAME,), check_first=False, observers=[distance] if distance else [],
+            scores=ScoreRequest(gate.null_rank, gate.task_rank) if gate.scores else None)
         result = merge_step(req, events.progress)
         gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None
         events.send(Merged(record=json.loads(result.record.to_json()), seconds=result.seconds,
@@ -127,9 +113,9 @@ def run(request: ChildRequest, events: Events) -> int:
         open_ = Checkpoint.open
         report = check_candidate(open_(req.base), open_(req.previous) if req.previous else None,
                                  open_(req.checkpoint), open_(req.output), result.record, gate,
-                                 resolve_device(req.device))
+                                 resolve_device(req.device), merged=result)
         if distance is not None:
-            report["checks"]["distance_from_base"] = distance
+            report["checks"]["distance_from_base"] = distance.distance().as_dict()
         events.send(Validated(report=report, seconds=round(time.perf_counter() - t0, 3)))
         return 0
     except BaseException as e:  # report everything, including KeyboardInterrupt from SIGINT

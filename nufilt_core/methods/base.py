@@ -17,17 +17,23 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
+T = TypeVar("T")
 # The inputs of a step a tensor can be left equal to; "previous" is θ0 at step 1 (θ_0^m = θ0).
 Source = Literal["base", "previous", "new"]
 # (name, shape) of a float tensor → the input it must equal bit for bit, None when it may change.
 UntouchedRule = Callable[[str, tuple[int, ...]], Source | None]
 # (name, shape) of a 2-D float tensor → whether the surrogate scores cover it.
 ScoredRule = Callable[[str, tuple[int, ...]], bool]
+
+
+def source_input(source: Source, base: T, previous: T | None, new: T) -> T:
+    """What a Source names among a step's inputs (checkpoints, tensors, ...); θ_0^m = θ0 at step 1."""
+    return {"base": base, "previous": base if previous is None else previous, "new": new}[source]
 
 
 def every_tensor(source: Source | None) -> UntouchedRule:
@@ -70,6 +76,12 @@ class MergeMethod(ABC):
     @abstractmethod
     def merge(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """The new merged value of one float tensor."""
+
+    def subspaces(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(V̂_{≤t-1}, V̂_t) of the tensor `merge` just handled, when the method computed them as the surrogate
+        scores define them (the top right singular vectors of τ̃_{≤t-1} and τ_t at the ranks `scored` names),
+        so the scores need not compute them again; None (the default) otherwise."""
+        return None
 
     def state(self) -> dict[str, Any]:
         """What the next step needs to continue (stored in the lineage record)."""

@@ -306,6 +306,7 @@ class Nufilt(MergeMethod):
         self.loss_before = 0.0
         self.loss_after = 0.0
         self.null_dims = 0
+        self._subspaces: tuple[str, torch.Tensor, torch.Tensor] | None = None  # the last filtered tensor's V̂p, V̂t
         # rescaling (beyond the paper): λ_{t-1} and ‖τ_1‖…‖τ_{t-1}‖ per unit ("" = the whole model)
         self.scales: dict[str, tuple[float, list[float]]] = {}
         self.new_sq: dict[str, float] = {}
@@ -364,6 +365,7 @@ class Nufilt(MergeMethod):
             self.loss_before += result.loss_before
             self.loss_after += result.loss_after
             self.null_dims += result.v_prev.shape[1]
+            self._subspaces = (name, result.v_prev, result.v_new)
             return result.update
         return new - base if self.settings.policy == "sum" else None  # type: ignore[attr-defined]
 
@@ -424,6 +426,12 @@ class Nufilt(MergeMethod):
     def scored(cls, settings: MethodSettings, names: Sequence[str]) -> tuple[ScoredRule, int, int] | None:
         s: NufiltSettings = settings  # type: ignore[assignment]
         return cls.selection_of(s, names).is_filtered, s.null_rank, s.task_rank
+
+    def subspaces(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        s: NufiltSettings = self.settings  # type: ignore[assignment]
+        plain = s.null_energy is None and s.task_energy is None and s.first_step != "published_code"
+        last = self._subspaces
+        return (last[1], last[2]) if plain and last is not None and last[0] == name else None
 
     def state(self) -> dict[str, Any]:
         if self.settings.rescale == "none":  # type: ignore[attr-defined]

@@ -94,6 +94,16 @@ class MergeResult:
     record: LineageRecord
     seconds: dict[str, float]  # per phase
     scores: SurrogateScores | None = None  # when the request asked for them
+    digests: StepDigests | None = None  # in one pass: what was read and written, tensor by tensor
+
+
+@dataclass
+class StepDigests:
+    """Content-hash lines (safetensors_io.tensor_digest) of every tensor one pass read and wrote: enough to
+    compare a written tensor with an input's without reading either again."""
+
+    inputs: dict[str, dict[str, str]]  # role ("base", "previous", "checkpoint") → name → line
+    output: dict[str, str]  # name → line
 
 
 def peak_rss_bytes() -> int:
@@ -330,8 +340,10 @@ def _merged(s: _Step, method: MergeMethod, name: str, stored: list[torch.Tensor]
     return out
 
 
-def _merge_pass(s: _Step, method: MergeMethod, tmp: Path, report: Callable[[str, int, int, str], None]) -> str:
-    """The output's tensors, written in the base's order into `tmp`; returns the output's content hash."""
+def _merge_pass(s: _Step, method: MergeMethod, tmp: Path,
+                report: Callable[[str, int, int, str], None]) -> tuple[str, dict[str, str]]:
+    """The output's tensors, written in the base's order into `tmp`; returns the output's content hash and
+    its tensors' hash lines."""
     plan = [(n, i.dtype, i.shape) for n, i in s.base.tensors.items()]
     writer = StreamingWriter(tmp, plan, output_shard_bytes(s.req.max_shard_bytes, s.base))
     with torch.no_grad():
@@ -339,7 +351,7 @@ def _merge_pass(s: _Step, method: MergeMethod, tmp: Path, report: Callable[[str,
                                                       partial(s.stored_bytes, writing=True)), 1):
             writer.write(name, _merged(s, method, name, stored))
             report("merge", i, len(plan), name)
-    return writer.close()
+    return writer.close(), writer.digests
 
 
 def _publish(tmp: Path, output: Path) -> None:
@@ -356,17 +368,17 @@ def _publish(tmp: Path, output: Path) -> None:
 
 
 def _write(s: _Step, method: MergeMethod, hashes: dict[str, str] | None,
-           report: Callable[[str, int, int, str], None], started: float) -> LineageRecord:
+           report: Callable[[str, int, int, str], None], started: float) -> tuple[LineageRecord, dict[str, str]]:
     """Part 4: the merge pass into a hidden temporary sibling of the output (weights, side files, lineage
     record, all fsynced), renamed into place only when complete; removed on any failure. In one pass the
     inputs' hashes, the lineage checks and the observers' verdicts come after the merge pass, still before
-    anything is published."""
+    anything is published. Returns the record and the output's hash lines."""
     req, output = s.req, Path(s.req.output)
     tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
-        model_sha = _merge_pass(s, method, tmp, report)
+        model_sha, written = _merge_pass(s, method, tmp, report)
         if hashes is None:
             hashes = s.read_the_rest(report)
             _check_lineage(s, hashes)
@@ -389,7 +401,7 @@ def _write(s: _Step, method: MergeMethod, hashes: dict[str, str] | None,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return record
+    return record, written
 
 
 def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeResult:
@@ -411,9 +423,10 @@ def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeRe
     _statistics(s, method, report)
     seconds["statistics"] = time.perf_counter() - t
     t = time.perf_counter()
-    record = _write(s, method, hashes, report, t0)
+    record, written = _write(s, method, hashes, report, t0)
     seconds["merge"] = time.perf_counter() - t
-    return MergeResult(Path(req.output), record, seconds, s.scores.scores() if s.scores else None)
+    digests = StepDigests(s.digests, written) if s.digests is not None else None
+    return MergeResult(Path(req.output), record, seconds, s.scores.scores() if s.scores else None, digests)
 
 
 def continual_merge(base: Path, checkpoints: Sequence[Path], output: Path, *, method: str = DEFAULT_METHOD,

@@ -230,7 +230,7 @@ class StreamingWriter:
         self.directory = directory
         self._expected = plan
         self._next = 0
-        self._digests: list[str] = []
+        self.digests: dict[str, str] = {}  # name → content-hash line of what was written
         self._shards = self._plan_shards(plan, max_shard_bytes, metadata or {"format": "pt"})
         self._shard_of = {n: i for i, s in enumerate(self._shards) for n in s.names}
         self._open: tuple[int, object] | None = None
@@ -278,7 +278,7 @@ class StreamingWriter:
             self._open = (shard_index, f)
         data = tensor_bytes(tensor.cpu())
         self._open[1].write(data)  # type: ignore[attr-defined]
-        self._digests.append(tensor_digest(name, exp_dtype, exp_shape, data))
+        self.digests[name] = tensor_digest(name, exp_dtype, exp_shape, data)
         self._next += 1
 
     def _close_current(self) -> None:
@@ -304,4 +304,4 @@ class StreamingWriter:
                 "weight_map": {n: s.path.name for s in self._shards for n in s.names},
             }
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return combine_digests(self._digests)
+        return combine_digests(self.digests.values())

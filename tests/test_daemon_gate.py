@@ -11,12 +11,12 @@ import pytest
 import torch
 from models import base_state, finetune, load, write_model
 from nufilt_daemon.config import GateSettings, Threshold
-from nufilt_daemon.gate import check_candidate, decide, parse_metrics
+from nufilt_daemon.gate import check_candidate, check_untouched, decide, parse_metrics
 from nufilt_daemon.states import GateOutcome
 
 from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.lineage import LineageRecord
-from nufilt_core.merge import MergeRequest, merge_step
+from nufilt_core.merge import MergeRequest, ScoreRequest, StepDigests, merge_step
 from nufilt_core.methods import METHODS
 from nufilt_core.scores import matrix_terms, surrogate_scores
 from nufilt_core.selection import is_linear_weight
@@ -81,6 +81,28 @@ def test_check_candidate_passes_a_real_merge_and_catches_a_changed_untouched_ten
     assert any("'embeddings.LayerNorm.weight'" in p and "leaves alone" in p for p in bad["problems"])
     assert any("model_sha256" in p for p in bad["problems"])
     assert decide(bad, tampered, GateSettings()).outcome == GateOutcome.REJECTED
+
+
+def test_a_one_pass_merge_is_checked_from_what_it_read_and_wrote(tiny: dict[str, Path], tmp_path: Path):
+    """The daemon's child: the checks and scores come from the merge pass and agree with re-reading the files."""
+    options = {"policy": "keep_previous", "iters": 2}
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=tmp_path / "m1", options=options))
+    out = tmp_path / "m2"
+    res = merge_step(MergeRequest(base=tiny["base"], previous=tmp_path / "m1", checkpoint=tiny["t2"], output=out,
+                                  check_first=False, scores=ScoreRequest()))
+    ck = [Checkpoint.open(p) for p in (tiny["base"], tmp_path / "m1", tiny["t2"], out)]
+    from_pass = check_candidate(*ck, res.record, GateSettings(), "cpu", merged=res)
+    from_files = check_candidate(*ck, res.record, GateSettings(), "cpu")
+    assert from_pass["problems"] == from_files["problems"] == []
+    assert from_pass["checks"]["untouched"] == from_files["checks"]["untouched"] == {"checked": 18, "changed": []}
+    for key in ("stability", "plasticity", "matrices", "null_rank", "task_rank"):
+        assert from_pass["scores"][key] == pytest.approx(from_files["scores"][key], rel=1e-5), key
+
+    # a written tensor unlike its input cannot come out of the engine; the digests are edited to show the check
+    assert res.digests is not None
+    name = "encoder.layer.0.output.dense.weight"
+    edited = StepDigests(res.digests.inputs, {**res.digests.output, name: res.digests.output[name][:-3] + "00\n"})
+    assert check_untouched(*ck, res.record, edited) == (18, [name])
 
 
 def test_the_gate_names_no_method():

@@ -1,14 +1,16 @@
 """The validation gate: decides whether a merged candidate may become production.
 
 Three layers, cheapest first:
-1. pre-flight, by the core: merge_step refuses inputs that do not fit (names, shapes, dtypes,
-   NaN/Inf, lineage) with CheckpointError/LineageError before any merging; the worker turns
+1. the input checks, by the core: merge_step refuses inputs that do not fit (names, shapes, dtypes,
+   NaN/Inf, lineage) with CheckpointError/LineageError before publishing anything (the daemon's
+   child merges in one pass: they are checked as the merge pass reads them); the worker turns
    those into a rejection with that message (there is then no candidate).
 2. built-in checks on the candidate (`check_candidate`, run in the merge's child process, which
    already has torch and the models at hand): same layout as the base, every value finite, the
    weights match the lineage record's hash, tensors the step's method says it leaves alone
    (`MergeMethod.untouched`) are bit-identical to the input they come from; plus the paper's
-   stability/plasticity surrogates (nufilt_core.scores) as scores.
+   stability/plasticity surrogates (nufilt_core.scores) as scores. After a one-pass merge in the same
+   process all of these come from that pass (what it read and wrote, hashed), nothing is read again.
 3. an optional user command (`gate.command`) that gets the candidate folder and prints a JSON
    object of numbers; any metric (built-in or the command's) can have {min, max} thresholds.
 
@@ -34,7 +36,7 @@ import torch
 from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.errors import NufiltError
 from nufilt_core.lineage import LineageRecord
-from nufilt_core.merge import MergeResult
+from nufilt_core.merge import MergeResult, StepDigests
 from nufilt_core.methods import recorded
 from nufilt_core.methods.base import source_input
 from nufilt_core.safetensors_io import read_raw
@@ -47,10 +49,11 @@ from .states import GateOutcome
 
 
 def check_untouched(base: Checkpoint, previous: Checkpoint | None, new: Checkpoint, candidate: Checkpoint,
-                    record: LineageRecord) -> tuple[int, list[str]]:
+                    record: LineageRecord, digests: StepDigests | None = None) -> tuple[int, list[str]]:
     """(how many tensors were compared, which differ): integer and bool buffers against the base
     (the engine never merges them), float tensors against the input the step's method says it left
-    them as. The method is asked, not known here, so every method gets the check."""
+    them as. The method is asked, not known here, so every method gets the check. With `digests`
+    (a one-pass merge's), what was written is compared with what was read, by hash, reading nothing."""
     method_cls, method_settings = recorded(record)
     rule = method_cls.untouched(method_settings, record.step, list(base.tensors))
     checked, changed = 0, []
@@ -59,7 +62,13 @@ def check_untouched(base: Checkpoint, previous: Checkpoint | None, new: Checkpoi
         if source is None:
             continue
         checked += 1
-        if read_raw(source_input(source, base, previous, new).tensors[name]) != read_raw(candidate.tensors[name]):
+        if digests is not None:
+            role = source_input(source, "base", "previous" if previous is not None else None, "checkpoint")
+            same = digests.inputs[role][name] == digests.output[name]
+        else:
+            kept = source_input(source, base, previous, new)
+            same = read_raw(kept.tensors[name]) == read_raw(candidate.tensors[name])
+        if not same:
             changed.append(name)
     return checked, changed
 
@@ -87,7 +96,8 @@ def check_candidate(base: Checkpoint, previous: Checkpoint | None, new: Checkpoi
         checks["finite"] = checks["lineage_hash"] = "ok (checked while written)"
 
     if settings.check_untouched:
-        n_untouched, untouched_bad = check_untouched(base, previous, new, candidate, record)
+        n_untouched, untouched_bad = check_untouched(base, previous, new, candidate, record,
+                                                     merged.digests if merged is not None else None)
         if untouched_bad:
             problems.append(f"{candidate.path}: {len(untouched_bad)} tensor(s) the method leaves alone were "
                             f"changed, first '{untouched_bad[0]}'")

@@ -71,6 +71,10 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     io.add_argument("--checkpoint", required=True, type=Path, help="the new fine-tuned model θ_t")
     io.add_argument("--output", required=True, type=Path, help="folder to create for the merged model")
     io.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    io.add_argument("--one-pass", action="store_true", dest="one_pass",
+                    help="read each input once (about half the bytes, what the daemon does): hash and check the "
+                    "inputs while merging instead of in a pass before it; a bad input or lineage is then refused "
+                    "after the merge pass instead of before it (still nothing written)")
     io.add_argument("--max-shard-size", type=parse_size,
                     help="split the output into shards of at most this size (default: as the base, i.e. its "
                     "largest shard when it is sharded, else 5GB)")
@@ -147,7 +151,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     req = MergeRequest(
         base=args.base, checkpoint=args.checkpoint, output=args.output, previous=args.previous,
         method=args.method, options=merge_options(args), seed=args.seed, device=args.device,
-        max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
+        max_shard_bytes=args.max_shard_size, overwrite=args.overwrite, check_first=not args.one_pass)
     result = merge_step(req, ProgressPrinter(args.quiet))
     r = result.record
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())

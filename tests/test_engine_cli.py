@@ -23,6 +23,8 @@ def test_chain_of_one_shot_runs_equals_continual_run(tiny, tmp_path, method):
         args = ["merge", "--base", tiny["base"], "--checkpoint", tiny[f"t{t}"], "--output", out, "--quiet"]
         if previous:
             args += ["--previous", previous]  # method, settings and seed come from the lineage record
+        if t == 2:
+            args.append("--one-pass")  # the same model and record, each input read once
         else:
             args += ["--method", method, "--seed", "11"]
         run_cli(*args)

@@ -17,7 +17,6 @@ and the observers' verdicts before publishing: each input byte is read once (iss
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import time
 import uuid
@@ -39,6 +38,7 @@ from .lineage import CheckpointRef, LineageRecord
 from .methods import MergeMethod, StepContext, get_method, resolve_settings
 from .methods.base import Source, UntouchedRule, source_input
 from .observers import TensorObserver
+from .peak_memory import peak_rss_bytes
 from .readahead import read_ahead
 from .safetensors_io import StreamingWriter, combine_digests, read_raw, read_tensor, tensor_digest, tensor_from_raw
 from .scores import ScoreObserver, SurrogateScores, method_scope
@@ -104,10 +104,6 @@ class StepDigests:
 
     inputs: dict[str, dict[str, str]]  # role ("base", "previous", "checkpoint") → name → line
     output: dict[str, str]  # name → line
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def output_shard_bytes(requested: int | None, base: Checkpoint) -> int:

@@ -1,7 +1,8 @@
 """Measuring a run in a fresh child process: wall seconds, CPU seconds and peak RSS.
 
-Each measured run gets its own interpreter so that its peak RSS (`ru_maxrss`) is its own and
-not the high-water mark of whatever ran before it in the same process. CPU seconds (user +
+Each measured run gets its own interpreter so that its peak RSS is its own and not the high-water
+mark of whatever ran before it in the same process (the kernel's VmHWM: `ru_maxrss` would carry the
+parent's RSS at the fork over, nufilt_core/peak_memory.py). CPU seconds (user +
 system) are printed next to wall seconds because this benchmark often runs on shared machines,
 where wall time mostly measures the neighbours.
 """
@@ -15,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nufilt_core.peak_memory import peak_rss_bytes
+
 HERE = Path(__file__).resolve().parent
 REPORT_PREFIX = "BENCH-RESULT "
 
@@ -22,10 +25,6 @@ REPORT_PREFIX = "BENCH-RESULT "
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def report(**fields: object) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import os
-import re
 import shutil
 import sys
 import time
@@ -31,26 +30,18 @@ from measure import cpu_seconds, peak_rss_bytes, report
 if TYPE_CHECKING:  # the engine is imported in run_engine only, as before
     from nufilt_core.merge import Progress
 
-VM_HWM = re.compile(r"VmHWM:\s+(\d+) kB")
-
 
 class Timeline:
     """The engine's progress, one row per tensor: [phase, name, seconds since the step began, peak RSS bytes
     since the previous row]. After each reading the kernel's high-water mark is reset ("5" into
     /proc/self/clear_refs), so a row's peak is its own tensor's, not the step's so far. That reset also
-    lowers ru_maxrss, so the step's peak is kept here (`peak`), and the lineage record's peak_rss_bytes of
-    a run with --timeline under-reports."""
+    lowers the process's peak (nufilt_core.peak_memory), so the step's peak is kept here (`peak`), and the
+    lineage record's peak_rss_bytes of a run with --timeline under-reports."""
 
     def __init__(self) -> None:
         self.rows: list[list[object]] = []
         self.peak = peak_rss_bytes()  # imports and opening, before the first reset
         self.resets = self._reset()
-
-    @staticmethod
-    def _hwm() -> int:
-        with open("/proc/self/status") as f:
-            found = VM_HWM.search(f.read())
-        return int(found.group(1)) * 1024 if found else peak_rss_bytes()
 
     @staticmethod
     def _reset() -> bool:
@@ -62,14 +53,14 @@ class Timeline:
             return False
 
     def __call__(self, p: Progress) -> None:
-        hwm = self._hwm()
+        hwm = peak_rss_bytes()
         self.peak = max(self.peak, hwm)
         self.rows.append([p.phase, p.name, round(p.elapsed, 4), hwm])
         if self.resets:
             self._reset()
 
     def final_peak(self) -> int:
-        return max(self.peak, self._hwm())  # the end of the step (index, lineage record) since the last row
+        return max(self.peak, peak_rss_bytes())  # the end of the step (index, lineage record) since the last row
 
 
 def run_engine(args: argparse.Namespace) -> None:

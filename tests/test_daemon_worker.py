@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,47 @@ def test_a_sharded_base_gives_sharded_versions(tmp_path: Path):
     assert len(shards) > 1 and "model.safetensors" not in shards
     index = json.loads((version / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == shards and set(index["weight_map"]) == set(base)
+
+
+def test_an_idle_worker_pre_starts_the_next_job_s_merge_process_and_stop_ends_it(tiny: dict[str, Path],
+                                                                                 tmp_path: Path):
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"])
+    logs = tmp_path / "state" / "logs"
+    worker.start()
+    try:
+        spare = wait_for("a pre-started merge process", lambda: worker._spare, timeout=30).proc
+        assert spare.poll() is None and (logs / "merge-spare.log").exists()
+        intake.emit(Arrival(tiny["t1"], "folder", "t1"))
+        worker.wake()
+        running = wait_for("job 1's merge process", lambda: worker._child, timeout=60, interval=0.01)
+        assert running.pid == spare.pid  # the job took the waiting process, not a new one
+        wait_for("job 1 promoted", lambda: journal.job(1).state == JobState.PROMOTED, timeout=120)
+        assert (logs / "job-000001-a1.log").exists() and spare.wait(10) == 0
+        following = wait_for("the next spare", lambda: worker._spare, timeout=30).proc
+        assert following.pid != spare.pid and following.poll() is None
+        os.kill(following.pid, signal.SIGKILL)  # a spare killed while it waits is replaced, not handed a job
+        third = wait_for("a replacement", lambda: worker._spare if worker._spare and worker._spare.proc.pid
+                         != following.pid else None, timeout=30).proc
+        intake.emit(Arrival(tiny["t2"], "folder", "t2"))
+        worker.wake()
+        wait_for("job 2 promoted", lambda: journal.job(2).state == JobState.PROMOTED, timeout=120)
+        last = wait_for("a spare after job 2", lambda: worker._spare, timeout=30).proc
+    finally:
+        worker.stop(0)
+    assert third.poll() == 0 and last.wait(0) == 0  # released with an empty request: a clean exit
+    assert worker._spare is None and store.production().lineage().step == 2
+
+
+def test_without_prestart_no_merge_process_waits(tiny: dict[str, Path], tmp_path: Path):
+    worker, intake, journal, _ = make_worker(tmp_path, tiny["base"], prestart_merge_process=False)
+    intake.emit(Arrival(tiny["t1"], "folder", "t1"))
+    idle_since: list[float] = []
+
+    def idle_a_while() -> bool:  # two turns of the idle loop (1 s each), where a spare would have started
+        if journal.job(1).state != JobState.PROMOTED:
+            return False
+        idle_since[:] = idle_since or [time.monotonic()]
+        return time.monotonic() - idle_since[0] > 2.5
+
+    run_until(worker, "job 1 promoted and the worker idle", idle_a_while)
+    assert worker._spare is None and not (tmp_path / "state" / "logs" / "merge-spare.log").exists()

@@ -40,6 +40,16 @@ from .store import Store
 log = structlog.get_logger("nufilt.worker")
 
 KEEP_CHILD_LOGS = 200  # STATE/logs/job-*.log: the merge processes' own output, for post-mortems
+SPARE_LOG = "merge-spare.log"  # the pre-started merge process's output until a job takes it
+
+
+@dataclass
+class ChildProcess:
+    """A merge process and its side of the events pipe; `log` is where its stdout and stderr go."""
+
+    proc: subprocess.Popen[bytes]
+    events_fd: int
+    log: Path
 
 
 @dataclass
@@ -52,6 +62,7 @@ class ChildResult:
     returncode: int | None = None
     timed_out: bool = False
     gpu_peak_bytes: int | None = None
+    log: Path | None = None  # the merge process's stdout and stderr
 
 
 def signal_name(returncode: int) -> str:
@@ -76,6 +87,7 @@ class MergeWorker:
         self._abandon = threading.Event()
         self._child: subprocess.Popen[bytes] | None = None
         self._child_lock = threading.Lock()
+        self._spare: ChildProcess | None = None  # started while idle, taken by the next job
         self._thread: threading.Thread | None = None
 
     # --- lifecycle (called from the supervisor) --------------------------------------------
@@ -102,6 +114,7 @@ class MergeWorker:
             self._abandon.set()
             self._terminate_child()
             self._thread.join(60)
+        self._release_spare()
 
     def _terminate_child(self) -> None:
         with self._child_lock:
@@ -121,6 +134,7 @@ class MergeWorker:
             job = self.journal.next_queued()
             wait = None if job is None else (job.not_before or 0) - time.time()
             if job is None or (wait is not None and wait > 0):  # idle, or the queue's head is backing off
+                self._prestart()
                 self._wake.wait(1.0 if wait is None else min(1.0, wait))
                 self._wake.clear()
                 continue
@@ -264,7 +278,7 @@ class MergeWorker:
             return GateOutcome.FAILED, [f"merge process killed by {sig}{hint}"]
         if res.record is None or res.validation is None:
             return GateOutcome.FAILED, [f"merge process exited with code {res.returncode} without a result; see "
-                            f"{self._log_path(job)}"]
+                            f"{res.log or self._log_path(job)}"]
         merged_sha = res.record["checkpoints"][-1]["sha256"]
         if merged_sha != job.sha256:
             return GateOutcome.FAILED, ["the staged copy no longer matches the content hash journaled on arrival "
@@ -282,21 +296,80 @@ class MergeWorker:
     def _log_path(self, job: Job) -> Path:
         return self.logs_dir / f"job-{job.id:06d}-a{job.attempts}.log"
 
-    def _run_child(self, job: Job, request: ChildRequest, jlog: Any) -> ChildResult:
-        res = ChildResult()
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
+    def _spawn(self, log_path: Path) -> ChildProcess:
         read_fd, write_fd = os.pipe()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with self._log_path(job).open("ab") as child_log:
-            with self._child_lock:
+        try:
+            with log_path.open("ab") as child_log:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "nufilt_daemon.merge_process", "--events-fd", str(write_fd),
                      "--parent-pid", str(os.getpid())],
                     stdin=subprocess.PIPE, stdout=child_log, stderr=subprocess.STDOUT, pass_fds=(write_fd,), env=env,
                     start_new_session=True)  # a Ctrl-C on the terminal is the daemon's to handle, not the child's
-                self._child = proc
-        os.close(write_fd)
-        jlog.info("merge_process_started", pid=proc.pid, log=str(self._log_path(job)))
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        return ChildProcess(proc, read_fd, log_path)
+
+    def _prestart(self) -> None:
+        """Start the next job's merge process while idle: its interpreter start and imports (about a second
+        of every step, issue 11) happen before the job arrives. It waits for its request on stdin."""
+        if not self.settings.prestart_merge_process or self._stopping.is_set():
+            return
+        if self._spare is not None:
+            if self._spare.proc.poll() is None:
+                return
+            self._discard_spare()  # it died while waiting (killed from outside): its log says why
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        (self.logs_dir / SPARE_LOG).unlink(missing_ok=True)
+        self._spare = self._spawn(self.logs_dir / SPARE_LOG)
+        log.debug("merge_process_prestarted", pid=self._spare.proc.pid)
+
+    def _discard_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            os.close(spare.events_fd)
+
+    def _release_spare(self) -> None:
+        """End the waiting merge process: an empty request (its stdin closed) is its cue to exit."""
+        spare = self._spare
+        if spare is None:
+            return
+        try:
+            assert spare.proc.stdin is not None
+            spare.proc.stdin.close()
+            spare.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            spare.proc.kill()
+            spare.proc.wait()
+        except OSError:
+            pass
+        self._discard_spare()
+
+    def _child_for(self, job: Job) -> tuple[ChildProcess, bool]:
+        """The pre-started merge process when one is alive (its log renamed to the job's), else a new one."""
+        path = self._log_path(job)
+        spare = self._spare
+        if spare is not None and spare.proc.poll() is None:
+            self._spare = None
+            if path.exists():  # a redone attempt's earlier log: keep both
+                path = path.with_name(f"{path.stem}-{spare.proc.pid}.log")
+            os.replace(spare.log, path)  # the process keeps writing to the same file, now under the job's name
+            return ChildProcess(spare.proc, spare.events_fd, path), True
+        self._discard_spare()
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        return self._spawn(path), False
+
+    def _run_child(self, job: Job, request: ChildRequest, jlog: Any) -> ChildResult:
+        res = ChildResult()
+        with self._child_lock:
+            child, prestarted = self._child_for(job)
+            proc, read_fd = child.proc, child.events_fd
+            self._child = proc
+        res.log = child.log
+        jlog.info("merge_process_started", pid=proc.pid, log=str(child.log), prestarted=prestarted)
         timer = None
         if self.settings.merge_timeout_seconds:
             def on_timeout() -> None:

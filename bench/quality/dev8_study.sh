@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The 8-task dev study of issue 9: the 4 dev tasks plus 4 proxy tasks that are not among the
+# benchmark's 8 (config.DEV_TASKS + config.PROXY_TASKS), orders 0-2, so that settings are chosen
+# under 8-task interference without looking at the 4 held-out tasks.
+# Writes bench/results/dev8-<preset>.{json,md,png}. Two runs side by side share the jobs.
+#   bash bench/quality/dev8_study.sh [preset ...]     (default: both paper presets; ~1 h on 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
+TASKS=rotten,debates,fortunes_b,wn_verb,bbc,fortunes_c,roget,moral  # config.DEV_TASKS + config.PROXY_TASKS
+# the paper's NUFILT, profile plus, the trust radius (0.03, 0.05), OPCM's λ_t over the model, and OPCM
+VARIANTS=nufilt,nufilt_plus_rp32,nufilt_radius03,opcm,nufilt_rescale_model,nufilt_radius05
+presets=("$@")
+[ ${#presets[@]} -gt 0 ] || presets=(paper-protocol paper-protocol-gentle)
+for p in "${presets[@]}"; do
+  .venv/bin/python -m bench.quality --preset "$p" --tasks $TASKS --orders 3 --name "dev8-$p" --only $VARIANTS
+done

@@ -14,6 +14,11 @@ Inputs: a base θ0 and fine-tunes of a shape from make_models.py (written once u
           new = a fresh copy of checkpoint 2): wall time, and bytes read as the delta of this script's
           own /proc/self/io around the subprocess (the reaped child's counts land in ours).
 
+--cold: the inputs (base, previous, the dropped copy) are evicted from the page cache
+(posix_fadvise DONTNEED, after an fsync) right before each timed interval, for both, so that
+`read_bytes` counts what a step really fetches from storage (with a warm cache it is ~0); `rchar`
+counts every byte through a read call, page cache included.
+
 Targets (issue 11): drop→production ≤ 1.15 × `nufilt merge`; bytes the daemon read ≤ 1.3 × the
 weight files of base + previous + new. With --repeat N (checkpoints 2 … N+1, production rolled back
 to v1 between repeats with `nufilt rollback`, daemon and merge alternating in order) medians count.
@@ -183,6 +188,20 @@ def fresh_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
+def evict(*paths: Path | None) -> None:
+    """Drop these files' clean pages from the page cache (they were fsynced), so their next reads hit storage."""
+    for path in paths:
+        if path is None:
+            continue
+        for f in ([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def production(d: Daemon) -> str | None:
     try:
         return os.readlink(d.production_link)
@@ -211,25 +230,31 @@ def wait_logged(d: Daemon, name: str, event: str, timeout: float = 30.0) -> None
         time.sleep(POLL_SECONDS)
 
 
-def wait_reaped(d: Daemon, timeout: float = 10.0) -> None:
+def wait_reaped(d: Daemon, name: str, timeout: float = 10.0) -> None:
+    """Until the merge process of `name`'s job is reaped (the pre-started one for the next job may run on)."""
+    pids = {r["pid"] for r in log_records(d.log) if r.get("event") == "merge_process_started"
+            and r.get("checkpoint") == name}
     deadline = time.monotonic() + timeout
-    while children_of(d.proc.pid):
+    while pids & set(children_of(d.proc.pid)):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the daemon's children {children_of(d.proc.pid)} still run {timeout:g} s on")
+            raise TimeoutError(f"the merge process {pids} of {name} still runs {timeout:g} s on")
         time.sleep(POLL_SECONDS)
 
 
-def daemon_step(d: Daemon, checkpoint: Path, name: str, base: Path, timeout: float) -> tuple[Run, float, Path]:
+def daemon_step(d: Daemon, checkpoint: Path, name: str, base: Path, timeout: float,
+                cold: bool = False) -> tuple[Run, float, Path]:
     """Drop `checkpoint` as `name`: (the run, the rename's time.time(), the new production folder)."""
     staged = fresh_copy(checkpoint, d.work / "drop" / name)
     before = production(d)
     previous = d.production_link.parent / before if before else None
+    if cold:
+        evict(base, previous, staged)
     io0, wall0, t0 = read_io(d.proc.pid), time.time(), time.perf_counter()
     os.rename(staged, d.inbox / name)
     now = wait_production_moves(d, before, timeout)
     seconds = time.perf_counter() - t0
     wait_logged(d, name, "merge_finished")
-    wait_reaped(d)
+    wait_reaped(d, name)
     io = read_io(d.proc.pid) - io0
     inputs = sum(folder_bytes(p) for p in (base, checkpoint) + ((previous,) if previous else ()))
     for processed in (d.inbox / ".processed").glob(f"*-{name}"):  # its staged hard link is gone by now
@@ -237,9 +262,12 @@ def daemon_step(d: Daemon, checkpoint: Path, name: str, base: Path, timeout: flo
     return Run(seconds, io, inputs), wall0, d.production_link.parent / now
 
 
-def merge_alone(work: Path, base: Path, previous: Path, checkpoint: Path, env: dict[str, str]) -> Run:
+def merge_alone(work: Path, base: Path, previous: Path, checkpoint: Path, env: dict[str, str],
+                cold: bool = False) -> Run:
     new = fresh_copy(checkpoint, work / "merge-in" / checkpoint.name)
     out = work / "merge-out"
+    if cold:
+        evict(base, previous, new)
     io0 = read_io()
     seconds = merge_seconds(base, previous, new, out, ["--threads", "1", "--quiet"], env)
     io = read_io() - io0
@@ -294,6 +322,7 @@ def summarise(daemon: list[Run], merge: list[Run]) -> bool:
     med = statistics.median
     d_s, m_s = med(r.seconds for r in daemon), med(r.seconds for r in merge)
     d_b, inputs = med(r.io.rchar for r in daemon), med(r.inputs for r in daemon)
+    d_disk, m_disk = med(r.io.read_bytes for r in daemon), med(r.io.read_bytes for r in merge)
     time_ok, bytes_ok = d_s / m_s <= TARGET_TIME_RATIO, d_b / inputs <= TARGET_BYTES_RATIO
     n = f"median of {len(daemon)}" if len(daemon) > 1 else "one run"
     print(f"drop→production {d_s:.2f} s vs nufilt merge {m_s:.2f} s ({n}): {d_s / m_s:.2f}x "
@@ -301,6 +330,8 @@ def summarise(daemon: list[Run], merge: list[Run]) -> bool:
     print(f"daemon read {gb(d_b)} (rchar) = {d_b / inputs:.2f}x the inputs' weight files {gb(inputs)} "
           f"(≤ {TARGET_BYTES_RATIO:g}x: {verdict(bytes_ok)}); nufilt merge read "
           f"{gb(med(r.io.rchar for r in merge))} ({med(r.io.rchar for r in merge) / inputs:.2f}x)")
+    print(f"from storage (read_bytes; meaningful with --cold): daemon {gb(d_disk)} = {d_disk / inputs:.2f}x the "
+          f"inputs, nufilt merge {gb(m_disk)} = {m_disk / inputs:.2f}x")
     return time_ok and bytes_ok
 
 
@@ -312,7 +343,8 @@ def step_one(d: Daemon, models: dict[str, Path], base: Path, timeout: float) -> 
     return v1
 
 
-def step_two(d: Daemon, models: dict[str, Path], v1: Path, repeats: int, timeout: float) -> tuple[list[Run], list[Run]]:
+def step_two(d: Daemon, models: dict[str, Path], v1: Path, repeats: int, timeout: float,
+             cold: bool = False) -> tuple[list[Run], list[Run]]:
     """Step 2 from v1, `repeats` times (checkpoints 2 … repeats+1), daemon and merge alternating in order."""
     base, daemon, merge = models["base"], [], []
     for i in range(repeats):
@@ -320,17 +352,17 @@ def step_two(d: Daemon, models: dict[str, Path], v1: Path, repeats: int, timeout
         if i:
             rollback(d)  # production back to v1: the next checkpoint is merged at step 2 again
         if i % 2:
-            merge.append(merge_alone(d.work, base, v1, ckpt, d.env))
-        run, wall0, now = daemon_step(d, ckpt, name, base, timeout)
+            merge.append(merge_alone(d.work, base, v1, ckpt, d.env, cold))
+        run, wall0, now = daemon_step(d, ckpt, name, base, timeout, cold)
         daemon.append(run)
         if not i % 2:
-            merge.append(merge_alone(d.work, base, v1, ckpt, d.env))
+            merge.append(merge_alone(d.work, base, v1, ckpt, d.env, cold))
         print(f"step 2 #{i + 1} ({name} → {now.name}): {timeline(d, name, wall0)}")
     return daemon, merge
 
 
 def write_json(args: argparse.Namespace, ready: float, daemon: list[Run], merge: list[Run]) -> None:
-    figures = {"shape": args.shape, "settle_seconds": args.settle, "ready_seconds": ready,
+    figures = {"shape": args.shape, "settle_seconds": args.settle, "cold": args.cold, "ready_seconds": ready,
                "daemon": [asdict(r) for r in daemon], "merge": [asdict(r) for r in merge]}
     args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
@@ -346,6 +378,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tmp", type=Path, help="parent of the temporary folder (default: the system's)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--cold", action="store_true", help="evict the inputs from the page cache before each timed "
+                    "step, so read_bytes counts the reads from storage")
     return ap.parse_args(argv)
 
 
@@ -365,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"daemon pid {d.proc.pid} ready {ready:.2f} s after its start (`daemon_ready` in its log; "
               f"`nufilt status --json` agrees)")
         v1 = step_one(d, models, models["base"], args.timeout)
-        daemon, merge = step_two(d, models, v1, args.repeat, args.timeout)
+        daemon, merge = step_two(d, models, v1, args.repeat, args.timeout, args.cold)
         print_rows(daemon, merge)
         ok = summarise(daemon, merge)
         if args.json:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from compare import relative_difference
 from make_models import CACHE, ensure_models
-from measure import HERE, run_child
+from measure import HERE, evict, run_child
 from nufilt_step import engine_args
 
 from nufilt_core.lineage import LineageRecord
@@ -42,17 +41,6 @@ def export(rev: str, into: Path) -> Path:
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
-
-
-def evict(folders: list[Path]) -> None:
-    """Drop these models' files from the page cache (clean pages only: they are read-only inputs)."""
-    for folder in folders:
-        for f in folder.glob("*.safetensors"):
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ Inputs: a base θ0 and fine-tunes of a shape from make_models.py (written once u
           own /proc/self/io around the subprocess (the reaped child's counts land in ours).
 
 --cold: the inputs (base, previous, the dropped copy) are evicted from the page cache
-(posix_fadvise DONTNEED, after an fsync) right before each timed interval, for both, so that
+(their weight files: fsync, then posix_fadvise DONTNEED) right before each timed interval, for both, so that
 `read_bytes` counts what a step really fetches from storage (with a warm cache it is ~0); `rchar`
 counts every byte through a read call, page cache included.
 
@@ -44,7 +44,7 @@ from datetime import datetime
 from pathlib import Path
 
 from make_models import CACHE, SHAPES, ensure_models
-from measure import child_env
+from measure import child_env, evict
 from nufilt_step import folder_bytes, gb, verdict
 from threads import NUFILT, merge_seconds
 
@@ -188,20 +188,6 @@ def fresh_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-def evict(*paths: Path | None) -> None:
-    """Drop these files' clean pages from the page cache (they were fsynced), so their next reads hit storage."""
-    for path in paths:
-        if path is None:
-            continue
-        for f in ([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def production(d: Daemon) -> str | None:
     try:
         return os.readlink(d.production_link)
@@ -248,7 +234,7 @@ def daemon_step(d: Daemon, checkpoint: Path, name: str, base: Path, timeout: flo
     before = production(d)
     previous = d.production_link.parent / before if before else None
     if cold:
-        evict(base, previous, staged)
+        evict([p for p in (base, previous, staged) if p is not None])
     io0, wall0, t0 = read_io(d.proc.pid), time.time(), time.perf_counter()
     os.rename(staged, d.inbox / name)
     now = wait_production_moves(d, before, timeout)
@@ -267,7 +253,7 @@ def merge_alone(work: Path, base: Path, previous: Path, checkpoint: Path, env: d
     new = fresh_copy(checkpoint, work / "merge-in" / checkpoint.name)
     out = work / "merge-out"
     if cold:
-        evict(base, previous, new)
+        evict([base, previous, new])
     io0 = read_io()
     seconds = merge_seconds(base, previous, new, out, ["--threads", "1", "--quiet"], env)
     io = read_io() - io0

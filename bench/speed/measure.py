@@ -32,6 +32,19 @@ def report(**fields: object) -> None:
     print(REPORT_PREFIX + json.dumps({"peak_rss_bytes": peak_rss_bytes(), **fields}), flush=True)
 
 
+def evict(folders: list[Path]) -> None:
+    """Drop these models' weight files from the page cache, so that their next reads hit storage (`--cold`).
+    Each is fsynced first: only clean pages can be dropped (a copy written just before has dirty ones)."""
+    for folder in folders:
+        for f in folder.glob("*.safetensors"):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def child_env(threads: int | None) -> dict[str, str]:
     env = dict(os.environ)
     if threads:

@@ -119,7 +119,8 @@ def test_three_drops_become_versions_and_bad_or_duplicate_drops_do_not(tiny: dic
 
 def test_kill_9_during_a_merge_then_restart_merges_each_checkpoint_exactly_once(tiny: dict[str, Path],
                                                                                  tmp_path: Path):
-    d = DaemonProcess(tmp_path / "svc", tiny["base"]).start()
+    # merges slow enough (seconds, not the tiny model's milliseconds) that the kill lands inside one
+    d = DaemonProcess(tmp_path / "svc", tiny["base"], method_settings={"iters": 3000}).start()
     for i in (1, 2, 3):
         drop_and_wait_journaled(d, tiny[f"t{i}"], f"task{i}")
     wait_for("job 2 merging", lambda: any(j["id"] == 2 and j["state"] == "merging" for j in d.jobs()), timeout=120)
@@ -151,7 +152,8 @@ def test_kill_9_during_a_merge_then_restart_merges_each_checkpoint_exactly_once(
         assert d.stop() == 0
 
     # SIGTERM during a merge with no grace: the merge is abandoned safely and the job waits, intact
-    d = DaemonProcess(tmp_path / "svc", tiny["base"], shutdown_grace_seconds=0).start()
+    d = DaemonProcess(tmp_path / "svc", tiny["base"], shutdown_grace_seconds=0,
+                      method_settings={"iters": 20000}).start()
     job = drop_and_wait_journaled(d, tiny["t1"], "task1-as-new")
     assert job["state"] == "duplicate"  # (the daemon remembers content across restarts)
     fresh = write_model(finetune(base_state(), 4), tmp_path / "t4")

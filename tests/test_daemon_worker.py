@@ -163,7 +163,8 @@ def test_a_staged_copy_changed_after_arrival_fails_the_job(tiny: dict[str, Path]
 
 def test_a_rollback_while_a_merge_runs_discards_the_candidate_and_redoes_the_job(tiny: dict[str, Path],
                                                                                   tmp_path: Path):
-    worker, intake, journal, store = make_worker(tmp_path, tiny["base"], method_settings={"iters": 50})
+    # merges of seconds (the tiny model's take milliseconds): the rollback must land inside job 3's merge
+    worker, intake, journal, store = make_worker(tmp_path, tiny["base"], method_settings={"iters": 3000})
     for name in ("t1", "t2"):
         intake.emit(Arrival(tiny[name], "folder", name))
     worker.start()

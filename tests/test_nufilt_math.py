@@ -313,3 +313,32 @@ def test_the_benchmarks_plus_variant_is_the_profile():
     from nufilt_core.methods.nufilt import PROFILES
 
     assert next(v for v in LEVER_GRID if v.name == PLUS).options == PROFILES["plus"]
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5])
+def test_spectrum_power_reshapes_the_merged_task_vector_and_keeps_its_norm(tiny, tmp_path, power):
+    # step 2 with the setting against the paper's step 2, reshaped by an independent SVD: same singular
+    # vectors, singular values ∝ σ^p, the same Frobenius norm; unfiltered tensors and step 1 untouched
+    outs = {}
+    for label, opts in (("paper", {}), ("shaped", {"spectrum_power": power})):
+        m1, m2 = tmp_path / f"{label}1", tmp_path / f"{label}2"
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1, options=opts))
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=m2, previous=m1))
+        outs[label] = (load(m1), load(m2))
+    base = load(tiny["base"])
+    names = _filtered(list(base))
+    for n in base:
+        torch.testing.assert_close(outs["shaped"][0][n], outs["paper"][0][n], rtol=0, atol=0)
+        if n not in names or base[n].ndim != 2:
+            assert torch.equal(outs["shaped"][1][n], outs["paper"][1][n]), n
+            continue
+        delta = (outs["paper"][1][n] - base[n]).double()
+        u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+        shaped = sv**power
+        expected = u @ torch.diag(shaped * sv.norm() / shaped.norm()) @ vh
+        got = (outs["shaped"][1][n] - base[n]).double()
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(got.norm(), delta.norm(), atol=0, rtol=1e-5)
+        if power == 0.0:
+            got_sv = torch.linalg.svdvals(got)
+            assert float(got_sv.max() / got_sv.min()) < 1.001  # flat: every direction the same size

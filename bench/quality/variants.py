@@ -110,6 +110,11 @@ LEVER_GRID = (
     *(Variant(f"nufilt_plus_te{round(e * 100)}", "nufilt", {**PROFILES["plus"], "task_energy": e}, "lever",
               f"plus with low-rank τ_t: its top directions holding {round(e * 100)} % of ‖τ_t‖²")
       for e in (0.5, 0.7, 0.9)),
+    # the merged task vector's spectrum reshaped per matrix, its norm kept (Iso-C's flat spectrum at p = 0)
+    Variant("nufilt_plus_iso", "nufilt", {**PROFILES["plus"], "spectrum_power": 0.0}, "lever",
+            "plus with a flat spectrum of the merged task vector per matrix (Iso-C), norm kept"),
+    Variant("nufilt_plus_sqrt", "nufilt", {**PROFILES["plus"], "spectrum_power": 0.5}, "lever",
+            "plus with the merged task vector's singular values σ → √σ per matrix, norm kept"),
     Variant("nufilt_radius03_rp64", "nufilt", {"rescale": "matrix", "rescale_radius": 0.03, "null_rank": 64}, "lever",
             "trust radius 0.03 and r_p = 64"),
 )

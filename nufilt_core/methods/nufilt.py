@@ -28,7 +28,10 @@ Beyond the paper (issue 9; the defaults are the paper's method, profile "plus" a
     ‖τ_t‖², before anything else: fine-tuning's small high-rank rest helps its task little and,
     summed over tasks, reaches every other task's inputs (the low-rank task vectors of TSV / CART);
   * adapter_span: A projected onto span([V̂t, V̂p]) after the loop (the loss only sees A V̂);
-  * policy sum: other float tensors take θ^m + τ_t (rescaled with the rest when rescale is on).
+  * policy sum: other float tensors take θ^m + τ_t (rescaled with the rest when rescale is on);
+  * spectrum_power p: from step 2, each filtered matrix's merged task vector U Σ Vᵀ becomes
+    c · U Σ^p Vᵀ with c keeping its Frobenius norm (p = 0: a flat spectrum, Iso-C's isotropic merge):
+    directions few tasks share are no longer drowned by the dominant ones.
 """
 
 from __future__ import annotations
@@ -96,6 +99,9 @@ class NufiltSettings(MethodSettings):
                                       "share of ‖τ_{≤t-1}‖², at most null_rank (None: null_rank directions)")
     task_energy: float | None = Field(None, gt=0, le=1, description="low-rank τ_t: keep only its top right singular "
                                       "directions holding this share of ‖τ_t‖² before filtering (None: all of τ_t)")
+    spectrum_power: float | None = Field(None, ge=0, le=1, description="from step 2, the merged task vector's "
+                                         "singular values σ → σ^p per filtered matrix, its norm kept (0: flat, "
+                                         "Iso-C's isotropic spectrum; None: as merged)")
 
     @field_validator("include")
     @classmethod
@@ -125,6 +131,17 @@ class MatrixResult:
     b: torch.Tensor  # [d_in, r_l]
     loss_before: float
     loss_after: float
+
+
+def shape_spectrum(delta: torch.Tensor, power: float) -> torch.Tensor:
+    """delta = U Σ Vᵀ → c · U Σ^power Vᵀ over its non-zero singular values, c keeping ‖delta‖_F (fp64 SVD)."""
+    u, sigma, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    keep = sigma > sigma[0] * 1e-7 if sigma.numel() else sigma.bool()
+    if not bool(keep.any()):
+        return delta
+    shaped = sigma[keep] ** power
+    shaped = shaped * (sigma.norm() / shaped.norm())
+    return ((u[:, keep] * shaped) @ vh[keep]).to(delta.dtype)
 
 
 def energy_count(projected: torch.Tensor, total: float, share: float) -> int:
@@ -385,6 +402,15 @@ class Nufilt(MergeMethod):
         update = self._fused(name, base, previous, new)
         if update is None:
             return self._policy(base, previous, new)
+        merged = self._rescaled(name, base, previous, new, update)
+        if s.spectrum_power is None or self.ctx.step == 1:
+            return merged
+        return base + shape_spectrum(merged - base, s.spectrum_power)
+
+    def _rescaled(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
+                  update: torch.Tensor) -> torch.Tensor:
+        """W^m_t of a filtered matrix: θ^m_{t-1} + update, or θ0 + U / λ_t when rescale is on."""
+        s: NufiltSettings = self.settings  # type: ignore[assignment]
         if s.rescale == "none":
             return previous + update
         u = self._unscaled(name, base, previous, update)

@@ -342,3 +342,50 @@ def test_spectrum_power_reshapes_the_merged_task_vector_and_keeps_its_norm(tiny,
         if power == 0.0:
             got_sv = torch.linalg.svdvals(got)
             assert float(got_sv.max() / got_sv.min()) < 1.001  # flat: every direction the same size
+
+
+def test_clip_spectrum_meets_the_target_by_clipping_the_largest_singular_values():
+    from nufilt_core.methods.nufilt import clip_spectrum
+
+    g = torch.Generator().manual_seed(11)
+    delta = torch.randn(30, 12, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(1, -1, 12,
+                                                                                                dtype=torch.float64))
+    sv = torch.linalg.svdvals(delta)
+    for share in (0.9, 0.5, 0.1):
+        target = share * float(sv.norm())
+        lo, hi = 0.0, float(sv[0])  # the level c by bisection, independently of clip_spectrum's search
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if float(sv.clamp(max=mid).norm()) < target else (lo, mid)
+        got = clip_spectrum(delta, target)
+        torch.testing.assert_close(torch.linalg.svdvals(got), sv.clamp(max=hi), atol=1e-9, rtol=1e-9)
+        assert abs(float(got.norm()) - target) < 1e-9 * target
+        u, _, vh = torch.linalg.svd(delta, full_matrices=False)  # the same singular vectors
+        torch.testing.assert_close(got, (u * sv.clamp(max=hi)) @ vh, atol=1e-9, rtol=1e-9)
+    assert torch.equal(clip_spectrum(delta, 2 * float(sv.norm())), delta)  # within the target: unchanged
+
+
+def test_rescale_clip_shrinks_only_the_dominant_directions_of_the_merged_task_vector(tiny, tmp_path):
+    # an independent replay of step 2: U = τ_1 + update, target = mean(‖τ_1‖, ‖τ_2‖) per matrix, and U's
+    # singular values clipped to reach it; step 1 is the checkpoint
+    m1, m2 = tmp_path / "m1", tmp_path / "m2"
+    opts = {"rescale": "clip"}
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1, options=opts))
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=m2, previous=m1))
+    base, t1, t2, got = load(tiny["base"]), load(tiny["t1"]), load(tiny["t2"]), load(m2)
+    s = NufiltSettings(**opts)
+    clipped = 0
+    for n in (n for n in _filtered(list(base)) if base[n].ndim == 2):
+        a0 = seeded_normal((s.lora_rank, base[n].shape[1]), adapter_seed(0, n, 2)) * ADAPTER_INIT_SCALE
+        tau1, tau2 = (t1[n] - base[n]).double(), (t2[n] - base[n]).double()
+        u = tau1 + nufilt_matrix(tau1.float(), tau2.float(), a0, s).update.double()
+        target = (float(tau1.norm()) + float(tau2.norm())) / 2
+        sv = torch.linalg.svdvals(got[n].double() - base[n].double())
+        if float(u.norm()) > target:
+            clipped += 1
+            assert abs(float(sv.norm()) - target) < 1e-4 * target
+            top = torch.linalg.svdvals(u)
+            k = int((sv < top - 1e-4).sum())  # the clipped directions are the leading ones, all at one level
+            assert 0 < k < len(sv) and float(sv[:k].max() - sv[:k].min()) < 1e-4 * float(sv[0])
+            torch.testing.assert_close(sv[k:], top[k:], atol=1e-4, rtol=1e-4)
+    assert clipped > 0

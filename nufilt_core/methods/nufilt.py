@@ -23,6 +23,9 @@ Beyond the paper (issue 9; the defaults are the paper's method, profile "plus" a
     (gentle fine-tunes) are never shrunk. λ_t and the norms per unit live in the lineage record.
     `matrix` needs no extra pass; `model` needs ‖U‖ over the whole model first, so its statistics
     pass runs the NUFILT step of every matrix and the merge pass runs it again (twice the work);
+  * rescale = clip: per matrix, U = τ_{≤t-1} + fused update; when ‖U‖ exceeds the same target, its
+    singular values are clipped at the level c where ‖min(σ, c)‖ = target, instead of all divided
+    by λ_t: the dominant directions shrink, the directions few tasks hold keep their size;
   * null_energy: r_p = the fewest directions holding that share of ‖τ_{≤t-1}‖²;
   * task_energy: τ_t → τ_t V_k V_kᵀ, its fewest top right singular directions holding that share of
     ‖τ_t‖², before anything else: fine-tuning's small high-rank rest helps its task little and,
@@ -53,7 +56,7 @@ from .base import MergeMethod, MethodSettings, ScoredRule, Source, StepContext, 
 
 Policy = Literal["keep_base", "keep_previous", "average", "sum"]
 Preset = Literal["auto", "all-linear", "clip", "vit", "bert", "t5", "llama"]  # selection.PRESETS and two rules
-Rescale = Literal["none", "model", "matrix"]
+Rescale = Literal["none", "model", "matrix", "clip"]
 # Named settings: "paper" is the paper's method (what the parity tests check); "plus" is the
 # combination chosen on the quality benchmark's dev split (bench/quality/README.md, issue 9):
 # every Linear weight filtered, the other tensors averaged, a trust radius of 0.03‖W0‖ per matrix
@@ -87,7 +90,8 @@ class NufiltSettings(MethodSettings):
     # beyond the paper (issue 9's levers); the defaults above are the paper's method
     rescale: Rescale = Field("none", description="none: fuse at full size (paper); model / matrix: OPCM's rule on the "
                              "filtered tensors, U = λ_{t-1} τ_{≤t-1} + update, θ^m = θ0 + U / λ_t, λ_t = ‖U‖ / target, "
-                             "over the whole model or per matrix")
+                             "over the whole model or per matrix; clip: per matrix, the same target reached by "
+                             "clipping the largest singular values (only the dominant directions shrink)")
     rescale_growth: float = Field(0.0, ge=-1, le=1, description="target = mean_i ‖τ_i‖ · t^growth (0: OPCM's mean "
                                   "norm; 0.5: the norm of t orthogonal task vectors; < 0: shrinking with t); λ_t ≥ 1 "
                                   "(never amplified)")
@@ -142,6 +146,23 @@ def shape_spectrum(delta: torch.Tensor, power: float) -> torch.Tensor:
     shaped = sigma[keep] ** power
     shaped = shaped * (sigma.norm() / shaped.norm())
     return ((u[:, keep] * shaped) @ vh[keep]).to(delta.dtype)
+
+
+def clip_spectrum(delta: torch.Tensor, target: float) -> torch.Tensor:
+    """delta = U Σ Vᵀ → U min(Σ, c) Vᵀ with c such that ‖min(σ, c)‖ = target (delta itself if within it)."""
+    u, sigma, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    if float(sigma.norm()) <= target:
+        return delta
+    # with the top k clipped: k c² + Σ_{i≥k} σ_i² = target², valid when σ_k ≤ c ≤ σ_{k-1}
+    tail = sigma.square().flip(0).cumsum(0).flip(0)  # tail[k] = Σ_{i≥k} σ_i²
+    tail = torch.cat([tail, tail.new_zeros(1)])
+    c = 0.0
+    for k in range(1, sigma.numel() + 1):
+        rest = target**2 - float(tail[k])
+        if rest >= 0 and (k == sigma.numel() or math.sqrt(rest / k) >= float(sigma[k])):
+            c = math.sqrt(rest / k)
+            break
+    return ((u * sigma.clamp(max=c)) @ vh).to(delta.dtype)
 
 
 def energy_count(projected: torch.Tensor, total: float, share: float) -> int:
@@ -415,6 +436,11 @@ class Nufilt(MergeMethod):
             return previous + update
         u = self._unscaled(name, base, previous, update)
         unit = self._unit(name)
+        if s.rescale == "clip":  # λ stays 1: the next step adds to the clipped merged task vector as it is
+            self._accumulate(unit, base, new, u)
+            self.lambdas[unit] = 1.0
+            shrink = 1.0 if self.ctx.step == 1 else self._lambda(unit)
+            return base + (clip_spectrum(u, math.sqrt(self.merged_sq[unit]) / shrink) if shrink > 1 else u)
         if s.rescale == "matrix" or self.ctx.step == 1:  # step 1: λ_1 = 1, only ‖τ_1‖ is recorded
             self._accumulate(unit, base, new, u)
             self.lambdas[unit] = 1.0 if self.ctx.step == 1 else self._lambda(unit)

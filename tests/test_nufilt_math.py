@@ -305,14 +305,16 @@ def test_profile_plus_is_a_named_setting_that_explicit_settings_override(tiny, t
     assert NufiltSettings().profile == "paper" and NufiltSettings().rescale == "none"  # the paper's by default
 
 
-def test_the_benchmarks_plus_variant_is_the_profile():
+def test_the_benchmarks_plus_variants_are_the_profiles():
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
-    from bench.quality.variants import LEVER_GRID, PLUS
+    from bench.quality.variants import LEVER_GRID, PLUS, PLUS_ISO
     from nufilt_core.methods.nufilt import PROFILES
 
     assert next(v for v in LEVER_GRID if v.name == PLUS).options == PROFILES["plus"]
+    assert next(v for v in LEVER_GRID if v.name == PLUS_ISO).options == PROFILES["plus-iso"]
+    assert NufiltSettings(profile="plus-iso").spectrum_power == 0.0
 
 
 @pytest.mark.parametrize("power", [0.0, 0.5])

@@ -264,15 +264,15 @@ def plot(r: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     n_orders = 0
-    from .variants import PLUS
+    from .variants import PLUS, PLUS_ISO
 
     for n, m in r["methods"].items():
-        if m["group"] == "lever" and n != PLUS:
+        if m["group"] == "lever" and n not in (PLUS, PLUS_ISO):
             continue  # the levers are in the tables; the plot shows the methods and the chosen combination
         if m["seen_curve"]:
             steps = range(1, len(m["seen_curve"]) + 1)
-            ax.plot(steps, m["seen_curve"], marker="o", ms=3, label=n, lw=2.2 if n in ("nufilt", PLUS) else 1.2,
-                    ls="--" if m["group"] == "ablation" else "-")
+            ax.plot(steps, m["seen_curve"], marker="o", ms=3, label=n,
+                    lw=2.2 if n in ("nufilt", PLUS, PLUS_ISO) else 1.2, ls="--" if m["group"] == "ablation" else "-")
             n_orders = m["seen_curve_orders"]
     ind = r["references"].get("individual_seen_curve")
     if ind:

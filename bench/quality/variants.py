@@ -127,8 +127,9 @@ LEVER_GRID = (
 
 
 PLUS = "nufilt_plus_rp32"  # its options are nufilt's PROFILES["plus"] (a test keeps them equal)
-FULL_RUN_LEVERS = (PLUS, "nufilt_all_linear_avg_rp32", "nufilt_all_linear_avg", "nufilt_rp32", "nufilt_radius03",
-                   "nufilt_rescale_model", "nufilt_adapter_span")
+PLUS_ISO = "nufilt_plus_iso"  # PROFILES["plus-iso"]
+FULL_RUN_LEVERS = (PLUS, PLUS_ISO, "nufilt_all_linear_avg_rp32", "nufilt_all_linear_avg", "nufilt_rp32",
+                   "nufilt_radius03", "nufilt_rescale_model", "nufilt_adapter_span")
 LEVERS = tuple(v for v in LEVER_GRID if v.name in FULL_RUN_LEVERS)
 
 

@@ -61,16 +61,20 @@ Rescale = Literal["none", "model", "matrix", "clip"]
 # combination chosen on the quality benchmark's dev split (bench/quality/README.md, issue 9):
 # every Linear weight filtered, the other tensors averaged, a trust radius of 0.03‖W0‖ per matrix
 # below which the merged task vector is never shrunk (OPCM's λ_t above it), and r_p = 32.
+# "plus-iso" is plus with a flat spectrum of each merged task vector (spectrum_power 0, Iso-C's),
+# which led the 8-task dev study in the strong regime and stayed within 0.3 of plus in the gentle one.
+PLUS = {"preset": "all-linear", "policy": "average", "rescale": "matrix", "rescale_radius": 0.03, "null_rank": 32}
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
-    "plus": {"preset": "all-linear", "policy": "average", "rescale": "matrix", "rescale_radius": 0.03,
-             "null_rank": 32},
+    "plus": PLUS,
+    "plus-iso": {**PLUS, "spectrum_power": 0.0},
 }
+Profile = Literal["paper", "plus", "plus-iso"]
 
 
 class NufiltSettings(MethodSettings):
-    profile: Literal["paper", "plus"] = Field("paper", description="named settings: paper (the paper's NUFILT) or "
-                                              "plus (beyond the paper, see PROFILES); explicit settings override it")
+    profile: Profile = Field("paper", description="named settings: paper (the paper's NUFILT), plus or plus-iso "
+                             "(beyond the paper, see PROFILES); explicit settings override it")
     null_rank: int = Field(128, ge=0, description="r_p: directions of earlier tasks filtered out")
     lora_rank: int = Field(64, ge=0, description="r_l: adapter rank (0 = null-space filter only)")
     task_rank: int = Field(8, ge=0, description="r_v: directions of the new task kept in the loss")

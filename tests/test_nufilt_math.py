@@ -391,3 +391,28 @@ def test_rescale_clip_shrinks_only_the_dominant_directions_of_the_merged_task_ve
             assert 0 < k < len(sv) and float(sv[:k].max() - sv[:k].min()) < 1e-4 * float(sv[0])
             torch.testing.assert_close(sv[k:], top[k:], atol=1e-4, rtol=1e-4)
     assert clipped > 0
+
+
+def test_a_new_profile_mid_lineage_replaces_the_inherited_settings(tiny, tmp_path):
+    import json
+
+    from nufilt_core.checkpoint import LINEAGE_NAME
+    from nufilt_core.errors import LineageError
+    from nufilt_core.methods.nufilt import PROFILES
+
+    m1, m2 = tmp_path / "m1", tmp_path / "m2"
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1, options={"profile": "plus"}))
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=m2, previous=m1,
+                            options={"profile": "plus-iso"}))
+    settings = json.loads((m2 / LINEAGE_NAME).read_text())["settings"]
+    assert {k: settings[k] for k in PROFILES["plus-iso"]} == PROFILES["plus-iso"]
+    # without a profile the inherited settings stay, whatever the defaults
+    m3 = tmp_path / "m3"
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t3"], output=m3, previous=m2))
+    assert json.loads((m3 / LINEAGE_NAME).read_text())["settings"]["spectrum_power"] == 0.0
+    # the paper's lineage has no rescale state: switching to a rescaling profile says how to do it
+    p1 = tmp_path / "p1"
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=p1))
+    with pytest.raises(LineageError, match="start a new lineage"):
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=tmp_path / "p2", previous=p1,
+                                options={"profile": "plus"}))

@@ -31,7 +31,12 @@ def get_method(name: str) -> type[MergeMethod]:
 
 
 def resolve_settings(method_cls: type[MergeMethod], inherited: dict[str, Any], options: dict[str, Any]) -> Any:
-    """The method's Settings from inherited values overridden by explicit ones; SettingsError names each problem."""
+    """The method's Settings from inherited values overridden by explicit ones; SettingsError names each problem.
+
+    An explicit named setting (`profile`) other than the inherited one replaces the inherited values: they were
+    the old profile's, and would otherwise override the new profile's."""
+    if "profile" in options and inherited.get("profile") != options["profile"]:
+        inherited = {}
     try:
         return method_cls.Settings(**{**inherited, **options})
     except ValidationError as e:

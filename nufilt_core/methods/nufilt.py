@@ -367,7 +367,9 @@ class Nufilt(MergeMethod):
         if not ok or not scales:
             raise LineageError(f"the previous merged model's lineage record lacks a valid NUFILT rescale state for "
                                f"step {self.ctx.step} (expected 'rescale' with 'lambda' and {self.ctx.step - 1} "
-                               f"'norms' per unit, got {state.get('rescale')!r})")
+                               f"'norms' per unit, got {state.get('rescale')!r}); a setting that rescales "
+                               f"(rescale={self.settings.rescale!r}) needs every step of the lineage merged with one, "
+                               f"so start a new lineage (step 1) with it")
         return {k: (float(v["lambda"]), [float(n) for n in v["norms"]]) for k, v in scales.items()}
 
     def is_filtered(self, name: str, shape: tuple[int, ...]) -> bool:

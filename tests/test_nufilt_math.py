@@ -416,3 +416,24 @@ def test_a_new_profile_mid_lineage_replaces_the_inherited_settings(tiny, tmp_pat
     with pytest.raises(LineageError, match="start a new lineage"):
         merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=tmp_path / "p2", previous=p1,
                                 options={"profile": "plus"}))
+
+
+def test_spectrum_when_shrunk_flattens_only_the_matrices_the_rescaling_shrank(tiny, tmp_path):
+    # a trust radius between the matrices' merged norms: some are shrunk (λ > 1), some not; with
+    # spectrum_when = shrunk the first are flattened as with "always", the others left as plus leaves them
+    outs = {}
+    for label, extra in (("plain", {}), ("always", {"spectrum_power": 0.0}),
+                         ("shrunk", {"spectrum_power": 0.0, "spectrum_when": "shrunk"})):
+        opts = {"rescale": "matrix", "rescale_radius": 0.37, **extra}
+        m1, m2 = tmp_path / f"{label}1", tmp_path / f"{label}2"
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1, options=opts))
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=m2, previous=m1))
+        outs[label] = load(m2)
+    base = load(tiny["base"])
+    kinds = {"always": 0, "plain": 0}
+    for n in (n for n in _filtered(list(base)) if base[n].ndim == 2):
+        same = next(k for k in ("always", "plain") if torch.allclose(outs["shrunk"][n], outs[k][n], atol=1e-6))
+        kinds[same] += 1
+        if same == "plain":  # not shrunk, so not flattened: its spectrum is as merged
+            assert not torch.allclose(outs["plain"][n], outs["always"][n], atol=1e-6)
+    assert kinds["always"] > 0 and kinds["plain"] > 0, kinds

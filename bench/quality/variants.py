@@ -115,6 +115,8 @@ LEVER_GRID = (
             "plus with a flat spectrum of the merged task vector per matrix (Iso-C), norm kept"),
     Variant("nufilt_plus_sqrt", "nufilt", {**PROFILES["plus"], "spectrum_power": 0.5}, "lever",
             "plus with the merged task vector's singular values σ → √σ per matrix, norm kept"),
+    Variant("nufilt_plus_iso_shrunk", "nufilt", {**PROFILES["plus"], "spectrum_power": 0.0, "spectrum_when": "shrunk"},
+            "lever", "plus with a flat spectrum (Iso-C) only on the matrices its rescaling shrank"),
     Variant("nufilt_plus_iso_r05", "nufilt", {**PROFILES["plus"], "spectrum_power": 0.0, "rescale_radius": 0.05},
             "lever", "plus with a flat spectrum (Iso-C) and a trust radius 0.05"),
     Variant("nufilt_plus_iso_g25", "nufilt", {**PROFILES["plus"], "spectrum_power": 0.0, "rescale_growth": 0.25},

@@ -34,7 +34,8 @@ Beyond the paper (issue 9; the defaults are the paper's method, profile "plus" a
   * policy sum: other float tensors take θ^m + τ_t (rescaled with the rest when rescale is on);
   * spectrum_power p: from step 2, each filtered matrix's merged task vector U Σ Vᵀ becomes
     c · U Σ^p Vᵀ with c keeping its Frobenius norm (p = 0: a flat spectrum, Iso-C's isotropic merge):
-    directions few tasks share are no longer drowned by the dominant ones.
+    directions few tasks share are no longer drowned by the dominant ones; spectrum_when = shrunk
+    does it only where the rescaling shrank the matrix (λ_t > 1), the case it compensates.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ class NufiltSettings(MethodSettings):
     spectrum_power: float | None = Field(None, ge=0, le=1, description="from step 2, the merged task vector's "
                                          "singular values σ → σ^p per filtered matrix, its norm kept (0: flat, "
                                          "Iso-C's isotropic spectrum; None: as merged)")
+    spectrum_when: Literal["always", "shrunk"] = Field("always", description="always: every filtered matrix from "
+                                                       "step 2; shrunk: only where the rescaling shrank it (λ_t > 1)")
 
     @field_validator("include")
     @classmethod
@@ -432,6 +435,8 @@ class Nufilt(MergeMethod):
         merged = self._rescaled(name, base, previous, new, update)
         if s.spectrum_power is None or self.ctx.step == 1:
             return merged
+        if s.spectrum_when == "shrunk" and self.lambdas.get(self._unit(name), 1.0) <= 1.0:
+            return merged  # nothing was shrunk: the merged task vector keeps every task at full size
         return base + shape_spectrum(merged - base, s.spectrum_power)
 
     def _rescaled(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,

@@ -88,8 +88,8 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--profile", choices=["paper", "plus", "plus-iso"],
                    help="named settings: paper (default); plus, a combination beyond the paper chosen on the quality "
                    "benchmark's dev split (all-linear, the rest averaged, trust radius 0.03, r_p 32); plus-iso, plus "
-                   "with a flat spectrum of each merged task vector (--set spectrum_power=0); explicit settings "
-                   "override it")
+                   "with a flat spectrum of each merged task vector its rescaling shrank (--set spectrum_power=0 "
+                   "--set spectrum_when=shrunk); explicit settings override it")
     n.add_argument("--null-rank", type=int, dest="null_rank", help="r_p, earlier-task directions filtered (128)")
     n.add_argument("--lora-rank", type=int, dest="lora_rank", help="r_l, adapter rank; 0 = filter only (64)")
     n.add_argument("--task-rank", type=int, dest="task_rank", help="r_v, new-task directions in the loss (8)")

@@ -314,7 +314,8 @@ def test_the_benchmarks_plus_variants_are_the_profiles():
 
     assert next(v for v in LEVER_GRID if v.name == PLUS).options == PROFILES["plus"]
     assert next(v for v in LEVER_GRID if v.name == PLUS_ISO).options == PROFILES["plus-iso"]
-    assert NufiltSettings(profile="plus-iso").spectrum_power == 0.0
+    plus_iso = NufiltSettings(profile="plus-iso")
+    assert plus_iso.spectrum_power == 0.0 and plus_iso.spectrum_when == "shrunk"
 
 
 @pytest.mark.parametrize("power", [0.0, 0.5])

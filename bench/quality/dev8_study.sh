@@ -9,8 +9,10 @@ cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 TASKS=rotten,debates,fortunes_b,wn_verb,bbc,fortunes_c,roget,moral  # config.DEV_TASKS + config.PROXY_TASKS
 # the paper's NUFILT, profile plus, the trust radius (0.03, 0.05), OPCM's λ_t over the model, OPCM,
-# and plus with the merged task vector's spectrum flattened (plus-iso) or square-rooted
+# and plus with the merged task vector's spectrum flattened (everywhere, or where it was shrunk:
+# plus-iso) or square-rooted
 VARIANTS=nufilt,nufilt_plus_rp32,nufilt_radius03,opcm,nufilt_rescale_model,nufilt_radius05,nufilt_plus_iso,nufilt_plus_sqrt
+VARIANTS=$VARIANTS,nufilt_plus_iso_shrunk
 presets=("$@")
 [ ${#presets[@]} -gt 0 ] || presets=(paper-protocol paper-protocol-gentle)
 for p in "${presets[@]}"; do

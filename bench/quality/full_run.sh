@@ -14,10 +14,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 P=${1:-paper-protocol}
-MAIN=nufilt,nufilt_plus_rp32,nufilt_plus_iso,opcm,magmax,weight_average,task_arithmetic
+MAIN=nufilt,nufilt_plus_rp32,nufilt_plus_iso_shrunk,opcm,magmax,weight_average,task_arithmetic
 SLOW=dop,ties,wudi
 ABLATION=naive,nufilt_null_only,nufilt_adapter_only
-LEVERS=nufilt_rp32,nufilt_rescale_model,nufilt_all_linear_avg,nufilt_all_linear_avg_rp32,nufilt_radius03
+LEVERS=nufilt_plus_iso,nufilt_rp32,nufilt_rescale_model,nufilt_all_linear_avg,nufilt_all_linear_avg_rp32,nufilt_radius03
 SETTINGS=nufilt_first_published,nufilt_all_linear,nufilt_keep_previous,nufilt_average
 run() { .venv/bin/python -m bench.quality --preset "$P" "$@"; }
 [ -z "${FIRST:-}" ] || run --stage merge --only "$FIRST" --orders 3

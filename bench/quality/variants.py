@@ -112,11 +112,11 @@ LEVER_GRID = (
       for e in (0.5, 0.7, 0.9)),
     # the merged task vector's spectrum reshaped per matrix, its norm kept (Iso-C's flat spectrum at p = 0)
     Variant("nufilt_plus_iso", "nufilt", {**PROFILES["plus"], "spectrum_power": 0.0}, "lever",
-            "plus with a flat spectrum of the merged task vector per matrix (Iso-C), norm kept"),
+            "plus with a flat spectrum (Iso-C) on every filtered matrix, norm kept"),
     Variant("nufilt_plus_sqrt", "nufilt", {**PROFILES["plus"], "spectrum_power": 0.5}, "lever",
             "plus with the merged task vector's singular values σ → √σ per matrix, norm kept"),
     Variant("nufilt_plus_iso_shrunk", "nufilt", {**PROFILES["plus"], "spectrum_power": 0.0, "spectrum_when": "shrunk"},
-            "lever", "plus with a flat spectrum (Iso-C) only on the matrices its rescaling shrank"),
+            "lever", "profile plus-iso: plus with a flat spectrum (Iso-C) on the matrices its rescaling shrank"),
     Variant("nufilt_plus_iso_r05", "nufilt", {**PROFILES["plus"], "spectrum_power": 0.0, "rescale_radius": 0.05},
             "lever", "plus with a flat spectrum (Iso-C) and a trust radius 0.05"),
     Variant("nufilt_plus_iso_g25", "nufilt", {**PROFILES["plus"], "spectrum_power": 0.0, "rescale_growth": 0.25},
@@ -129,9 +129,9 @@ LEVER_GRID = (
 
 
 PLUS = "nufilt_plus_rp32"  # its options are nufilt's PROFILES["plus"] (a test keeps them equal)
-PLUS_ISO = "nufilt_plus_iso"  # PROFILES["plus-iso"]
-FULL_RUN_LEVERS = (PLUS, PLUS_ISO, "nufilt_all_linear_avg_rp32", "nufilt_all_linear_avg", "nufilt_rp32",
-                   "nufilt_radius03", "nufilt_rescale_model", "nufilt_adapter_span")
+PLUS_ISO = "nufilt_plus_iso_shrunk"  # PROFILES["plus-iso"]
+FULL_RUN_LEVERS = (PLUS, PLUS_ISO, "nufilt_plus_iso", "nufilt_all_linear_avg_rp32", "nufilt_all_linear_avg",
+                   "nufilt_rp32", "nufilt_radius03", "nufilt_rescale_model", "nufilt_adapter_span")
 LEVERS = tuple(v for v in LEVER_GRID if v.name in FULL_RUN_LEVERS)
 
 

@@ -20,6 +20,7 @@ from .errors import NufiltError
 from .lineage import LineageRecord
 from .merge import MergeRequest, Progress, merge_step
 from .methods import METHODS
+from .methods.nufilt import PROFILES
 from .selection import PRESETS
 
 MERGE_EPILOG = f"""\
@@ -85,7 +86,7 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores); on a shared host "
                    "give only the free cores, busy ones make torch's threads wait for each other")
     n = p.add_argument_group("NUFILT settings (defaults: the paper's)")
-    n.add_argument("--profile", choices=["paper", "plus", "plus-iso"],
+    n.add_argument("--profile", choices=list(PROFILES),
                    help="named settings: paper (default); plus, a combination beyond the paper chosen on the quality "
                    "benchmark's dev split (all-linear, the rest averaged, trust radius 0.03, r_p 32); plus-iso, plus "
                    "with a flat spectrum of each merged task vector its rescaling shrank (--set spectrum_power=0 "

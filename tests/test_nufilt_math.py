@@ -314,6 +314,11 @@ def test_the_benchmarks_plus_variants_are_the_profiles():
 
     assert next(v for v in LEVER_GRID if v.name == PLUS).options == PROFILES["plus"]
     assert next(v for v in LEVER_GRID if v.name == PLUS_ISO).options == PROFILES["plus-iso"]
+    from typing import get_args
+
+    from nufilt_core.methods.nufilt import Profile
+
+    assert set(get_args(Profile)) == set(PROFILES)  # the settings' type names every profile, and only those
     plus_iso = NufiltSettings(profile="plus-iso")
     assert plus_iso.spectrum_power == 0.0 and plus_iso.spectrum_when == "shrunk"
 

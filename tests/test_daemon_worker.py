@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from daemon_harness import wait_for
 from models import base_state, finetune, write_model
-from nufilt_daemon.config import Settings
+from nufilt_daemon.config import NEW_LINEAGE_SETTINGS, Settings
 from nufilt_daemon.intake import Intake
 from nufilt_daemon.journal import Journal
 from nufilt_daemon.metrics import Metrics
@@ -242,3 +242,31 @@ def test_without_prestart_no_merge_process_waits(tiny: dict[str, Path], tmp_path
 
     run_until(worker, "job 1 promoted and the worker idle", idle_a_while)
     assert worker._spare is None and not (tmp_path / "state" / "logs" / "merge-spare.log").exists()
+
+
+def test_unset_method_settings_start_new_lineages_with_the_recommended_profile_and_leave_running_ones_alone(
+        tiny: dict[str, Path], tmp_path: Path):
+    recommended = NEW_LINEAGE_SETTINGS["nufilt"]["profile"]
+    assert recommended != "paper"  # else this test would not tell the two apart
+
+    # a lineage started before an upgrade, with the paper's NUFILT; the upgraded daemon leaves method_settings unset
+    old = tmp_path / "old"
+    worker, intake, journal, store = make_worker(old, tiny["base"], method_settings={"profile": "paper", "iters": 2})
+    intake.emit(Arrival(tiny["t1"], "folder", "t1"))
+    run_until(worker, "step 1", lambda: journal.job(1).state in FINAL_STATES)
+    worker, intake, journal, store = make_worker(old, tiny["base"], method_settings=None)
+    intake.emit(Arrival(tiny["t2"], "folder", "t2"))
+    run_until(worker, "step 2", lambda: journal.job(2).state in FINAL_STATES)
+    assert journal.job(2).state == JobState.PROMOTED, journal.job(2).reason
+    step2 = store.production().lineage()
+    assert step2.step == 2 and step2.settings["profile"] == "paper" and step2.settings["iters"] == 2
+
+    # a new lineage with method_settings unset: step 1 takes the recommended profile, step 2 inherits it
+    worker, intake, journal, store = make_worker(tmp_path / "new", tiny["base"], method_settings=None)
+    intake.emit(Arrival(tiny["t1"], "folder", "t1"))
+    intake.emit(Arrival(tiny["t2"], "folder", "t2"))
+    run_until(worker, "both steps", lambda: journal.job(2).state in FINAL_STATES)
+    assert journal.job(2).state == JobState.PROMOTED, journal.job(2).reason
+    records = [store.version(n).lineage() for n in (1, 2)]
+    assert [r.step for r in records] == [1, 2] and {r.settings["profile"] for r in records} == {recommended}
+    assert records[0].settings == records[1].settings

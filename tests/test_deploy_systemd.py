@@ -19,7 +19,7 @@ from daemon_harness import DaemonProcess, wait_for
 from deploy_files import SYSTEMD
 from nufilt_daemon.config import Settings, load_settings, unknown_env_keys
 
-from nufilt_core.methods import get_method
+from nufilt_core.methods import get_method, resolve_settings
 
 UNIT = SYSTEMD / "nufilt.service"
 ENV_EXAMPLE = SYSTEMD / "nufilt.env.example"
@@ -149,7 +149,7 @@ def test_env_example_holds_real_settings_that_load_and_fit_the_unit(monkeypatch:
         monkeypatch.setenv(k, v)
     s = load_settings()  # types, nested keys, JSON values: as the daemon will read them
     assert s.mlflow.target_model and s.gate.command and s.gate.thresholds["accuracy"].min == 0.8
-    get_method(s.method).Settings(**s.method_settings)  # the method accepts its settings
+    resolve_settings(get_method(s.method), {}, s.step_options(first_step=True))  # the method accepts its settings
     monkeypatch.delenv("NUFILT_BASE_MODEL")
     for k in commented:
         monkeypatch.delenv(k)

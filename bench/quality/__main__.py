@@ -127,12 +127,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def daemon_default() -> dict:
     """The method and settings the daemon ships (its configuration's defaults, resolved)."""
-    from nufilt_daemon.config import Settings
+    from nufilt_daemon.config import NEW_LINEAGE_SETTINGS, Settings
 
     from nufilt_core.methods import get_method
 
-    fields = Settings.model_fields  # the defaults as shipped, not this shell's NUFILT_* variables
-    method, options = fields["method"].default, fields["method_settings"].default_factory()
+    # the defaults as shipped, not this shell's NUFILT_* variables: with method_settings unset, what a new
+    # lineage starts with (and every later step inherits)
+    method = Settings.model_fields["method"].default
+    options = NEW_LINEAGE_SETTINGS.get(method, {})
     return {"method": method, "settings": get_method(method).Settings(**options).model_dump(mode="json")}
 
 

@@ -222,7 +222,8 @@ def markdown(r: dict[str, Any]) -> str:
                          f"{_f(m['merge_seconds_per_step'], 2)} |")
     if r.get("default_method"):
         d = r["default_method"]
-        lines += ["", f"The daemon's default: method `{d['method']}`, settings `{d['settings']}`."]
+        lines += ["", f"The daemon's default (what a new lineage starts with when `method_settings` is unset): "
+                  f"method `{d['method']}`, settings `{d['settings']}`."]
     g = r.get("gate_study")
     if g:
         lines += ["", "## What the gate's scores mean", "",

@@ -37,6 +37,12 @@ ENV_PREFIX = "NUFILT_"
 CONFIG_ENV = "NUFILT_CONFIG"  # path of the TOML file, when --config is not given
 NESTED_DELIMITER = "__"
 
+# The settings a new lineage starts with when `method_settings` is unset. NUFILT's plus-iso profile led every
+# preset of the quality benchmark (bench/results, issue 9). Only a lineage's first step gets them: later steps
+# inherit the lineage's recorded settings, so an upgrade that changes this never changes a running lineage
+# (a rescaling profile cannot start mid-lineage: it needs its state from step 1).
+NEW_LINEAGE_SETTINGS: dict[str, dict[str, Any]] = {"nufilt": {"profile": "plus-iso"}}
+
 
 class ConfigError(NufiltError):
     """The daemon's configuration is invalid (unknown key, wrong type, missing file)."""
@@ -111,8 +117,10 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="CPU threads of a merge (default: all cores); on a "
                                 "shared host, the cores really free")
     method: str = "nufilt"
-    method_settings: dict[str, Any] = Field(default_factory=dict, description="passed to the method, e.g. "
-                                            "{null_rank = 64}; unknown keys are rejected by the method")
+    method_settings: dict[str, Any] | None = Field(
+        None, description="passed to the method at every step, e.g. {profile = \"paper\", null_rank = 64}; unknown "
+        "keys are rejected by the method. Unset: a new lineage starts with NEW_LINEAGE_SETTINGS (nufilt: profile "
+        "plus-iso) and every later step inherits the lineage's recorded settings")
     seed: int = 0
     max_shard_bytes: int | None = Field(None, gt=0, description="shard size of written versions (default: as the "
                                         "base, its largest shard when it is sharded, else one file up to 5 GiB)")
@@ -150,8 +158,8 @@ class Settings(BaseSettings):
 
     @field_validator("method_settings")
     @classmethod
-    def _valid_method_settings(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        if "method" in info.data:  # else the method itself was invalid, and says so
+    def _valid_method_settings(cls, options: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if options is not None and "method" in info.data:  # else unset, or the method itself was invalid
             try:
                 resolve_settings(get_method(info.data["method"]), {}, options)
             except SettingsError as e:
@@ -177,6 +185,12 @@ class Settings(BaseSettings):
         if cls.toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_file))
         return tuple(sources)
+
+    def step_options(self, first_step: bool) -> dict[str, Any]:
+        """The explicit settings one merge step passes to the method (the rest it inherits from the lineage)."""
+        if self.method_settings is not None:
+            return self.method_settings
+        return dict(NEW_LINEAGE_SETTINGS.get(self.method, {})) if first_step else {}
 
     def redacted(self) -> dict[str, Any]:
         """For logs: JSON-safe, secrets masked."""

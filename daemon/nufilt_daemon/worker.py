@@ -290,8 +290,8 @@ class MergeWorker:
         if job.staged_path is None:  # a queued job always owns its staged copy: a bug, failed as internal
             raise RuntimeError(f"job {job.id} is queued without a staged copy")
         return ChildRequest(base=s.base_model, checkpoint=Path(job.staged_path), output=candidate, previous=previous,
-                            method=s.method, options=s.method_settings, seed=s.seed, device=s.device,
-                            threads=s.threads, max_shard_bytes=s.max_shard_bytes, gate=s.gate)
+                            method=s.method, options=s.step_options(first_step=previous is None), seed=s.seed,
+                            device=s.device, threads=s.threads, max_shard_bytes=s.max_shard_bytes, gate=s.gate)
 
     def _log_path(self, job: Job) -> Path:
         return self.logs_dir / f"job-{job.id:06d}-a{job.attempts}.log"

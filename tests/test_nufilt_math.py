@@ -443,3 +443,16 @@ def test_spectrum_when_shrunk_flattens_only_the_matrices_the_rescaling_shrank(ti
         if same == "plain":  # not shrunk, so not flattened: its spectrum is as merged
             assert not torch.allclose(outs["plain"][n], outs["always"][n], atol=1e-6)
     assert kinds["always"] > 0 and kinds["plain"] > 0, kinds
+
+
+@pytest.mark.parametrize("rescale", ["none", "clip"])
+def test_spectrum_when_shrunk_is_refused_where_no_rescaling_records_a_shrink(rescale):
+    # it would silently never shape anything: clip and none leave λ_t = 1 on every matrix
+    from nufilt_core.errors import SettingsError
+    from nufilt_core.methods import resolve_settings
+    from nufilt_core.methods.nufilt import Nufilt
+
+    with pytest.raises(SettingsError, match=rf"spectrum_when 'shrunk' needs rescale .*not '{rescale}'"):
+        resolve_settings(Nufilt, {}, {"rescale": rescale, "spectrum_power": 0.0, "spectrum_when": "shrunk"})
+    resolve_settings(Nufilt, {}, {"rescale": rescale, "spectrum_power": 0.0})  # "always" is fine with either
+    resolve_settings(Nufilt, {}, {"profile": "plus-iso"})

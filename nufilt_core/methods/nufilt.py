@@ -133,6 +133,15 @@ class NufiltSettings(MethodSettings):
             return {**PROFILES[data["profile"]], **data}
         return data
 
+    @model_validator(mode="after")
+    def _shrunk_needs_a_shrinking_rescale(self) -> NufiltSettings:
+        # "shrunk" reads λ_t, which only model and matrix record (clip reaches its target without one):
+        # with any other rescale the spectrum would silently never be shaped
+        if self.spectrum_when == "shrunk" and self.rescale not in ("model", "matrix"):
+            raise ValueError(f"spectrum_when 'shrunk' needs rescale 'model' or 'matrix' (it reads their λ_t), "
+                             f"not {self.rescale!r}; use spectrum_when 'always'")
+        return self
+
 
 @dataclass
 class MatrixResult:

@@ -400,6 +400,13 @@ def _write(s: _Step, method: MergeMethod, hashes: dict[str, str] | None,
     return record, written
 
 
+def stored_eps(s: _Step) -> dict[str, float]:
+    """Per float tensor, the coarsest rounding (machine epsilon) among the dtypes the inputs store it in."""
+    inputs = [c for c in (s.base, s.previous, s.new) if c is not None]
+    return {name: max(torch.finfo(c.tensors[name].torch_dtype).eps for c in inputs)
+            for name, info in s.base.tensors.items() if info.is_float}
+
+
 def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeResult:
     """One step, in the four parts the module docstring lists; seconds per phase in the result."""
     t0 = time.perf_counter()
@@ -414,7 +421,8 @@ def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeRe
     seconds["check"] = time.perf_counter() - t0
     method = s.method_cls(s.settings, StepContext(step=s.step, seed=s.seed, device=s.device,
                                                   names=list(s.base.tensors),
-                                                  previous_state=s.prev_record.method_state if s.prev_record else {}))
+                                                  previous_state=s.prev_record.method_state if s.prev_record else {},
+                                                  eps=stored_eps(s)))
     t = time.perf_counter()
     _statistics(s, method, report)
     seconds["statistics"] = time.perf_counter() - t

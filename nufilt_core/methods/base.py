@@ -54,6 +54,9 @@ class StepContext:
     device: torch.device
     names: list[str]  # every tensor name of the model, in storage order
     previous_state: dict[str, Any] = field(default_factory=dict)  # method_state of the previous record
+    # per float tensor, the largest machine epsilon of the dtypes base, previous and new store it in: differences
+    # between the models are exact only to that rounding (missing: the tensor's own dtype as given)
+    eps: dict[str, float] = field(default_factory=dict)
 
 
 class MergeMethod(ABC):

@@ -35,7 +35,9 @@ Beyond the paper (issue 9; the defaults are the paper's method, profile "plus" a
   * spectrum_power p: from step 2, each filtered matrix's merged task vector U Σ Vᵀ becomes
     c · U Σ^p Vᵀ with c keeping its Frobenius norm (p = 0: a flat spectrum, Iso-C's isotropic merge):
     directions few tasks share are no longer drowned by the dominant ones; spectrum_when = shrunk
-    does it only where the rescaling shrank the matrix (λ_t > 1), the case it compensates.
+    does it only where the rescaling shrank the matrix (λ_t > 1), the case it compensates. Singular
+    values below the weights' rounding noise (rounding_floor) are dropped, not raised: a low-rank task
+    vector (LoRA fine-tunes) would otherwise be flattened into noise.
 """
 
 from __future__ import annotations
@@ -154,10 +156,20 @@ class MatrixResult:
     loss_after: float
 
 
-def shape_spectrum(delta: torch.Tensor, power: float) -> torch.Tensor:
-    """delta = U Σ Vᵀ → c · U Σ^power Vᵀ over its non-zero singular values, c keeping ‖delta‖_F (fp64 SVD)."""
+def rounding_floor(base: torch.Tensor, eps: float) -> float:
+    """The singular value below which a difference of two [m, n] models stored with machine epsilon `eps`
+    at `base`'s scale is rounding noise: eps · rms(base) · (√m + √n), about 3× the largest singular value
+    of the rounding errors (0.2-0.33× that, measured for fp32, bf16 and fp16)."""
+    m, n = base.shape
+    return eps * float(base.double().norm()) / math.sqrt(m * n) * (math.sqrt(m) + math.sqrt(n))
+
+
+def shape_spectrum(delta: torch.Tensor, power: float, floor: float = 0.0) -> torch.Tensor:
+    """delta = U Σ Vᵀ → c · U Σ^power Vᵀ over its singular values above `floor` (and 1e-7 σ_1), c keeping
+    ‖delta‖_F (fp64 SVD). Below the floor is rounding noise: a power < 1 would raise it towards the signal
+    (a low-rank task vector flattened over every direction is mostly noise)."""
     u, sigma, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    keep = sigma > sigma[0] * 1e-7 if sigma.numel() else sigma.bool()
+    keep = sigma > max(float(sigma[0]) * 1e-7, floor) if sigma.numel() else sigma.bool()
     if not bool(keep.any()):
         return delta
     shaped = sigma[keep] ** power
@@ -447,7 +459,8 @@ class Nufilt(MergeMethod):
             return merged
         if s.spectrum_when == "shrunk" and self.lambdas.get(self._unit(name), 1.0) <= 1.0:
             return merged  # nothing was shrunk: the merged task vector keeps every task at full size
-        return base + shape_spectrum(merged - base, s.spectrum_power)
+        floor = rounding_floor(base, self.ctx.eps.get(name, torch.finfo(base.dtype).eps))
+        return base + shape_spectrum(merged - base, s.spectrum_power, floor)
 
     def _rescaled(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
                   update: torch.Tensor) -> torch.Tensor:

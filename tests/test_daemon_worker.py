@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from daemon_harness import wait_for
 from models import base_state, finetune, write_model
+from nufilt_daemon.cli import status_data
 from nufilt_daemon.config import NEW_LINEAGE_SETTINGS, Settings
 from nufilt_daemon.intake import Intake
 from nufilt_daemon.journal import Journal
@@ -255,6 +256,9 @@ def test_unset_method_settings_start_new_lineages_with_the_recommended_profile_a
     intake.emit(Arrival(tiny["t1"], "folder", "t1"))
     run_until(worker, "step 1", lambda: journal.job(1).state in FINAL_STATES)
     worker, intake, journal, store = make_worker(old, tiny["base"], method_settings=None)
+    upgraded = status_data(worker.settings)  # what `nufilt status` tells the operator before the next merge
+    assert upgraded["production"]["profile"] == "paper"
+    assert upgraded["next_merge"]["options"] == {} and "inherited from the lineage" in upgraded["next_merge"]["source"]
     intake.emit(Arrival(tiny["t2"], "folder", "t2"))
     run_until(worker, "step 2", lambda: journal.job(2).state in FINAL_STATES)
     assert journal.job(2).state == JobState.PROMOTED, journal.job(2).reason
@@ -263,6 +267,7 @@ def test_unset_method_settings_start_new_lineages_with_the_recommended_profile_a
 
     # a new lineage with method_settings unset: step 1 takes the recommended profile, step 2 inherits it
     worker, intake, journal, store = make_worker(tmp_path / "new", tiny["base"], method_settings=None)
+    assert status_data(worker.settings)["next_merge"]["options"] == {"profile": recommended}
     intake.emit(Arrival(tiny["t1"], "folder", "t1"))
     intake.emit(Arrival(tiny["t2"], "folder", "t2"))
     run_until(worker, "both steps", lambda: journal.job(2).state in FINAL_STATES)

@@ -217,6 +217,20 @@ def _open(settings: Settings) -> tuple[Store, Journal]:
     return Store(settings.store_dir), Journal.in_state_dir(state, create=False)
 
 
+def next_merge(settings: Settings, production: dict[str, Any] | None) -> dict[str, Any]:
+    """The method and the explicit settings the next merge step passes, and where they come from: after an
+    upgrade, the operator sees whether a running lineage keeps its settings."""
+    first = production is None or "step" not in production
+    options = settings.step_options(first_step=first)
+    if settings.method_settings is not None:
+        source = "method_settings, at every step"
+    elif first:
+        source = "a new lineage's settings (method_settings unset)"
+    else:
+        source = f"inherited from the lineage of production {production['name']} (method_settings unset)"
+    return {"method": settings.method, "options": options, "source": source}
+
+
 def status_data(settings: Settings) -> dict[str, Any]:
     store, journal = _open(settings)
     try:
@@ -229,7 +243,8 @@ def status_data(settings: Settings) -> dict[str, Any]:
             production = {"version": prod.number, "name": prod.name, "path": str(prod.path.absolute())}
             try:
                 rec = prod.lineage()
-                production.update(step=rec.step, method=rec.method, created_at=rec.created_at,
+                production.update(step=rec.step, method=rec.method, profile=rec.settings.get("profile"),
+                                  created_at=rec.created_at,
                                   checkpoints=[merged_checkpoint(journal, c.sha256, c.path) for c in rec.checkpoints])
             except NufiltError as e:
                 production["error"] = str(e)
@@ -251,6 +266,7 @@ def status_data(settings: Settings) -> dict[str, Any]:
             "queue": {s: counts[s] for s in ACTIVE_STATES},
             "totals": counts,
             "last": job_dict(last) if last else None,
+            "next_merge": next_merge(settings, production),
             "pending_publications": len(journal.outbox_pending()),
             "inbox": inbox,
             "daemon": daemon,
@@ -269,9 +285,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if p and "name" not in p:
         print(f"production  unreadable: {p['error']}")
     elif p:
-        print(f"production  {p['name']} (step {p.get('step', '?')}, {p.get('method', '?')}), {p['path']}")
+        profile = f" {p['profile']}" if p.get("profile") else ""
+        print(f"production  {p['name']} (step {p.get('step', '?')}, {p.get('method', '?')}{profile}), {p['path']}")
     else:
         print("production  none yet (no checkpoint has been promoted)")
+    n = data["next_merge"]
+    print(f"next merge  {n['method']} {json.dumps(n['options'])}: {n['source']}")
     q = data["queue"]
     print("queue       " + ", ".join(f"{q[s]} {s}" for s in ACTIVE_STATES))
     last = data["last"]

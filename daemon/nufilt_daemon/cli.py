@@ -220,14 +220,15 @@ def _open(settings: Settings) -> tuple[Store, Journal]:
 def next_merge(settings: Settings, production: dict[str, Any] | None) -> dict[str, Any]:
     """The method and the explicit settings the next merge step passes, and where they come from: after an
     upgrade, the operator sees whether a running lineage keeps its settings."""
-    first = production is None or "step" not in production
-    options = settings.step_options(first_step=first)
+    options = settings.step_options(first_step=production is None)
     if settings.method_settings is not None:
         source = "method_settings, at every step"
-    elif first:
+    elif production is None:
         source = "a new lineage's settings (method_settings unset)"
     else:
-        source = f"inherited from the lineage of production {production['name']} (method_settings unset)"
+        unreadable = f", whose record is unreadable: {production['error']}" if "error" in production else ""
+        source = f"inherited from the lineage of production {production.get('name', '?')}{unreadable} " \
+                 "(method_settings unset)"
     return {"method": settings.method, "options": options, "source": source}
 
 

@@ -170,8 +170,8 @@ def shape_spectrum(delta: torch.Tensor, power: float, floor: float = 0.0) -> tor
     task vector flattened over every direction is mostly noise).
 
     fp32 and narrower go through the eigendecomposition of the fp64 Gram matrix of the smaller side, as
-    top_right_singular_vectors does (1.5-2.9× cheaper than an fp64 SVD here; fp32's rounding floor is far
-    above fp64's √eps), with U Σ^p Vᵀ = delta V Σ^(p-1) Vᵀ; fp64 keeps the SVD."""
+    top_right_singular_vectors does (1.5-3.9× cheaper than an fp64 SVD, bench/speed/flatten.py; fp32's
+    rounding floor is far above fp64's √eps), with U Σ^p Vᵀ = delta V Σ^(p-1) Vᵀ; fp64 keeps the SVD."""
     x = delta.double()
     wide = x.shape[1] > x.shape[0]
     if wide:

@@ -180,7 +180,7 @@ def shape_spectrum(delta: torch.Tensor, power: float, floor: float = 0.0) -> tor
         _, sigma, vh = torch.linalg.svd(x, full_matrices=False)
         v = vh.T
     else:
-        evals, v = torch.linalg.eigh(gram64(delta))
+        evals, v = torch.linalg.eigh(gram64(x))  # x is already fp64 with the short side last
         sigma = evals.clamp_min(0).sqrt()
     keep = sigma > max(float(sigma.max()) * 1e-7, floor) if sigma.numel() else sigma.bool()
     if not bool(keep.any()):

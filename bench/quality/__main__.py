@@ -127,15 +127,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def daemon_default() -> dict:
     """The method and settings the daemon ships (its configuration's defaults, resolved)."""
-    from nufilt_daemon.config import NEW_LINEAGE_SETTINGS, Settings
+    from nufilt_daemon.config import Settings
 
     from nufilt_core.methods import get_method
 
-    # the defaults as shipped, not this shell's NUFILT_* variables: with method_settings unset, what a new
-    # lineage starts with (and every later step inherits)
-    method = Settings.model_fields["method"].default
-    options = NEW_LINEAGE_SETTINGS.get(method, {})
-    return {"method": method, "settings": get_method(method).Settings(**options).model_dump(mode="json")}
+    # the defaults as shipped (model_construct reads no NUFILT_* variables), and what their first merge step
+    # passes: a new lineage's settings, which every later step inherits
+    shipped = Settings.model_construct()
+    settings = get_method(shipped.method).Settings(**shipped.step_options(first_step=True))
+    return {"method": shipped.method, "settings": settings.model_dump(mode="json")}
 
 
 def diagnosis_path(runs: Path) -> Path:

@@ -62,20 +62,31 @@ class DaemonProcess:
             lines += [f"{k} = {toml_value(v)}" for k, v in sec.items()]
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
+        self._ready_before = 0
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("NUFILT_")}
         env["OMP_NUM_THREADS"] = "1"  # a shared 2-core machine: no thread oversubscription
         return env
 
-    def start(self, extra_env: dict[str, str] | None = None) -> DaemonProcess:
+    def start(self, extra_env: dict[str, str] | None = None, wait_ready: bool = True) -> DaemonProcess:
+        """Start the daemon; unless `wait_ready` is False, return once this process logged daemon_ready."""
+        # the log is appended across restarts: count the earlier daemons' daemon_ready lines
+        self._ready_before = len(self.logged("daemon_ready")) if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen([NUFILT, "daemon", "--config", str(self.config)], stdout=log,
                                      stderr=subprocess.STDOUT, env={**self.env(), **(extra_env or {})})
         log.close()
-        wait_for("daemon_ready in the log", lambda: self.logged("daemon_ready") or self._died(), timeout=60)
-        assert self.proc.poll() is None, f"daemon exited with {self.proc.returncode}:\n{self.log_path.read_text()}"
+        if wait_ready:
+            self.wait_ready()
         return self
+
+    def wait_ready(self) -> None:
+        """Until the running process logged its own daemon_ready (its metrics endpoint is up by then)."""
+        wait_for("daemon_ready in the log", lambda: len(self.logged("daemon_ready")) > self._ready_before
+                 or self._died(), timeout=60)
+        assert self.proc is not None and self.proc.poll() is None, \
+            f"daemon exited with {self.proc.returncode if self.proc else None}:\n{self.log_path.read_text()}"
 
     def _died(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None

@@ -220,6 +220,7 @@ class Daemon:
 
     def run(self) -> int:
         s = self.settings
+        self._install_signals()  # first: a stop during start-up (recovery, MLflow) ends cleanly, exit 0
         self._check_dirs()
         self._take_lock()
         try:
@@ -243,7 +244,6 @@ class Daemon:
             self._start_outbox()
             self._start_sources()
             adopt_library_loggers()  # MLflow, if just imported, installed its own handler
-            self._install_signals()
             self.notifier.ready(self._status_line())
             log.info("daemon_ready", metrics=self._metrics_url(), watch_dir=str(s.watch_dir),
                      store_dir=str(s.store_dir), sources=[src.name for src in self.sources])

@@ -121,6 +121,8 @@ LEVER_GRID = (
             "lever", "plus with a flat spectrum (Iso-C) and a trust radius 0.05"),
     Variant("nufilt_plus_iso_g25", "nufilt", {**PROFILES["plus"], "spectrum_power": 0.0, "rescale_growth": 0.25},
             "lever", "plus with a flat spectrum (Iso-C) and the rescale target mean ‖τ_i‖·t^0.25"),
+    Variant("nufilt_plus_iso_null_only", "nufilt", {**PROFILES["plus-iso"], "lora_rank": 0}, "lever",
+            "profile plus-iso without the adapter (r_l = 0): the filtered τ_t alone, then rescaled and flattened"),
     Variant("nufilt_plus_clip", "nufilt", {**PROFILES["plus"], "rescale": "clip"}, "lever",
             "plus reaching its target by clipping the largest singular values (only dominant directions shrink)"),
     Variant("nufilt_radius03_rp64", "nufilt", {"rescale": "matrix", "rescale_radius": 0.03, "null_rank": 64}, "lever",

@@ -13,7 +13,7 @@ TASKS=rotten,debates,fortunes_b,wn_verb,bbc,fortunes_c,roget,moral  # config.DEV
 # plus-iso) or square-rooted
 VARIANTS=nufilt,nufilt_plus_rp32,nufilt_radius03,opcm,nufilt_rescale_model,nufilt_radius05,nufilt_plus_iso,nufilt_plus_sqrt
 VARIANTS=$VARIANTS,nufilt_plus_iso_shrunk
-# third screen: plus-iso with more magnitude (trust radius 0.05, target growing as t^0.25) or without the adapter
+# third screen: flat everywhere with more magnitude (trust radius 0.05, target growing as t^0.25), plus-iso without the adapter
 VARIANTS=$VARIANTS,nufilt_plus_iso_r05,nufilt_plus_iso_g25,nufilt_plus_iso_null_only
 presets=("$@")
 [ ${#presets[@]} -gt 0 ] || presets=(paper-protocol paper-protocol-gentle)

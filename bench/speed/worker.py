@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import shutil
 import sys
@@ -109,9 +110,13 @@ def run_reference(args: argparse.Namespace) -> None:
            threads=torch.get_num_threads())
 
 
-def parse_option(text: str) -> tuple[str, int | float]:
+def parse_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE, the value read as JSON (5, 0.5, true, null) or else kept as a string (profile=plus-iso)."""
     key, _, value = text.partition("=")
-    return key, float(value) if "." in value or "e" in value else int(value)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def main(argv: list[str] | None = None) -> int:

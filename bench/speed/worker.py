@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from measure import cpu_seconds, peak_rss_bytes, report
 
-if TYPE_CHECKING:  # the engine is imported in run_engine only, as before
-    from nufilt_core.merge import Progress
+from nufilt_core.cli import parse_assignment  # loads the engine too (the reference loads it anyway)
+from nufilt_core.merge import MergeRequest, Progress, merge_step
 
 
 class Timeline:
@@ -65,8 +63,6 @@ class Timeline:
 
 
 def run_engine(args: argparse.Namespace) -> None:
-    from nufilt_core.merge import MergeRequest, merge_step
-
     if args.overwrite and args.output.exists():
         shutil.rmtree(args.output)
     req = MergeRequest(base=args.base, previous=args.previous, checkpoint=args.checkpoint, output=args.output,
@@ -110,15 +106,6 @@ def run_reference(args: argparse.Namespace) -> None:
            threads=torch.get_num_threads())
 
 
-def parse_option(text: str) -> tuple[str, object]:
-    """KEY=VALUE, the value read as JSON (5, 0.5, true, null) or else kept as a string (profile=plus-iso)."""
-    key, _, value = text.partition("=")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="role", required=True)
@@ -136,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     eng.add_argument("--profile", type=Path, help="run the step under cProfile and write its stats here")
     eng.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                      help="--profile's clock: this thread's CPU time, or wall time")
-    eng.add_argument("--option", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
+    eng.add_argument("--option", action="append", type=parse_assignment, default=[], metavar="KEY=VALUE",
                      help="a NUFILT setting, e.g. iters=5 (step 1 only; later steps inherit)")
     ref = sub.choices["reference"]
     ref.add_argument("--step", type=int, default=2, help="1-based index of the checkpoint being merged")

@@ -6,13 +6,12 @@ import argparse
 import json
 import os
 import re
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, interrupts
 from .checkpoint import LINEAGE_NAME, Checkpoint
 from .demo import add_demo_parser
 from .devices import set_threads
@@ -147,8 +146,7 @@ class ProgressPrinter:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    # SIGTERM unwinds like Ctrl-C, so merge_step removes its hidden temporary output folder
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    interrupts.unwind_on_signals()  # SIGTERM unwinds like Ctrl-C: merge_step removes its hidden temporary output
     set_threads(args.threads)
     req = MergeRequest(
         base=args.base, checkpoint=args.checkpoint, output=args.output, previous=args.previous,
@@ -229,6 +227,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
         print(f"nufilt: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        interrupts.clear()
         print("nufilt: interrupted; no output was written", file=sys.stderr)  # SIGINT or SIGTERM
         return 130
     except BrokenPipeError:

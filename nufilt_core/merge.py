@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, interrupts
 from .checkpoint import Checkpoint, all_finite
 from .devices import resolve_device
 from .errors import CheckpointError, LineageError, NufiltError, SettingsError
@@ -372,8 +372,8 @@ def _write(s: _Step, method: MergeMethod, hashes: dict[str, str] | None,
     req, output = s.req, Path(s.req.output)
     tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()  # inside: a signal right after it must not leave the folder behind
         model_sha, written = _merge_pass(s, method, tmp, report)
         if hashes is None:
             hashes = s.read_the_rest(report)
@@ -413,6 +413,7 @@ def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeRe
     seconds: dict[str, float] = {}
 
     def report(phase: str, index: int, total: int, name: str) -> None:
+        interrupts.check_for_stop()  # after every tensor of every pass: a stop that a finalizer swallowed comes here
         if progress:
             progress(Progress(phase, index, total, name, time.perf_counter() - t0))
 

@@ -17,7 +17,6 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 import uuid
@@ -29,6 +28,7 @@ from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.cli import build_parser as build_core_parser
 from nufilt_core.cli import run
 from nufilt_core.errors import NufiltError
+from nufilt_core.interrupts import check_for_stop, unwind_on_signals
 
 from .config import CONFIG_ENV, Settings, load_settings
 from .intake import content_hash
@@ -395,9 +395,14 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(fh.fileno())
 
 
+def _copy_unless_stopped(src: str, dst: str) -> str:
+    check_for_stop()
+    return shutil.copy2(src, dst)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind: the temporary copy is removed
+    unwind_on_signals()  # SIGTERM unwinds: the temporary copy is removed
     src: Path = args.path
     if not src.exists() and not src.is_symlink():
         raise NufiltError(f"{src}: does not exist")
@@ -419,7 +424,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     tmp = inbox / f"tmp-{uuid.uuid4().hex[:8]}-{name}"  # ignored by the watcher until renamed
     try:
         if src.is_dir():
-            shutil.copytree(src, tmp, symlinks=True)  # a link swapped in since the check is refused, not followed
+            # a link swapped in since the check is refused, not followed; a stop is honoured between files
+            shutil.copytree(src, tmp, symlinks=True, copy_function=_copy_unless_stopped)
         else:
             shutil.copy2(src, tmp)
         _fsync_tree(tmp)

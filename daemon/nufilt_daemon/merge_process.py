@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent-pid", type=int, required=True)
     args = p.parse_args(argv)
     die_with_parent(args.parent_pid)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM: unwind, merge_step cleans its temp
+    from nufilt_core.interrupts import unwind_on_signals  # the engine's import, which preload() makes anyway
+
+    unwind_on_signals()  # SIGTERM: unwind, merge_step cleans its temp
     with os.fdopen(args.events_fd, "w") as stream:
         events = Events(stream)
         preload()

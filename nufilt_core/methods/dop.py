@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from ..interrupts import check_for_stop
 from ..selection import is_linear_weight
 from .base import MergeMethod, MethodSettings, StepContext, UntouchedRule, every_tensor
 
@@ -114,6 +115,7 @@ def dop_matrix(w0: torch.Tensor, w_prev: torch.Tensor, w_new: torch.Tensor,
     alpha = s.alpha
     opt = torch.optim.Adam([w], lr=s.lr)
     for _ in range(s.iters):
+        check_for_stop()
         (lm, gm), (ln, gn) = (t.loss_and_grad(w) for t in targets)
         if s.mgda:
             gamma = min_norm_weight(gm / lm if lm else torch.zeros_like(gm), gn / ln if ln else torch.zeros_like(gn))

@@ -53,6 +53,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import LineageError
+from ..interrupts import check_for_stop
 from ..linalg import adapter_seed, gram64, seeded_normal, top_right_singular_vectors
 from ..selection import Selection
 from .base import MergeMethod, MethodSettings, ScoredRule, Source, StepContext, UntouchedRule, every_tensor
@@ -316,6 +317,7 @@ def fit_adapter(tau_new: torch.Tensor, residual: torch.Tensor, v_weighted: torch
         g = gram64_new.to(tau_new.dtype) if gram64_new is not None else tau_new.T @ tau_new
         h = tau_new.T @ residual  # [d_in, k]
     for step in range(1, s.iters + 1):
+        check_for_stop()
         x = a @ v_weighted  # [r_l, k]
         if use_gram:
             gb = g @ b  # the one large product of the step

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from ..interrupts import check_for_stop
 from ..selection import is_linear_weight
 from .base import MergeMethod, MethodSettings, StepContext, UntouchedRule, every_tensor
 
@@ -76,6 +77,7 @@ def wudi_matrix(task_vectors: list[torch.Tensor], iters: int, lr: float) -> tupl
     merged = start.clone()
     opt = torch.optim.Adam([merged], lr=lr, weight_decay=0)
     for _ in range(iters):
+        check_for_stop()
         merged.grad = gradient(merged)
         opt.step()
     return merged, loss_before, interference_loss(merged, active, weights)

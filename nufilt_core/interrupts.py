@@ -3,8 +3,8 @@
 `signal.default_int_handler` raises KeyboardInterrupt wherever the main thread is when CPython runs the
 handler, between two bytecodes, and some places drop it: a finalizer (`__del__`, an abandoned generator)
 reports it as "Exception ignored", and the imports SciPy makes when a merge first needs it swallowed it
-without a word (measured: 8 of 300 SIGTERMs sent under load as a merge began were lost that way; the
-merge went on, and a CI run waited 300 s for it). So the handler also records the signal, and the
+without a word (bench/reliability/sigterm.py: 1 of 100 SIGTERMs sent as a merge began, one core busy,
+lost that way; the merge went on, and a CI run waited 300 s for it). So the handler also records the signal, and the
 engine's long loops call `check_for_stop()`, which raises again until someone acknowledges the stop
 (`clear()`, where KeyboardInterrupt is caught and the work is given up).
 """

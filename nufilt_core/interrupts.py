@@ -4,9 +4,9 @@
 handler, between two bytecodes, and some places drop it: a finalizer (`__del__`, an abandoned generator)
 reports it as "Exception ignored", and the imports SciPy makes when a merge first needs it swallowed it
 without a word (bench/reliability/sigterm.py: 1 of 100 SIGTERMs sent as a merge began, one core busy,
-lost that way; the merge went on, and a CI run waited 300 s for it). So the handler also records the signal, and the
-engine's long loops call `check_for_stop()`, which raises again until someone acknowledges the stop
-(`clear()`, where KeyboardInterrupt is caught and the work is given up).
+lost that way; the merge went on, and a CI run waited 300 s for it). So the handler also records the
+signal, and the engine's long loops call `check_for_stop()`, which raises again until someone
+acknowledges the stop (`clear()`, where KeyboardInterrupt is caught and the work is given up).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _raise(signum: int, frame: FrameType | None) -> None:
 
 def check_for_stop() -> None:
     """Raise KeyboardInterrupt if a signal came and the stop it asked for is still pending: its own raise
-    may have been swallowed by a finalizer. Cheap enough for every step of an optimiser's loop."""
+    may have been dropped (see above). Cheap enough for every step of an optimiser's loop."""
     if _pending is not None:
         raise KeyboardInterrupt(_pending.name)
 

@@ -413,7 +413,7 @@ def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeRe
     seconds: dict[str, float] = {}
 
     def report(phase: str, index: int, total: int, name: str) -> None:
-        interrupts.check_for_stop()  # after every tensor of every pass: a stop that a finalizer swallowed comes here
+        interrupts.check_for_stop()  # after every tensor of every pass: a stop whose raise was dropped
         if progress:
             progress(Progress(phase, index, total, name, time.perf_counter() - t0))
 

@@ -3,14 +3,15 @@
 The moment the hidden temporary output appears is when the merge first loads SciPy; a SIGTERM that lands
 in those imports used to be swallowed, and the merge went on. This runs step 2 of a small lineage (six
 256×256 attention weights: NUFILT's SciPy eigensolver path; `--iters 100000`, so a lost signal shows as a
-merge still running) `--trials` times in fresh processes,
-sends SIGTERM as soon as the temporary folder exists (after a random 0–0.3 s in a quarter of the trials),
-and counts the merges that did not exit 130 within 30 s, leaving nothing behind. `--busy N` keeps N cores
+merge still running) `--trials` times in fresh processes, sends SIGTERM as soon as the temporary folder
+exists (after a random 0–0.3 s in a quarter of the trials), and counts the merges that did not exit 130
+within 30 s, leaving nothing behind. `--busy N` keeps N cores
 busy meanwhile (the loss needed a loaded machine); `--tree DIR` runs another checkout's code (e.g. a git
 worktree of an older commit) with this venv, for a side-by-side count.
 
-    .venv/bin/python bench/reliability/sigterm.py --trials 300 --busy 2           # ≈ 60 min here
-    git worktree add /tmp/old 5e75bea && .venv/bin/python bench/reliability/sigterm.py --tree /tmp/old ...
+    .venv/bin/python bench/reliability/sigterm.py --trials 100 --busy 1           # ≈ 12 min here
+    git worktree add /tmp/old 5e75bea      # the checkout before the fix, run beside it:
+    .venv/bin/python bench/reliability/sigterm.py --trials 100 --busy 1 --tree /tmp/old
 """
 
 from __future__ import annotations

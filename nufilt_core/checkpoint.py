@@ -1,12 +1,13 @@
 """A checkpoint on disk: one safetensors file, or shards with `model.safetensors.index.json`,
-or a directory holding either. Only headers are read when it is opened."""
+or a directory holding either, or a PEFT LoRA adapter folder (lora.py). Only headers are read when
+it is opened."""
 
 from __future__ import annotations
 
 import json
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import torch
 
 from .errors import CheckpointError
 from .fsguard import check_tree, entry_stat, open_regular, plain_file_name
+from .lora import ADAPTER_CARD, ADAPTER_FILES, LoraAdapter
+from .lora import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from .private_copy import copy_and_hash
 from .readahead import read_ahead
 from .safetensors_io import (
@@ -35,6 +38,8 @@ CONVERT_HINT = (
     "or `model.save_pretrained(dir, safe_serialization=True)` with transformers.")
 # Files that belong to the weights or to nufilt itself; everything else small is copied along.
 NOT_COPIED_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+# Exports of the whole model in other formats: copied along, they would describe other weights than the merged ones
+EXPORT_SUFFIXES = (".onnx", ".onnx_data", ".gguf", ".h5", ".msgpack", ".tflite", ".ot")
 MAX_COPIED_FILE_BYTES = 64 * 1024 * 1024
 MAX_INDEX_BYTES = 100 * 1024 * 1024  # an index this big is not an index
 
@@ -46,6 +51,9 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]  # in storage order: shard by shard, by offset
 
     strict: bool = False  # refuse links and special files everywhere (the daemon's inbox)
+    # a PEFT LoRA adapter folder: `tensors` are then the adapter's own (hashed, copied), and the base tensors it
+    # changes are made by `model_tensor` once `check_same_layout` has bound it to the base
+    adapter: LoraAdapter | None = None
 
     @classmethod
     def open(cls, path: str | Path, strict: bool = False) -> Checkpoint:
@@ -69,6 +77,9 @@ class Checkpoint:
         st = entry_stat(path, strict)
         if not stat.S_ISDIR(st.st_mode):
             return cls._from_file(path, strict)
+        if os.path.lexists(path / ADAPTER_CONFIG_NAME):
+            adapter = LoraAdapter.open(path, strict)
+            return cls(path, path, adapter.tensors, strict, adapter)
         index = path / INDEX_NAME
         if index.exists() or index.is_symlink():
             return cls._from_index(path, index, strict)
@@ -138,26 +149,57 @@ class Checkpoint:
             per_file[info.file] = per_file.get(info.file, 0) + info.nbytes
         return max(per_file.values()) if len(per_file) > 1 else None
 
-    def side_files(self, reserved: tuple[str, ...] = ()) -> list[Path]:
-        """Small files beside the weights (config.json, tokenizer, ...) worth carrying along; never the
-        lineage record or a name in `reserved` (files the caller writes itself)."""
+    def side_files(self, reserved: tuple[str, ...] = ()) -> dict[str, Path]:
+        """The files of the model folder besides the merged weights, by path relative to it: config.json, the
+        tokenizer, generation_config.json, and nested module folders (sentence-transformers' `1_Pooling/`).
+        Never the lineage record, a name in `reserved` (files the caller writes itself), an adapter's own files,
+        hidden or `_`-prefixed names, exports of the weights in other formats, or files over 64 MiB. A lone weight
+        file has none."""
         if self.path.is_file() and self.path.name != INDEX_NAME:
-            return []
-        out = []
-        for p in sorted(self.directory.iterdir()):
-            if self.strict:  # checked when opened, but never copy a link made since
-                entry_stat(p, strict=True)
-            if (p.is_file() and not p.name.startswith((".", "_")) and p.name != INDEX_NAME
-                    and not p.name.endswith(NOT_COPIED_SUFFIXES) and p.name != LINEAGE_NAME and p.name not in reserved
-                    and p.stat().st_size <= MAX_COPIED_FILE_BYTES):
-                out.append(p)
+            return {}
+        out: dict[str, Path] = {}
+        for dirpath, dirnames, filenames in os.walk(self.directory, followlinks=not self.strict):
+            here = Path(dirpath)
+            top = here == self.directory
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
+            for name in sorted(filenames):
+                p = here / name
+                if self.strict:  # checked when opened, but never copy a link made since
+                    entry_stat(p, strict=True)
+                # at the top the merged weights; below it, a module's own safetensors weights are kept
+                weights = (*NOT_COPIED_SUFFIXES, *EXPORT_SUFFIXES) if top else (*PICKLE_SUFFIXES, *EXPORT_SUFFIXES)
+                ours = top and (name in (INDEX_NAME, LINEAGE_NAME, *ADAPTER_FILES) or name in reserved
+                                or (self.adapter is not None and name == ADAPTER_CARD))
+                if (p.is_file() and not name.startswith((".", "_")) and not name.endswith(weights) and not ours
+                        and p.stat().st_size <= MAX_COPIED_FILE_BYTES):
+                    out[str(p.relative_to(self.directory))] = p
         return out
+
+    def content_hash(self, digest_lines: Iterable[str]) -> str:
+        """The checkpoint's identity from its tensors' digest lines; an adapter adds its settings' line."""
+        extra = [self.adapter.identity_line()] if self.adapter else []
+        return combine_digests([*digest_lines, *extra])
+
+    def model_tensor(self, name: str, base: Checkpoint) -> torch.Tensor:
+        """Tensor `name` of the model this checkpoint describes, in the base's layout: an adapter's is the base's
+        value changed by the adapter (fp32, fp64 for an fp64 base), a full checkpoint's its own."""
+        if self.adapter is None:
+            return self.read(name)
+        if not self.adapter.targets:
+            base.check_same_layout(self, "checkpoint")
+        w0 = base.read(name)
+        return self.adapter.materialise(name, w0.to(torch.float64 if w0.dtype == torch.float64 else torch.float32),
+                                        read_tensor)
 
     def read(self, name: str) -> torch.Tensor:
         return read_tensor(self.tensors[name])
 
     def check_same_layout(self, other: Checkpoint, role: str) -> None:
-        """`other` has this model's tensor names, shapes and kind of dtype; names the first offender."""
+        """`other` has this model's tensor names, shapes and kind of dtype; names the first offender. An adapter
+        is checked against this model instead (every key changes one of its tensors, shapes fit) and bound to it."""
+        if other.adapter is not None:
+            other.adapter.bind(self.tensors, other.path)
+            return
         missing = [n for n in self.tensors if n not in other.tensors]
         if missing:
             raise CheckpointError(other.path, f"{role} lacks {len(missing)} tensor(s) the base has, "
@@ -190,7 +232,7 @@ class Checkpoint:
             digests.append(digest)
             if report:
                 report(info.name)
-        return combine_digests(digests), non_finite
+        return self.content_hash(digests), non_finite
 
     def copy_to(self, dst: Path) -> str:
         """A real copy of `self.path` at `dst` (must not exist), fsynced, and its content hash from the same

@@ -23,6 +23,7 @@ FORMAT = "nufilt.lineage/1"
 class CheckpointRef:
     sha256: str  # content hash (layout-independent): see safetensors_io.combine_digests
     path: str  # where it was read from, for people; the hash is what counts
+    declared_base: str | None = None  # a PEFT adapter's base_model_name_or_path: the base it says it was tuned from
 
 
 @dataclass

@@ -40,7 +40,15 @@ from .methods.base import Source, UntouchedRule, source_input
 from .observers import TensorObserver
 from .peak_memory import peak_rss_bytes
 from .readahead import read_ahead
-from .safetensors_io import StreamingWriter, combine_digests, read_raw, read_tensor, tensor_digest, tensor_from_raw
+from .safetensors_io import (
+    StreamingWriter,
+    TensorInfo,
+    read_raw,
+    read_tensor,
+    tensor_bytes,
+    tensor_digest,
+    tensor_from_raw,
+)
 from .scores import ScoreObserver, SurrogateScores, method_scope
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -163,18 +171,32 @@ class _Step:
         inputs = [("base", self.base), ("previous", self.previous), ("checkpoint", self.new)]
         return [(r, c) for r, c in inputs if c is not None]  # θ_0^m = θ0: read once at step 1
 
-    def read(self, source: Input, name: str) -> torch.Tensor:
-        """One tensor as stored, on the CPU. In one pass also hashed and, when float, checked finite: each
-        input byte is read once, so this is where that input is verified."""
+    def read(self, source: Input, name: str, base: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor of an input, on the CPU: as stored, or for an adapter θ0's value changed by it (fp32, fp64
+        for an fp64 base) from its factors and `base` (θ0's value as stored, read here when not given)."""
         role, ckpt = source
-        info = ckpt.tensors[name]
+        if ckpt.adapter is None:
+            return self._read_stored(role, ckpt.tensors[name])
+        if base is None:
+            base = self.read(("base", self.base), name)
+        compute = torch.float64 if base.dtype == torch.float64 else torch.float32
+        out = ckpt.adapter.materialise(name, base.to(compute), partial(self._read_stored, role))
+        if self.digests is not None:  # what the gate's untouched check compares a copied tensor with
+            info = self.base.tensors[name]
+            self.digests[role][name] = tensor_digest(name, info.dtype, info.shape,
+                                                     tensor_bytes(out.to(info.torch_dtype)))
+        return out
+
+    def _read_stored(self, role: str, info: TensorInfo) -> torch.Tensor:
+        """One stored tensor. In one pass also hashed and, when float, checked finite: each input byte is read
+        once, so this is where that input is verified."""
         if self.digests is None:
             return read_tensor(info)
         raw = read_raw(info)
-        self.digests[role][name] = tensor_digest(info.name, info.dtype, info.shape, raw)
+        self.digests[role][info.name] = tensor_digest(info.name, info.dtype, info.shape, raw)
         tensor = tensor_from_raw(info, raw)
         if info.is_float and not all_finite(tensor):
-            raise CheckpointError(info.file, f"{role} holds NaN/Inf values", tensor=name)
+            raise CheckpointError(info.file, f"{role} holds NaN/Inf values", tensor=info.name)
         return tensor
 
     def copied_from(self, name: str) -> Source | None:
@@ -197,11 +219,20 @@ class _Step:
                              ("checkpoint", self.new))]
 
     def stored(self, name: str, writing: bool = False) -> list[torch.Tensor]:
-        """One tensor as stored in each input it is taken from, on the CPU (what the read-ahead thread reads)."""
-        return [self.read(source, name) for source in self._sources(name, writing)]
+        """One tensor as stored in each input it is taken from, on the CPU (what the read-ahead thread reads);
+        an adapter's made from the base's, read first."""
+        out: list[torch.Tensor] = []
+        base = None
+        for source in self._sources(name, writing):
+            out.append(self.read(source, name, base))
+            if source[0] == "base":
+                base = out[-1]
+        return out
 
     def stored_bytes(self, name: str, writing: bool = False) -> int:
-        return sum(c.tensors[name].nbytes for _, c in self._sources(name, writing))
+        info = self.base.tensors[name]
+        return sum(info.numel * 4 + c.adapter.factor_bytes(name) if c.adapter else c.tensors[name].nbytes
+                   for _, c in self._sources(name, writing))
 
     def load(self, name: str, stored: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                                   torch.Tensor]:
@@ -209,7 +240,9 @@ class _Step:
         read ahead, else read now, one input at a time (a big tensor never has three stored copies at once)."""
         compute = torch.float64 if self.base.tensors[name].torch_dtype == torch.float64 else torch.float32
         if stored is None:
-            got = [self.read(source, name).to(device=self.device, dtype=compute) for source in self.roles]
+            got = []
+            for source in self.roles:  # the base first: an adapter's value is made from it
+                got.append(self.read(source, name, got[0] if got else None).to(device=self.device, dtype=compute))
         else:
             got = [t.to(device=self.device, dtype=compute) for t in stored]
         return (got[0], got[1], got[2]) if self.previous else (got[0], got[0], got[1])
@@ -218,12 +251,12 @@ class _Step:
         """One pass, after the merge pass: the input tensors no pass needed (the other inputs of a copied
         tensor), read once for their hashes; then every input's content hash."""
         assert self.digests is not None
-        rest = [(source, name) for source in self.roles for name in source[1].tensors
-                if name not in self.digests[source[0]]]
-        for i, (source, name) in enumerate(rest, 1):
-            self.read(source, name)
-            report("check", i, len(rest), f"{source[0]}: {name}")
-        return {role: combine_digests(self.digests[role][n] for n in c.tensors) for role, c in self.roles}
+        rest = [(role, info) for role, c in self.roles for name, info in c.tensors.items()
+                if name not in self.digests[role]]
+        for i, (role, info) in enumerate(rest, 1):
+            self._read_stored(role, info)
+            report("check", i, len(rest), f"{role}: {info.name}")
+        return {role: c.content_hash(self.digests[role][n] for n in c.tensors) for role, c in self.roles}
 
 
 def _score_observer(req: MergeRequest, method_cls: type[MergeMethod], settings: Any,
@@ -318,8 +351,9 @@ def _merged(s: _Step, method: MergeMethod, name: str, stored: list[torch.Tensor]
     """One tensor of the output, as it is written; the observers that want it see it."""
     info = s.base.tensors[name]
     copied = s.copied_from(name)
-    if copied is not None:  # as stored in that input (scanned finite by the pre-flight, or as it was read)
-        return stored[0] if stored else s.stored(name, writing=True)[0]
+    if copied is not None:  # as stored in that input (scanned finite by the pre-flight, or as it was read);
+        # an adapter's value is made in fp32 and stored in the base's dtype
+        return (stored[0] if stored else s.stored(name, writing=True)[0]).to(info.torch_dtype)
     loaded = s.load(name, stored)
     stored = None  # narrow stored copies are not needed once converted
     kept = s.untouched(name, info.shape)  # an observed tensor the method leaves as an input: that input
@@ -380,13 +414,13 @@ def _write(s: _Step, method: MergeMethod, hashes: dict[str, str] | None,
             _check_lineage(s, hashes)
         for observer in s.observers:
             observer.finish()
-        for side in s.new.side_files(req.reserved_names):
-            shutil.copy2(side, tmp / side.name)
+        copy_model_files(s, tmp)
         record = LineageRecord(
             method=s.method_name, settings=s.settings.model_dump(mode="json"), seed=s.seed, step=s.step,
             base=CheckpointRef(hashes["base"], str(req.base)),
             checkpoints=[*(s.prev_record.checkpoints if s.prev_record else []),
-                         CheckpointRef(hashes["checkpoint"], str(req.checkpoint))],
+                         CheckpointRef(hashes["checkpoint"], str(req.checkpoint),
+                                       s.new.adapter.config.base_model_name_or_path if s.new.adapter else None)],
             model_sha256=model_sha, method_state=method.state(), summary=method.summary(),
             tool=f"nufilt {__version__}", created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             device=str(s.device), duration_seconds=round(time.perf_counter() - started, 3),
@@ -400,10 +434,33 @@ def _write(s: _Step, method: MergeMethod, hashes: dict[str, str] | None,
     return record, written
 
 
+def copy_model_files(s: _Step, folder: Path) -> None:
+    """Everything a loader needs besides the weights (config, tokenizer, generation config, nested module
+    folders), file by file from the newest input that has it: the new checkpoint, else the previous merged
+    model, else the base. So every output is a complete model folder, whatever form the checkpoint came in."""
+    chosen: dict[str, Path] = {}
+    for ckpt in (s.base, s.previous, s.new):  # later ones win
+        if ckpt is not None:
+            chosen.update(ckpt.side_files(s.req.reserved_names))
+    for relative, source in sorted(chosen.items()):
+        target = folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    for sub in sorted({p for r in chosen for p in Path(r).parents if p != Path(".")}, reverse=True):
+        fsync_dir(folder / sub)
+
+
 def stored_eps(s: _Step) -> dict[str, float]:
-    """Per float tensor, the coarsest rounding (machine epsilon) among the dtypes the inputs store it in."""
+    """Per float tensor, the coarsest rounding (machine epsilon) among the dtypes the inputs store it in (an
+    adapter's: the base's and those of its factors)."""
+    def dtypes(c: Checkpoint, name: str) -> list[torch.dtype]:
+        if c.adapter is None:
+            return [c.tensors[name].torch_dtype]
+        own = c.adapter.dtype_of(name)
+        return [s.base.tensors[name].torch_dtype, *([own] if own else [])]
+
     inputs = [c for c in (s.base, s.previous, s.new) if c is not None]
-    return {name: max(torch.finfo(c.tensors[name].torch_dtype).eps for c in inputs)
+    return {name: max(torch.finfo(d).eps for c in inputs for d in dtypes(c, name))
             for name, info in s.base.tensors.items() if info.is_float}
 
 

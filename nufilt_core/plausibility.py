@@ -54,13 +54,14 @@ def relative_distance(base: torch.Tensor, new: torch.Tensor) -> float | None:
 
 
 def relative_distances(base: Checkpoint, new: Checkpoint) -> dict[str, float]:
-    """r per 2-D float tensor present in both with the same shape (the layout check is the pre-flight's)."""
+    """r per 2-D float tensor present in both with the same shape (the layout check is the pre-flight's); an
+    adapter's from the tensors it changes."""
     out: dict[str, float] = {}
     for name, info in base.tensors.items():
-        other = new.tensors.get(name)
+        other = info if new.adapter is not None else new.tensors.get(name)
         if not info.is_float or len(info.shape) != 2 or other is None or other.shape != info.shape:
             continue
-        r = relative_distance(base.read(name), new.read(name))
+        r = relative_distance(base.read(name), new.model_tensor(name, base))
         if r is not None:
             out[name] = r
     return out

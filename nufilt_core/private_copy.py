@@ -26,7 +26,7 @@ from .errors import CheckpointError
 from .fsguard import entry_stat, open_regular
 from .fsutil import fsync_dir
 from .readahead import read_ahead
-from .safetensors_io import MAX_HEADER_BYTES, TensorInfo, combine_digests, read_header, read_raw, tensor_digest
+from .safetensors_io import MAX_HEADER_BYTES, TensorInfo, read_header, read_raw, tensor_digest
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -51,7 +51,7 @@ def copy_and_hash(checkpoint: Checkpoint, dst: Path) -> str:
     else:
         digests = _copy_tree(src, dst, by_file, checkpoint.strict)
     fsync_dir(dst.parent)  # the entry's own name
-    return combine_digests(digests)
+    return checkpoint.content_hash(digests)
 
 
 def _copy_tree(src: Path, dst: Path, by_file: dict[Path, list[TensorInfo]], strict: bool) -> list[str]:

@@ -81,6 +81,14 @@ class GateSettings(_Section):
     max_relative_distance: float = Field(
         DEFAULT_MAX_RELATIVE_DISTANCE, ge=0, description="reject a checkpoint whose median ‖θ_t − θ0‖/‖θ0‖ over "
         "its weight matrices exceeds this (not fine-tuned from this base); 0: off")
+    model_folder: bool = Field(True, description="the candidate must be a folder the Hugging Face libraries load: "
+                               "every file of the base's folder, config.json of the base's model_type, ...")
+    base_model_name: str | None = Field(
+        None, description="the name PEFT adapters give this base in base_model_name_or_path (e.g. "
+        "'sentence-transformers/all-MiniLM-L6-v2'); unset: the base_model path or its folder's name")
+    declared_base: Literal["warn", "reject", "ignore"] = Field(
+        "warn", description="an adapter whose base_model_name_or_path is not base_model_name: log a warning, "
+        "reject it, or say nothing")
     command: list[str] | None = Field(
         None, description="argv of a validation command; gets the candidate folder as last argument (and "
         "NUFILT_CANDIDATE), prints a JSON object of numeric metrics")

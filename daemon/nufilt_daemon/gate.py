@@ -39,7 +39,8 @@ from nufilt_core.lineage import LineageRecord
 from nufilt_core.merge import MergeResult, StepDigests
 from nufilt_core.methods import recorded
 from nufilt_core.methods.base import source_input
-from nufilt_core.safetensors_io import read_raw
+from nufilt_core.model_folder import model_folder_problems
+from nufilt_core.safetensors_io import read_raw, tensor_bytes
 from nufilt_core.scores import record_scope, surrogate_scores
 
 from .config import GateSettings
@@ -67,7 +68,11 @@ def check_untouched(base: Checkpoint, previous: Checkpoint | None, new: Checkpoi
             same = digests.inputs[role][name] == digests.output[name]
         else:
             kept = source_input(source, base, previous, new)
-            same = read_raw(kept.tensors[name]) == read_raw(candidate.tensors[name])
+            written = read_raw(candidate.tensors[name])
+            if kept.adapter is not None:
+                same = tensor_bytes(kept.model_tensor(name, base).to(info.torch_dtype)) == written
+            else:
+                same = read_raw(kept.tensors[name]) == written
         if not same:
             changed.append(name)
     return checked, changed
@@ -95,6 +100,17 @@ def check_candidate(base: Checkpoint, previous: Checkpoint | None, new: Checkpoi
     else:
         checks["finite"] = checks["lineage_hash"] = "ok (checked while written)"
 
+    if settings.model_folder:
+        folder_problems = model_folder_problems(candidate.directory, base)
+        problems += folder_problems
+        checks["model_folder"] = folder_problems[:10] or "ok"
+    if new.adapter is not None:
+        declared = check_declared_base(new.adapter.config.base_model_name_or_path, base, settings)
+        checks["declared_base"] = declared
+        if not declared["matches"] and settings.declared_base == "reject":
+            problems.append(f"{new.path}: an adapter of '{declared['declared']}', not of this base "
+                            f"({' or '.join(declared['expected'])}; gate.declared_base = reject)")
+
     if settings.check_untouched:
         n_untouched, untouched_bad = check_untouched(base, previous, new, candidate, record,
                                                      merged.digests if merged is not None else None)
@@ -114,6 +130,16 @@ def check_candidate(base: Checkpoint, previous: Checkpoint | None, new: Checkpoi
         s = surrogate_scores(base, previous, new, candidate, selected, null_rank, task_rank, device)
         scores = {**s.as_dict(), "seconds": round(time.perf_counter() - t0, 3)}
     return {"problems": problems, "checks": checks, "scores": scores}
+
+
+def check_declared_base(declared: str | None, base: Checkpoint, settings: GateSettings) -> dict[str, Any]:
+    """Whether the base an adapter names (base_model_name_or_path) is ours: gate.base_model_name when set,
+    else the base's path or its folder's name; an adapter that names none matches."""
+    base_path = base.directory if base.path.is_file() else base.path
+    expected = [settings.base_model_name] if settings.base_model_name else [str(base_path), base_path.name]
+    matches = declared is None or declared in expected or (not settings.base_model_name
+                                                          and Path(declared).name == base_path.name)
+    return {"declared": declared, "expected": expected, "matches": matches}
 
 
 def _check_written(candidate: Checkpoint, record: LineageRecord, checks: dict[str, Any]) -> list[str]:

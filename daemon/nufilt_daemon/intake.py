@@ -32,7 +32,6 @@ from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.errors import CheckpointError, NufiltError
 from nufilt_core.fsguard import check_tree
 from nufilt_core.fsutil import fsync_dir
-from nufilt_core.safetensors_io import combine_digests
 
 from .journal import Job, Journal
 from .names import printable, staged_name
@@ -46,7 +45,8 @@ DEFAULT_MAX_FAILURES = 5  # failed intakes of one entry (disk, journal) before i
 
 def content_hash(path: Path, strict: bool = False) -> str:
     """The same layout-independent hash merge_step records for its inputs."""
-    return combine_digests(digest for _, _, digest in Checkpoint.open(path, strict=strict).scan())
+    checkpoint = Checkpoint.open(path, strict=strict)
+    return checkpoint.content_hash(digest for _, _, digest in checkpoint.scan())
 
 
 class IntakeError(NufiltError):

@@ -195,6 +195,9 @@ class MergeWorker:
             report.update(checks=res.validation.get("checks"), scores=res.validation.get("scores"),
                           command=decision.command, metrics=decision.metrics,
                           validation_seconds=round(validation_seconds, 3))
+            declared = (res.validation.get("checks") or {}).get("declared_base")
+            if declared and not declared["matches"] and self.settings.gate.declared_base == "warn":
+                jlog.warning("adapter_of_another_base", declared=declared["declared"], expected=declared["expected"])
             self.metrics.validation_duration.observe(validation_seconds)
             self.metrics.show_scores(measured_scores(decision.metrics, res.validation.get("scores") or {},
                                                      (decision.command or {}).get("metrics") or {}))

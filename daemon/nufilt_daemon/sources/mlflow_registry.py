@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from nufilt_core.checkpoint import INDEX_NAME
+from nufilt_core.lora import CONFIG_NAME as ADAPTER_CONFIG_NAME
 
 from ..config import MlflowSettings
 from ..journal import Journal
@@ -72,11 +73,18 @@ def _visible(path: Path, root: Path) -> bool:
 def find_checkpoint(root: Path) -> tuple[Path, str | None]:
     """Where the checkpoint sits in a downloaded artifact tree, and a warning when unsure.
 
-    The folder holding the one shard index, else the folder holding the `.safetensors` file(s).
+    The folder holding the one PEFT adapter (`adapter_config.json`: as `mlflow.transformers` logs a PEFT
+    model, beside its tokenizer), else the one shard index, else the folder holding the `.safetensors` file(s).
     When there is none, or several candidates, the root is returned with a warning: the arrival is
     still emitted, so the journal rejects it with Checkpoint.open's reason instead of the version
     blocking the queue for ever.
     """
+    adapters = sorted(p for p in root.rglob(ADAPTER_CONFIG_NAME) if _visible(p, root))
+    if len(adapters) == 1:
+        return adapters[0].parent, None
+    if adapters:
+        where = ", ".join(str(p.parent.relative_to(root)) for p in adapters)
+        return root, f"artifacts hold {len(adapters)} PEFT adapters ({where}); expected one"
     indexes = sorted(p for p in root.rglob(INDEX_NAME) if _visible(p, root))
     if len(indexes) == 1:
         return indexes[0].parent, None

@@ -2,7 +2,7 @@
 
 A merge writes the weights; loaders need more: `config.json` (whose `model_type` tells transformers the
 architecture), the tokenizer files, `generation_config.json`, and for sentence-transformers `modules.json`
-with the folders it names (`1_Pooling/config.json`). The engine copies them from the newest input that has
+and the module folders it names (`1_Pooling/config.json`). The engine copies them from the newest input that has
 them (merge.copy_model_files); this check makes sure none went missing, so that a folder the libraries
 cannot load never becomes production.
 """
@@ -16,8 +16,6 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .lora import ADAPTER_FILES
 
-MODULES_NAME = "modules.json"  # sentence-transformers' list of modules, each in a folder of its own
-
 
 def _json(path: Path) -> Any:
     try:
@@ -27,8 +25,8 @@ def _json(path: Path) -> Any:
 
 
 def model_folder_problems(folder: Path, base: Checkpoint) -> list[str]:
-    """What keeps `folder` from loading as the model `base` is: files the base folder has that it lacks, a
-    config.json without the base's `model_type`, modules.json naming a missing folder, an adapter's own files."""
+    """What keeps `folder` from loading as the model `base` is: files the base folder has that it lacks (nested
+    module folders included), a config.json without the base's `model_type`, an adapter's own files."""
     problems = []
     base_files = base.side_files()
     missing = [name for name in base_files if not (folder / name).is_file()]
@@ -40,12 +38,6 @@ def model_folder_problems(folder: Path, base: Checkpoint) -> list[str]:
         if not isinstance(config, dict) or config.get("model_type") != base_config["model_type"]:
             problems.append(f"{folder}/config.json: not a config of model_type '{base_config['model_type']}' "
                             "(transformers could not load the folder)")
-    modules = _json(folder / MODULES_NAME)
-    if isinstance(modules, list):
-        for module in modules:
-            path = module.get("path") if isinstance(module, dict) else None
-            if path and not (folder / path).is_dir():
-                problems.append(f"{folder}/{MODULES_NAME}: names module folder '{path}', which is missing")
     adapter = [name for name in ADAPTER_FILES if (folder / name).exists()]
     if adapter:
         problems.append(f"{folder}: holds {adapter[0]}, so loaders would take it for an adapter")

@@ -55,7 +55,7 @@ def lora_adapter(base: Path, folder: Path, seed: int = 1, dtype: torch.dtype | N
     model = get_peft_model(_load(base), LoraConfig(**config))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:  # the adapter's own parameters (factors, magnitudes, modules to save, biases)
                 p.copy_(p + 0.1 * torch.randn(p.shape, generator=g))
         if dtype is not None:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.methods.nufilt import NufiltSettings, adapter_init, nufilt_matrix
 from nufilt_core.selection import Selection
 
@@ -68,11 +69,14 @@ def diagnose(base: Path, checkpoints: dict[str, Path], order: list[str], s: Nufi
     w0s = {n: w0s[n].float() for n in names}
     merged = {n: w0s[n].clone() for n in names}
     steps, per_kind = [], defaultdict(lambda: defaultdict(list))
+    base_checkpoint = Checkpoint.open(base)
     for t, task in enumerate(order, 1):
-        theta = load_file(str(checkpoints[task] / "model.safetensors"))
+        theta = Checkpoint.open(checkpoints[task])  # a model folder, or an adapter made per tensor
+        base_checkpoint.check_same_layout(theta, "checkpoint")
         rows = {}
         for n in names:
-            merged[n], rows[n] = matrix_figures(w0s[n], merged[n], theta[n].float(), n, t, seed, s)
+            merged[n], rows[n] = matrix_figures(w0s[n], merged[n], theta.model_tensor(n, base_checkpoint).float(),
+                                                n, t, seed, s)
         tot = {k: sum(r[k] for r in rows.values()) for k in next(iter(rows.values()))}
         steps.append({
             "step": t, "task": task,

@@ -2,7 +2,8 @@
 an independent fine-tune θ_t from θ0 (the upper reference), same seeded recipe for every task.
 
 The fine-tune starts its head from the probe (linear probe, then fine-tune) and trains body and
-head together; embeddings stay frozen. The body is saved with θ0's tensor names, the heads beside it.
+head together; embeddings stay frozen. The body is saved with θ0's tensor names, the heads beside it;
+with `lora_rank`, a PEFT LoRA adapter is trained instead of the body and saved as `peft` writes it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from .cache import atomic_dir
 from .config import DataConfig, TrainConfig, key
 from .data import TaskData
 from .evaluate import features, head_accuracy
+
+# every attention and MLP projection of MiniLM's encoder (query, key, value; the three `dense` layers)
+LORA_TARGETS = ["query", "key", "value", "dense"]
 
 
 def finetune_dir(cache: Path, task: str, data: DataConfig, train: TrainConfig) -> Path:
@@ -50,6 +54,11 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, cfg: TrainConfig
 def train_body(task: TaskData, probe: dict[str, torch.Tensor], cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(cfg.seed)
     encoder = new_encoder().train()
+    if cfg.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        encoder = get_peft_model(encoder, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
+                                                     target_modules=LORA_TARGETS, lora_dropout=0.0))
     if cfg.freeze_embeddings:
         for p in encoder.embeddings.parameters():
             p.requires_grad_(False)
@@ -101,9 +110,12 @@ def finetune_task(cache: Path, task: TaskData, data: DataConfig, cfg: TrainConfi
     encoder, info = train_body(task, probe, cfg)
     ft_acc = head_accuracy(features(encoder, task.test), info["head"], task.test.labels)
     with atomic_dir(folder) as tmp:
-        (tmp / "body").mkdir()
-        save_file(body_state(encoder), str(tmp / "body" / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copy2(base_dir() / "config.json", tmp / "body" / "config.json")
+        if cfg.lora_rank:
+            encoder.save_pretrained(tmp / "body")  # adapter_config.json + adapter_model.safetensors
+        else:
+            (tmp / "body").mkdir()
+            save_file(body_state(encoder), str(tmp / "body" / "model.safetensors"), metadata={"format": "pt"})
+            shutil.copy2(base_dir() / "config.json", tmp / "body" / "config.json")
         save_file(info["head"], str(tmp / "head.safetensors"))
         save_file(probe, str(tmp / "probe_head.safetensors"))
         (tmp / "metrics.json").write_text(json.dumps({

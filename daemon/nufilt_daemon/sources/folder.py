@@ -2,9 +2,9 @@
 
 What counts as a checkpoint (top-level entries of WATCH_DIR only):
 - a `*.safetensors` file;
-- a folder holding one safetensors file, or shards with `model.safetensors.index.json`, that
-  appears by rename (write it elsewhere on the same filesystem, then `mv`), or a folder holding a
-  `_COMPLETE` marker (written last, for people who copy by hand).
+- a folder holding one safetensors file, or shards with `model.safetensors.index.json`, or a PEFT LoRA
+  adapter (`adapter_config.json`), that appears by rename (write it elsewhere on the same filesystem,
+  then `mv`), or a folder holding a `_COMPLETE` marker (written last, for people who copy by hand).
 Ignored: hidden names (`.*`, which also hides `.processed/`), `tmp-*` and `*.partial`.
 
 How it decides an entry is complete: every file's size and mtime unchanged for `settle_seconds`,

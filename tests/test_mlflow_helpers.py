@@ -103,3 +103,20 @@ def test_error_descriptions_drop_credentials():
     assert "hunter2" not in text and "alice" not in text
     assert text.startswith("ConnectionError: API request to https://***@mlflow.example") and "\n" not in text
 
+
+
+def test_find_checkpoint_takes_the_adapter_mlflow_transformers_logs(tmp_path):
+    """mlflow.transformers logs a PEFT model as peft/ (the adapter) beside components/ (the tokenizer)."""
+    from peft_models import lora_adapter, tiny_bert
+
+    base = tiny_bert(tmp_path / "base")
+    lora_adapter(base, tmp_path / "run/peft", r=2, lora_alpha=4, target_modules=["query"])
+    (tmp_path / "run/components/tokenizer").mkdir(parents=True)
+    (tmp_path / "run/components/tokenizer/tokenizer.json").write_text("{}")
+    (tmp_path / "run/MLmodel").write_text("flavors: {}\n")
+    found, warning = find_checkpoint(tmp_path / "run")
+    assert found == tmp_path / "run/peft" and warning is None
+    assert Checkpoint.open(found).adapter is not None
+    lora_adapter(base, tmp_path / "run/other", r=2, lora_alpha=4, target_modules=["query"])
+    found, warning = find_checkpoint(tmp_path / "run")
+    assert found == tmp_path / "run" and warning and "2 PEFT adapters" in warning

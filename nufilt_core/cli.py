@@ -66,9 +66,13 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
         description="Merge one fine-tuned checkpoint into the previous merged model (continual merging, "
         "no data needed).", epilog=MERGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("inputs and output")
-    io.add_argument("--base", required=True, type=Path, help="pre-trained model θ0 the checkpoints were tuned from")
+    io.add_argument("--base", required=True, type=Path,
+                    help="pre-trained model θ0 the checkpoints were tuned from (its folder: config, tokenizer and "
+                         "module folders are carried into every output)")
     io.add_argument("--previous", type=Path, help="output of the previous step (omit for step 1)")
-    io.add_argument("--checkpoint", required=True, type=Path, help="the new fine-tuned model θ_t")
+    io.add_argument("--checkpoint", required=True, type=Path,
+                    help="the new fine-tuned model θ_t: a model folder, a .safetensors file, or a PEFT LoRA adapter "
+                         "folder (adapter_config.json)")
     io.add_argument("--output", required=True, type=Path, help="folder to create for the merged model")
     io.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     io.add_argument("--one-pass", action="store_true", dest="one_pass",

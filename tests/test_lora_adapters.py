@@ -209,3 +209,17 @@ def test_bad_adapters_are_refused_naming_the_file_and_the_key(bases: dict[str, P
     broken = variant("broken")
     (broken / "adapter_config.json").write_text("{")
     assert "adapter_config.json: is not valid JSON" in str(refusal(bert, broken))
+
+
+def test_the_gate_compares_the_base_an_adapter_names_with_ours(bases: dict[str, Path]):
+    from nufilt_daemon.config import GateSettings
+    from nufilt_daemon.gate import check_declared_base
+
+    base = Checkpoint.open(bases["tiny_bert"])
+    assert check_declared_base(str(bases["tiny_bert"]), base, GateSettings())["matches"]
+    assert check_declared_base("/elsewhere/tiny_bert", base, GateSettings())["matches"]  # the folder's name
+    assert not check_declared_base("meta-llama/Llama-3.2-1B", base, GateSettings())["matches"]
+    named = GateSettings(base_model_name="org/tiny-bert")
+    assert check_declared_base("org/tiny-bert", base, named)["matches"]
+    assert not check_declared_base(str(bases["tiny_bert"]), base, named)["matches"]
+    assert check_declared_base(None, base, named)["matches"]  # an adapter that names no base

@@ -79,18 +79,13 @@ def find_checkpoint(root: Path) -> tuple[Path, str | None]:
     still emitted, so the journal rejects it with Checkpoint.open's reason instead of the version
     blocking the queue for ever.
     """
-    adapters = sorted(p for p in root.rglob(ADAPTER_CONFIG_NAME) if _visible(p, root))
-    if len(adapters) == 1:
-        return adapters[0].parent, None
-    if adapters:
-        where = ", ".join(str(p.parent.relative_to(root)) for p in adapters)
-        return root, f"artifacts hold {len(adapters)} PEFT adapters ({where}); expected one"
-    indexes = sorted(p for p in root.rglob(INDEX_NAME) if _visible(p, root))
-    if len(indexes) == 1:
-        return indexes[0].parent, None
-    if indexes:
-        where = ", ".join(str(p.parent.relative_to(root)) for p in indexes)
-        return root, f"artifacts hold {len(indexes)} sharded checkpoints ({where}); expected one"
+    for marker, what in ((ADAPTER_CONFIG_NAME, "PEFT adapters"), (INDEX_NAME, "sharded checkpoints")):
+        found = sorted(p for p in root.rglob(marker) if _visible(p, root))
+        if len(found) == 1:
+            return found[0].parent, None
+        if found:
+            where = ", ".join(str(p.parent.relative_to(root)) for p in found)
+            return root, f"artifacts hold {len(found)} {what} ({where}); expected one"
     folders = sorted({p.parent for p in root.rglob("*.safetensors") if p.is_file() and _visible(p, root)})
     if len(folders) == 1:
         return folders[0], None

@@ -133,6 +133,21 @@ def top_right_singular_vectors(x: torch.Tensor, rank: int, gram: torch.Tensor | 
     return v[:, :k].to(x.dtype)
 
 
+def low_rank_right_singular_vectors(left: torch.Tensor, right: torch.Tensor, rank: int) -> torch.Tensor:
+    """What top_right_singular_vectors(left @ right, rank) returns, without forming the product: for a
+    low-rank x = left [d_out, r] · right [r, d_in] (a LoRA update), rightᵀ = Q R̃, then the SVD of the small
+    left·R̃ᵀ [d_out, r] = U Σ Wᵀ gives x = U Σ (Q W)ᵀ; in fp64, O((d_out + d_in) r²) instead of O(d_out d_in²).
+    The same zero cut-off, at the inputs' precision."""
+    d_out, d_in = left.shape[0], right.shape[1]
+    if rank <= 0 or not bool(left.any()) or not bool(right.any()):
+        return left.new_zeros((d_in, 0))
+    q, r = torch.linalg.qr(right.double().T)
+    _, s, wh = torch.linalg.svd(left.double() @ r.T, full_matrices=False)
+    tol = s.max() * max(d_out, d_in) * torch.finfo(left.dtype).eps  # as top_right_singular_vectors
+    k = min(rank, int((s > tol).sum()))
+    return (q @ wh[:k].T).to(left.dtype)
+
+
 def adapter_seed(seed: int, name: str, step: int) -> int:
     """Generator seed for one tensor's adapter: first 8 bytes of sha256, little-endian, 63 bits."""
     digest = hashlib.sha256(f"{seed}:{name}:{step}".encode()).digest()

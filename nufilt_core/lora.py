@@ -295,6 +295,22 @@ class LoraAdapter:
         factor = get(t.magnitude) / torch.linalg.vector_norm(merged, dim=rows)
         return merged * (factor.view(1, -1) if t.transposed else factor.view(-1, 1))
 
+    def factors(self, name: str, shape: tuple[int, ...], read: ReadFn, dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """ΔW of the base matrix `name` [d_out, d_in] as (left, right) with ΔW = left @ right: rank 0 where the
+        adapter leaves it alone, LoRA's factors for a plain LoRA update; None for DoRA or a saved value of its own."""
+        t = self.targets.get(name)
+        if t is None:
+            return torch.zeros((shape[0], 0), dtype=dtype, device=device), torch.zeros((0, shape[1]), dtype=dtype,
+                                                                                      device=device)
+        if t.kind not in ("linear", "embedding") or t.magnitude is not None or t.start is not None:
+            return None
+        assert t.a is not None and t.b is not None
+        a, b = (read(i).to(device=device, dtype=dtype) for i in (t.a, t.b))
+        if t.kind == "embedding" or t.transposed:  # ΔW = s·(B A)ᵀ = Aᵀ (s·Bᵀ)
+            return a.T, t.scale * b.T
+        return t.scale * b, a
+
     def identity_line(self) -> str:
         """The settings' line of the content hash (beside the tensors' lines)."""
         raw = self.config.identity()

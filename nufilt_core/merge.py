@@ -36,7 +36,7 @@ from .errors import CheckpointError, LineageError, NufiltError, SettingsError
 from .fsutil import fsync_dir
 from .lineage import CheckpointRef, LineageRecord
 from .methods import MergeMethod, StepContext, get_method, resolve_settings
-from .methods.base import Source, UntouchedRule, source_input
+from .methods.base import LowRank, Source, UntouchedRule, source_input
 from .observers import TensorObserver
 from .peak_memory import peak_rss_bytes
 from .readahead import read_ahead
@@ -186,6 +186,15 @@ class _Step:
             self.digests[role][name] = tensor_digest(name, info.dtype, info.shape,
                                                      tensor_bytes(out.to(info.torch_dtype)))
         return out
+
+    def factors(self, name: str) -> LowRank | None:
+        """The new checkpoint's task vector of tensor `name` as factors (left @ right) on the device in the compute
+        dtype, when it is an adapter's plain LoRA update (its factors are small: read again here)."""
+        adapter, info = self.new.adapter, self.base.tensors[name]
+        if adapter is None or len(info.shape) != 2:
+            return None
+        compute = torch.float64 if info.torch_dtype == torch.float64 else torch.float32
+        return adapter.factors(name, info.shape, partial(self._read_stored, "checkpoint"), compute, self.device)
 
     def _read_stored(self, role: str, info: TensorInfo) -> torch.Tensor:
         """One stored tensor. In one pass also hashed and, when float, checked finite: each input byte is read
@@ -357,7 +366,13 @@ def _merged(s: _Step, method: MergeMethod, name: str, stored: list[torch.Tensor]
     loaded = s.load(name, stored)
     stored = None  # narrow stored copies are not needed once converted
     kept = s.untouched(name, info.shape)  # an observed tensor the method leaves as an input: that input
-    merged = loaded[SOURCE_POSITION[kept]] if kept else method.merge(name, *loaded)
+    factors = s.factors(name) if not kept and method.low_rank_aware else None
+    if kept:
+        merged = loaded[SOURCE_POSITION[kept]]
+    elif factors is not None:
+        merged = method.merge_low_rank(name, *loaded, factors)
+    else:
+        merged = method.merge(name, *loaded)
     if not all_finite(merged):
         raise NufiltError(f"method {s.method_name} produced NaN/Inf for tensor '{name}'")
     out = merged.to(device="cpu", dtype=info.torch_dtype)

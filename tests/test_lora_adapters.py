@@ -223,3 +223,25 @@ def test_the_gate_compares_the_base_an_adapter_names_with_ours(bases: dict[str, 
     assert check_declared_base("org/tiny-bert", base, named)["matches"]
     assert not check_declared_base(str(bases["tiny_bert"]), base, named)["matches"]
     assert check_declared_base(None, base, named)["matches"]  # an adapter that names no base
+
+
+@pytest.mark.parametrize("d_out,d_in,rank", [(48, 32, 4), (24, 96, 6), (40, 40, 12)])
+def test_nufilt_on_the_factors_equals_nufilt_on_the_dense_task_vector(d_out: int, d_in: int, rank: int):
+    """A LoRA arrival's step works on τ_t = L R (V̂t from the r × r problem, the Adam loop's products through
+    the factors): the same update as the dense step, to 1e-5 relative, for ranks below and above r_v and for
+    both of the dense step's gradient forms (d_in < 2 d_out: through τᵀτ; else direct)."""
+    from nufilt_core.methods.nufilt import NufiltSettings, adapter_init, nufilt_matrix
+
+    g = torch.Generator().manual_seed(rank)
+    base = torch.randn(d_out, d_in, generator=g)
+    tau_prev = 0.05 * torch.randn(d_out, d_in, generator=g)
+    left, right = 0.1 * torch.randn(d_out, rank, generator=g), 0.1 * torch.randn(rank, d_in, generator=g)
+    tau_new = (base + left @ right) - base  # as the engine has it: θ_t made from the adapter, minus θ0
+    s = NufiltSettings(null_rank=16, lora_rank=8, task_rank=8, iters=30)
+    a_init = adapter_init(s.lora_rank, d_in, 0, "w", 2)
+    dense = nufilt_matrix(tau_prev, tau_new, a_init, s)
+    factored = nufilt_matrix(tau_prev, tau_new, a_init, s, (left, right))
+    assert factored.v_new.shape == dense.v_new.shape == (d_in, min(rank, 8))
+    err = float((factored.update - dense.update).norm() / dense.update.norm())
+    assert err <= 1e-5, err
+    assert factored.loss_after < factored.loss_before  # the adapter was fitted, not skipped

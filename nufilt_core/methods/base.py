@@ -27,6 +27,8 @@ T = TypeVar("T")
 Source = Literal["base", "previous", "new"]
 # (name, shape) of a float tensor → the input it must equal bit for bit, None when it may change.
 UntouchedRule = Callable[[str, tuple[int, ...]], Source | None]
+# (left [d_out, r], right [r, d_in]) whose product is a task vector of rank ≤ r
+LowRank = tuple[torch.Tensor, torch.Tensor]
 # (name, shape) of a 2-D float tensor → whether the surrogate scores cover it.
 ScoredRule = Callable[[str, tuple[int, ...]], bool]
 
@@ -79,6 +81,16 @@ class MergeMethod(ABC):
     @abstractmethod
     def merge(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """The new merged value of one float tensor."""
+
+    # whether `merge_low_rank` does less work than `merge`: the engine then hands it a LoRA arrival's factors
+    low_rank_aware: ClassVar[bool] = False
+
+    def merge_low_rank(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
+                       factors: LowRank) -> torch.Tensor:
+        """`merge` when the new task vector is also known as factors, new − base = left @ right (a LoRA
+        adapter's update): a method whose work shrinks with the rank overrides it, with the same result as
+        `merge` up to rounding."""
+        return self.merge(name, base, previous, new)
 
     def subspaces(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(V̂_{≤t-1}, V̂_t) of the tensor `merge` just handled, when the method computed them as the surrogate

@@ -54,9 +54,15 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import LineageError
 from ..interrupts import check_for_stop
-from ..linalg import adapter_seed, gram64, seeded_normal, top_right_singular_vectors
+from ..linalg import (
+    adapter_seed,
+    gram64,
+    low_rank_right_singular_vectors,
+    seeded_normal,
+    top_right_singular_vectors,
+)
 from ..selection import Selection
-from .base import MergeMethod, MethodSettings, ScoredRule, Source, StepContext, UntouchedRule, every_tensor
+from .base import LowRank, MergeMethod, MethodSettings, ScoredRule, Source, StepContext, UntouchedRule, every_tensor
 
 Policy = Literal["keep_base", "keep_previous", "average", "sum"]
 Preset = Literal["auto", "all-linear", "clip", "vit", "bert", "t5", "llama"]  # selection.PRESETS and two rules
@@ -308,19 +314,34 @@ def adam_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], mom
 
 
 def fit_adapter(tau_new: torch.Tensor, residual: torch.Tensor, v_weighted: torch.Tensor, a: torch.Tensor,
-                b: torch.Tensor, s: NufiltSettings, gram64_new: torch.Tensor | None) -> None:
-    """Adam on L(A, B) = ‖C − τ_t B A V̂‖² (columns weighted), in place on a and b, hand-written gradients."""
+                b: torch.Tensor, s: NufiltSettings, gram64_new: torch.Tensor | None,
+                factors: LowRank | None = None) -> None:
+    """Adam on L(A, B) = ‖C − τ_t B A V̂‖² (columns weighted), in place on a and b, hand-written gradients.
+    With τ_t's factors (τ_t = L R, rank r), G B = Rᵀ((LᵀL)(R B)) costs O(d_in r r_l) instead of O(d_in² r_l)."""
     d_out, d_in = tau_new.shape
     moments, squares = [torch.zeros_like(a), torch.zeros_like(b)], [torch.zeros_like(a), torch.zeros_like(b)]
-    use_gram = d_in < 2 * d_out  # G costs d_in² per Adam step, the direct form 2·d_out·d_in
-    if use_gram:
+    # G costs d_in² per Adam step, the direct form 2·d_out·d_in, the factored one 2·d_in·r
+    use_gram = factors is not None or d_in < 2 * d_out
+    if factors is not None:
+        left, right = factors
+        core = left.T @ left  # [r, r]
+
+        def gram_times(x: torch.Tensor) -> torch.Tensor:
+            return right.T @ (core @ (right @ x))
+
+        h = right.T @ (left.T @ residual)  # [d_in, k]
+    elif use_gram:
         g = gram64_new.to(tau_new.dtype) if gram64_new is not None else tau_new.T @ tau_new
-        h = tau_new.T @ residual  # [d_in, k]
+
+        def gram_times(x: torch.Tensor) -> torch.Tensor:
+            return g @ x
+
+        h = tau_new.T @ residual
     for step in range(1, s.iters + 1):
         check_for_stop()
         x = a @ v_weighted  # [r_l, k]
         if use_gram:
-            gb = g @ b  # the one large product of the step
+            gb = gram_times(b)  # the one large product of the step
             grad_b = 2 * (gb @ (x @ x.T) - h @ x.T)
             grad_x = 2 * ((b.T @ gb) @ x - b.T @ h)
         else:
@@ -332,16 +353,22 @@ def fit_adapter(tau_new: torch.Tensor, residual: torch.Tensor, v_weighted: torch
 
 
 def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.Tensor | None,
-                  s: NufiltSettings) -> MatrixResult:
-    """One NUFILT step on one weight matrix (all inputs on one device, fp32 or fp64)."""
+                  s: NufiltSettings, factors: LowRank | None = None) -> MatrixResult:
+    """One NUFILT step on one weight matrix (all inputs on one device, fp32 or fp64). `factors`: τ_t = L R of
+    rank r (a LoRA arrival), so that V̂t, τ_t V̂ and the Adam loop's products cost what the rank does."""
     d_in = tau_new.shape[1]
     if s.task_energy is not None:  # beyond the paper: the new task vector's low-rank part only
-        tau_new = low_rank_by_energy(tau_new, s.task_energy)
+        tau_new, factors = low_rank_by_energy(tau_new, s.task_energy), None
     v_prev = earlier_task_directions(tau_prev, s)
-    v_new, gram = new_task_directions(tau_new, s)
+    if factors is not None:
+        v_new, gram = low_rank_right_singular_vectors(*factors, s.task_rank), None
+    else:
+        v_new, gram = new_task_directions(tau_new, s)
     v_hat = torch.cat([v_new, v_prev], dim=1)  # V̂ (Eq. 17)
     k_t = v_new.shape[1]
-    tau_vhat, prev_vhat = tau_new @ v_hat, tau_prev @ v_hat  # each product once: 𝒯, M V̂ and P use their blocks
+    # each product once: 𝒯, M V̂ and P use their blocks
+    tau_vhat = tau_new @ v_hat if factors is None else factors[0] @ (factors[1] @ v_hat)
+    prev_vhat = tau_prev @ v_hat
     v_filter = v_prev if s.null_space else v_prev[:, :0]  # ablation "adapter only": P = I
     tau_vf = tau_vhat[:, k_t : k_t + v_filter.shape[1]]  # τ_t V̂p
     filtered = tau_new - tau_vf @ v_filter.T  # τ_t P, P = I − V̂p V̂pᵀ (Eq. 8) never formed
@@ -366,13 +393,13 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
 
     a, b = a.clone(), b.clone()
     with torch.no_grad():
-        fit_adapter(tau_new, residual, v_weighted, a, b, s, gram)
+        fit_adapter(tau_new, residual, v_weighted, a, b, s, gram, factors)
         if s.adapter_span:
             # ∂L/∂A = (∂L/∂X) V̂ᵀ lies in span(V̂), so A's part outside it is its random start, unseen by the
             # loss (A Q Qᵀ V̂ = A V̂): dropping it leaves the loss as it is and adds nothing the loss did not check
             q = torch.linalg.qr(v_hat).Q
             a = (a @ q) @ q.T
-        tau_b = tau_new @ b
+        tau_b = tau_new @ b if factors is None else factors[0] @ (factors[1] @ b)
         loss_after = float((residual - tau_b @ (a @ v_weighted)).square().sum())
         update = filtered + tau_b @ a  # τ_t (P + B A) (Eq. 9–10)
     return MatrixResult(update, v_prev, v_new, a, b, loss_before, loss_after)
@@ -382,6 +409,7 @@ class Nufilt(MergeMethod):
     name = "nufilt"
     summary_line = "null-space filter + data-free LoRA adapter, fused (the paper's method)"
     Settings = NufiltSettings
+    low_rank_aware = True
 
     def __init__(self, settings: NufiltSettings, ctx: StepContext):
         super().__init__(settings, ctx)
@@ -391,6 +419,7 @@ class Nufilt(MergeMethod):
         self.loss_after = 0.0
         self.null_dims = 0
         self._subspaces: tuple[str, torch.Tensor, torch.Tensor] | None = None  # the last filtered tensor's V̂p, V̂t
+        self._factors: tuple[str, LowRank] | None = None  # the tensor being merged's τ_t as factors (merge_low_rank)
         # rescaling (beyond the paper): λ_{t-1} and ‖τ_1‖…‖τ_{t-1}‖ per unit ("" = the whole model)
         self.scales: dict[str, tuple[float, list[float]]] = {}
         self.new_sq: dict[str, float] = {}
@@ -425,7 +454,8 @@ class Nufilt(MergeMethod):
         a_init = adapter_init(s.lora_rank, base.shape[1], self.ctx.seed, name, self.ctx.step)
         if a_init is not None:
             a_init = a_init.to(device=base.device, dtype=base.dtype)
-        return nufilt_matrix(previous - base, new - base, a_init, s)
+        factors = self._factors[1] if self._factors is not None and self._factors[0] == name else None
+        return nufilt_matrix(previous - base, new - base, a_init, s, factors)
 
     def _unscaled(self, name: str, base: torch.Tensor, previous: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """U = λ_{t-1} τ_{≤t-1} + update (the merged task vector before this step's λ_t)."""
@@ -478,6 +508,14 @@ class Nufilt(MergeMethod):
             return merged  # nothing was shrunk: the merged task vector keeps every task at full size
         floor = rounding_floor(base, self.ctx.eps.get(name, torch.finfo(base.dtype).eps))
         return base + shape_spectrum(merged - base, s.spectrum_power, floor)
+
+    def merge_low_rank(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
+                       factors: LowRank) -> torch.Tensor:
+        self._factors = (name, factors)
+        try:
+            return self.merge(name, base, previous, new)
+        finally:
+            self._factors = None
 
     def _rescaled(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
                   update: torch.Tensor) -> torch.Tensor:

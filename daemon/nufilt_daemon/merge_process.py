@@ -89,6 +89,11 @@ def preload() -> None:
     import nufilt_core.merge
     import nufilt_core.plausibility  # noqa: F401
 
+    try:  # what a PEFT adapter's merge asks (nufilt_core/lora.py): ≈ 4 s of imports, spent while idle
+        import peft.tuners.tuners_utils  # noqa: F401
+    except ImportError:
+        pass
+
     from . import gate  # noqa: F401
 
 

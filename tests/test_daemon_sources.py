@@ -127,6 +127,25 @@ def test_an_entry_that_never_opens_is_handed_on_after_the_timeout(tmp_path: Path
         src.stop()
 
 
+def test_folders_whose_weights_are_only_pickles_are_handed_on_at_once(tmp_path: Path):
+    """A Hugging Face folder with pytorch_model.bin, a PEFT adapter with adapter_model.bin: waiting cannot make
+    either a checkpoint, so they go to the journal (rejected with the conversion hint) without the timeout."""
+    inbox = tmp_path / "inbox"
+    for name, files in (("hf-bin", ("config.json", "pytorch_model.bin")),
+                        ("adapter-bin", ("adapter_config.json", "adapter_model.bin"))):
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_text("{}")
+    inbox.mkdir()
+    src, got = start(inbox, incomplete_timeout_seconds=600)
+    try:
+        for name in ("hf-bin", "adapter-bin"):
+            os.rename(tmp_path / name, inbox / name)
+        wait_for("both handed on", lambda: sorted(got.names()) == ["adapter-bin", "hf-bin"], timeout=15)
+    finally:
+        src.stop()
+
+
 def test_a_dead_observer_is_seen_and_a_restart_detects_again(tiny: dict[str, Path], tmp_path: Path):
     inbox = tmp_path / "inbox"
     src, got = start(inbox)

@@ -39,7 +39,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from nufilt_core.checkpoint import PICKLE_SUFFIXES, Checkpoint
+from nufilt_core.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint
 from nufilt_core.errors import CheckpointError, NufiltError
 from nufilt_core.fsguard import check_tree
 
@@ -98,10 +98,13 @@ def is_special(path: Path) -> bool:
 
 def completeness(path: Path) -> tuple[bool, str | None]:
     """(ready to hand on, why not yet). A marker makes a folder ready even if it will not open;
-    an entry refused for what it is (a link, a FIFO, a pickle) is ready at once, to be rejected."""
+    an entry refused for what it is (a link, a FIFO, a pickle, a folder whose weights are only pickles, such
+    as `pytorch_model.bin` or a PEFT adapter's `adapter_model.bin`) is ready at once, to be rejected."""
     if is_special(path):
         return True, None
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        return True, None
+    if path.is_dir() and only_pickled_weights(path):
         return True, None
     if path.is_dir() and (path / COMPLETE_MARKER).exists():
         return True, None
@@ -112,6 +115,13 @@ def completeness(path: Path) -> tuple[bool, str | None]:
     except NufiltError as e:
         return False, str(e)
     return True, None
+
+
+def only_pickled_weights(folder: Path) -> bool:
+    """The folder's weight files are pickles, none safetensors: waiting cannot make it a checkpoint."""
+    names = [p.name for p in folder.iterdir()]
+    return (any(n.endswith(PICKLE_SUFFIXES) for n in names)
+            and not any(n.endswith(".safetensors") or n == INDEX_NAME for n in names))
 
 
 @dataclass

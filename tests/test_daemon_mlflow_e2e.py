@@ -20,7 +20,8 @@ from mlflow_server import MlflowServer
 from models import base_state, finetune, write_model
 from nufilt_daemon.intake import content_hash
 from nufilt_daemon.mlflow_connection import registry_client
-from test_mlflow_registry import register, unique
+from peft_models import lora_adapter, tiny_bert
+from test_mlflow_registry import register, register_folder, unique
 
 from nufilt_core.lineage import LineageRecord
 
@@ -133,6 +134,28 @@ def test_registered_versions_are_merged_in_order_published_and_rolled_back(serve
         wait_for("production alias back on store version 1",
                  lambda: aliases_by_store_version(client, target) == {"production": 1}, timeout=60)
         assert sorted(by_store_version(client, target)) == [1, 2, 3]  # moved, nothing re-published
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_registered_peft_adapter_is_merged_into_a_complete_model_folder(server, client, tmp_path):
+    """A version whose artifacts hold a PEFT adapter where mlflow.transformers puts one (model/peft/), beside
+    other files: the adapter is the checkpoint, and the version promoted is a model folder with the base's config."""
+    base = tiny_bert(tmp_path / "base")
+    logged = tmp_path / "logged"
+    lora_adapter(base, logged / "peft", r=2, lora_alpha=4, target_modules=["query", "value"])
+    (logged / "MLmodel").write_text("flavors: {}\n")
+    source = unique("finetuned")
+    register_folder(client, source, logged, "model")
+    d = daemon(tmp_path / "svc", base, server, source, unique("merged")).start()
+    try:
+        wait_for("the adapter merged", lambda: d.in_states("promoted", "rejected", "failed"), timeout=120)
+        assert [j["state"] for j in d.jobs()] == ["promoted"], d.jobs()
+        assert d.jobs()[0]["sha256"] == content_hash(logged / "peft")
+        production = d.store / "production"
+        assert (production / "config.json").read_bytes() == (base / "config.json").read_bytes()
+        assert not (production / "adapter_config.json").exists()
+        assert LineageRecord.read(production).checkpoints[0].declared_base == str(base)
     finally:
         assert d.stop() == 0
 

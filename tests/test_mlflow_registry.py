@@ -65,7 +65,12 @@ def unique(prefix: str) -> str:
 def register(client, model: str, state: dict[str, torch.Tensor], workdir: Path, *, shards: int = 1,
              artifact_path: str = "checkpoint") -> str:
     """Log `state` as a checkpoint folder in a run and register it as the next version of `model`."""
-    folder = write_model(state, workdir / uuid.uuid4().hex[:8], shards=shards)
+    return register_folder(client, model, write_model(state, workdir / uuid.uuid4().hex[:8], shards=shards),
+                           artifact_path)
+
+
+def register_folder(client, model: str, folder: Path, artifact_path: str = "checkpoint") -> str:
+    """Log `folder` as artifacts of a run under `artifact_path` and register it as the next version of `model`."""
     try:
         client.create_registered_model(model)
     except Exception as e:

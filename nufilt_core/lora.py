@@ -97,6 +97,8 @@ class LoraConfig(BaseModel):
         """Whether PEFT would put LoRA on `module` (a name in the base model, without `base_model.model.`)."""
         from peft.tuners.tuners_utils import check_target_module_exists
 
+        if self.target_modules is None:
+            return False
         found = check_target_module_exists(self, module)
         return bool(found) and type(found).__name__ != "_ExcludedModule"
 

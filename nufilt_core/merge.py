@@ -286,6 +286,10 @@ def _resolve(req: MergeRequest) -> _Step:
     device = resolve_device(req.device)
     base, new = Checkpoint.open(req.base), Checkpoint.open(req.checkpoint)
     previous = Checkpoint.open(req.previous) if req.previous else None
+    for role, opened in (("the base", base), ("--previous", previous)):
+        if opened is not None and opened.adapter is not None:
+            raise CheckpointError(opened.path, f"is a PEFT adapter; {role} must be a full model (adapters arrive as "
+                                  "checkpoints)")
     prev_record = LineageRecord.read(Path(req.previous)) if req.previous else None
     method_name = req.method or (prev_record.method if prev_record else DEFAULT_METHOD)
     method_cls = get_method(method_name)

@@ -205,6 +205,10 @@ def test_bad_adapters_are_refused_naming_the_file_and_the_key(bases: dict[str, P
     (ia3 / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     assert "peft_type 'IA3'" in str(refusal(bert, ia3))
 
+    # an adapter where a full model belongs
+    with pytest.raises(CheckpointError, match="is a PEFT adapter; the base must be a full model"):
+        merge_step(MergeRequest(base=good, checkpoint=good, output=tmp_path / "never"))
+
     # not JSON
     broken = variant("broken")
     (broken / "adapter_config.json").write_text("{")

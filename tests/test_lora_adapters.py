@@ -249,3 +249,18 @@ def test_nufilt_on_the_factors_equals_nufilt_on_the_dense_task_vector(d_out: int
     err = float((factored.update - dense.update).norm() / dense.update.norm())
     assert err <= 1e-5, err
     assert factored.loss_after < factored.loss_before  # the adapter was fitted, not skipped
+
+
+def test_an_fp16_adapter_on_a_bf16_base_merges_into_a_bf16_model(tmp_path: Path):
+    from transformers import BertModel
+
+    base = tmp_path / "base-bf16"
+    BertModel.from_pretrained(tiny_bert(tmp_path / "base")).to(torch.bfloat16).save_pretrained(base)
+    adapter = lora_adapter(base, tmp_path / "a", dtype=torch.float16, r=4, lora_alpha=8,
+                           target_modules=["query", "value"])
+    out = tmp_path / "out"
+    merge_step(MergeRequest(base=base, checkpoint=adapter, output=out, method="weight_average"))
+    merged, reference = load_file(out / "model.safetensors"), peft_merged(base, adapter)
+    assert {t.dtype for t in merged.values() if t.is_floating_point()} == {torch.bfloat16}
+    for name, want in reference.items():  # PEFT rounds its sum to bf16 too; ours is rounded once, from fp32
+        torch.testing.assert_close(merged[name].float(), want, rtol=1e-2, atol=1e-2, msg=name)

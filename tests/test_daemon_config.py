@@ -40,9 +40,21 @@ def test_file_then_environment_with_nesting(tmp_path: Path, monkeypatch: pytest.
     assert s.folder.settle_seconds == 0.5 and s.metrics_port == 9999  # the environment wins over the file
     assert s.mlflow.target_model == "merged" and s.mlflow.webhook_secret.get_secret_value() == "s3cret"
     assert "s3cret" not in repr(s) and s.redacted()["mlflow"]["webhook_secret"] == "**********"
+    monkeypatch.setenv("NUFILT_MLFLOW__TRACKING_URI", "https://trainer:pa55word@mlflow.example:5000")
+    shown = load_settings(cfg).redacted()
+    assert shown["mlflow"]["tracking_uri"] == "https://***@mlflow.example:5000" and "pa55word" not in str(shown)
 
     monkeypatch.setenv("NUFILT_CONFIG", str(cfg))  # the file by environment, as a systemd unit may set it
     assert load_settings().base_model == Path("/models/base")
+
+
+@pytest.mark.parametrize("line", ['watch_dir = "/srv/nufilt/store/inbox"', 'state_dir = "/srv/nufilt/store"',
+                                  'watch_dir = "/srv/nufilt/store/../store"'])
+def test_the_inbox_the_store_and_the_state_must_be_separate(tmp_path: Path, line: str):
+    cfg = write(tmp_path, f'store_dir = "/srv/nufilt/store"\n{line}\n')
+    with pytest.raises(ConfigError, match=r"must be separate folders") as e:
+        load_settings(cfg)
+    assert "store_dir (/srv/nufilt/store)" in str(e.value)
 
 
 def test_unknown_keys_and_bad_values_are_errors_that_name_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

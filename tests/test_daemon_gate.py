@@ -199,6 +199,11 @@ def test_user_command_and_thresholds_decide(tmp_path: Path):
     slow = script(tmp_path, "time.sleep(30)\n")
     d = decide(ok, cand, GateSettings(command=slow, command_timeout_seconds=0.5))
     assert d.outcome == GateOutcome.FAILED and "timed out" in d.reasons[0]
+    for printed in ("NaN", "-Infinity"):  # Python's json reads both; no threshold may take them for a pass
+        broken = script(tmp_path, f"print('{{\"accuracy\": {printed}}}')\n")
+        d = decide(ok, cand, GateSettings(command=broken, thresholds={"accuracy": Threshold(min=0.5, max=1.0)}))
+        assert d.outcome == GateOutcome.REJECTED and d.reasons == [f"accuracy = {float(printed)} is not a finite "
+                                                                   "number"], d.reasons
     chatty = script(tmp_path, "print('no json here')\n")
     assert decide(ok, cand, GateSettings(command=chatty)).outcome == GateOutcome.FAILED
 

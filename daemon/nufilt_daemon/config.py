@@ -33,6 +33,8 @@ from nufilt_core.errors import NufiltError, SettingsError
 from nufilt_core.methods import get_method, resolve_settings
 from nufilt_core.plausibility import DEFAULT_MAX_RELATIVE_DISTANCE
 
+from .mlflow_connection import redact
+
 ENV_PREFIX = "NUFILT_"
 CONFIG_ENV = "NUFILT_CONFIG"  # path of the TOML file, when --config is not given
 NESTED_DELIMITER = "__"
@@ -181,6 +183,16 @@ class Settings(BaseSettings):
             raise ValueError("mlflow.tracking_uri is set but neither mlflow.source_model nor mlflow.target_model")
         if m.webhook_port is not None and not m.tracking_uri:
             raise ValueError("mlflow.webhook_port needs mlflow.tracking_uri")
+        # the folder source moves what it finds aside, the store prunes what it does not know: one inside another
+        # would move the production link away or prune the inbox
+        folders = {"watch_dir": self.watch_dir, "store_dir": self.store_dir, "state_dir": self.state_dir}
+        resolved = {k: Path(os.path.abspath(v)) for k, v in folders.items()}
+        for a, pa in resolved.items():
+            for b, pb in resolved.items():
+                if a != b and (pa == pb or pb in pa.parents):
+                    where = "is" if pa == pb else "is inside"
+                    raise ValueError(f"{a} ({folders[a]}) {where} {b} ({folders[b]}): the inbox, the store and "
+                                     "the state must be separate folders")
         return self
 
     @classmethod
@@ -201,8 +213,12 @@ class Settings(BaseSettings):
         return dict(NEW_LINEAGE_SETTINGS.get(self.method, {})) if first_step else {}
 
     def redacted(self) -> dict[str, Any]:
-        """For logs: JSON-safe, secrets masked."""
-        return self.model_dump(mode="json")
+        """For logs and `daemon --check`: JSON-safe, secrets masked (the webhook secret, and a password in the
+        tracking URI: `https://user:password@host` shows as `https://***@host`)."""
+        data = self.model_dump(mode="json")
+        if data["mlflow"]["tracking_uri"]:
+            data["mlflow"]["tracking_uri"] = redact(data["mlflow"]["tracking_uri"])
+        return data
 
 
 def unknown_env_keys(environ: dict[str, str] | None = None) -> list[str]:

@@ -22,6 +22,7 @@ the command was not found, timed out, or printed no JSON; production does not mo
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import tempfile
@@ -230,6 +231,9 @@ def apply_thresholds(metrics: dict[str, float], settings: GateSettings) -> list[
             out.append(f"metric '{name}' has a threshold but was not reported")
             continue
         v = metrics[name]
+        if not math.isfinite(v):  # NaN compares False with every bound: it would pass them all
+            out.append(f"{name} = {v} is not a finite number")
+            continue
         if t.min is not None and v < t.min:
             out.append(f"{name} = {v:.6g} is below the minimum {t.min:g}")
         if t.max is not None and v > t.max:

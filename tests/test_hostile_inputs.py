@@ -214,3 +214,30 @@ def test_submit_refuses_a_pickle_at_once_with_the_conversion_command(tmp_path: P
         assert rc == 1 and "pickle" in err and "safetensors.torch as st; st.save_file(" in err, err
     assert not (tmp_path / "inbox").exists() or list((tmp_path / "inbox").iterdir()) == []
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # main() installed its handler in this process
+
+
+def test_two_submits_under_one_name_never_lose_a_checkpoint(tiny: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch):
+    """Two trainers submit a `model.safetensors` each: the second one to finish its copy finds the name taken
+    and fails, instead of its rename silently replacing the first one's checkpoint. The interleaving is made
+    for real: while this process's submit has copied and not yet renamed, another `nufilt submit` runs."""
+    import nufilt_daemon.cli as cli
+
+    for k in [k for k in os.environ if k.startswith("NUFILT_")]:
+        monkeypatch.delenv(k)
+    inbox = tmp_path / "inbox"
+    monkeypatch.setenv("NUFILT_WATCH_DIR", str(inbox))
+    copied = cli._fsync_tree
+
+    def then_another_submit(path: Path) -> None:
+        copied(path)
+        run_cli("submit", tiny["t2"] / "model.safetensors")  # the other trainer, done first
+
+    monkeypatch.setattr(cli, "_fsync_tree", then_another_submit)
+    rc = main(["submit", str(tiny["t1"] / "model.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "already in the inbox" in err, err
+    assert sorted(p.name for p in inbox.iterdir()) == ["model.safetensors"]  # no temporary copy left
+    assert (inbox / "model.safetensors").read_bytes() == (tiny["t2"] / "model.safetensors").read_bytes()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # main() installed its handler in this process

@@ -28,6 +28,7 @@ from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.cli import build_parser as build_core_parser
 from nufilt_core.cli import run
 from nufilt_core.errors import NufiltError
+from nufilt_core.fsutil import rename_no_replace
 from nufilt_core.interrupts import check_for_stop, unwind_on_signals
 
 from .config import CONFIG_ENV, Settings, load_settings
@@ -429,7 +430,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         else:
             shutil.copy2(src, tmp)
         _fsync_tree(tmp)
-        os.rename(tmp, dest)
+        try:  # never over an entry another submit renamed in meanwhile
+            rename_no_replace(tmp, dest)
+        except FileExistsError:
+            raise NufiltError(f"{dest}: already in the inbox (pass --name to choose another name)") from None
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -245,6 +245,12 @@ def test_systemd_notify_and_single_instance(tiny: dict[str, Path], tmp_path: Pat
         second = DaemonProcess(tmp_path / "svc", tiny["base"])  # same state dir
         proc = second.cli("daemon", check=False)
         assert proc.returncode == 1 and "another nufilt daemon" in proc.stderr
+        # its own state dir and inbox, but the same store: refused too, naming the store and the holder
+        third = DaemonProcess(tmp_path / "other", tiny["base"], store_dir=str(d.store))
+        proc = third.cli("daemon", check=False)
+        assert proc.returncode == 1 and f"{d.store}: another nufilt daemon (pid {d.proc.pid}) uses this store" \
+            in proc.stderr, proc.stderr
+        assert not (third.state / "journal.db").exists()  # refused before it journaled anything
     finally:
         assert d.stop() == 0
         wait_for("STOPPING=1", lambda: any("STOPPING=1" in m for m in messages), timeout=10)

@@ -74,7 +74,9 @@ def check_writable(directory: Path, create: bool = False) -> str | None:
 
 
 class AlreadyRunning(NufiltError):
-    """Another daemon holds this state dir."""
+    """Another daemon holds this state dir or this store."""
+
+STORE_LOCK_NAME = ".daemon.lock"  # in the store: one daemon per store, whatever its state dir
 
 
 def state_paths(state_dir: Path) -> dict[str, Path]:
@@ -120,7 +122,7 @@ class Daemon:
         self.paths = state_paths(Path(settings.state_dir))
         self.stop_event = threading.Event()
         self.notifier = Notifier()
-        self._lock_file: Any = None
+        self._lock_files: list[Any] = []
         self.sources: list[Source] = []
         self.supervised: list[_Supervised] = []
         self.metrics_port: int | None = None
@@ -134,23 +136,26 @@ class Daemon:
 
     # --- start -----------------------------------------------------------------------------
 
-    def _take_lock(self) -> None:
-        lock_path = self.paths["lock"]
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        f = lock_path.open("a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    def _take_locks(self) -> None:
+        """The state dir and the store are each one daemon's: a second one sharing either would mix versions
+        and journals (two daemons' candidates in one store, one's weights under the other's report)."""
+        for lock_path, what in ((self.paths["lock"], "state dir"),
+                                (Path(self.settings.store_dir) / STORE_LOCK_NAME, "store")):
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            f = lock_path.open("a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                other = f.read().strip() or "?"
+                f.close()
+                raise AlreadyRunning(f"{lock_path.parent}: another nufilt daemon (pid {other}) uses this "
+                                     f"{what}") from None
             f.seek(0)
-            other = f.read().strip() or "?"
-            f.close()
-            raise AlreadyRunning(f"{self.settings.state_dir}: another nufilt daemon (pid {other}) uses this "
-                                 "state dir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        self._lock_file = f
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            self._lock_files.append(f)
 
     def _build(self) -> None:
         s = self.settings
@@ -222,7 +227,7 @@ class Daemon:
         s = self.settings
         self._install_signals()  # first: a stop during start-up (recovery, MLflow) ends cleanly, exit 0
         self._check_dirs()
-        self._take_lock()
+        self._take_locks()
         try:
             self._build()
             report = recover(self.journal, self.store, self.intake, s.interrupted_retry_seconds, publishing_enabled(s))
@@ -397,8 +402,8 @@ class Daemon:
             self.journal.close()
         self.paths["info"].unlink(missing_ok=True)
         self.paths["inbox"].unlink(missing_ok=True)
-        if self._lock_file is not None:
-            self._lock_file.close()
+        for f in self._lock_files:
+            f.close()
         log.info("daemon_stopped")
 
 

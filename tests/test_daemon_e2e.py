@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import threading
@@ -200,6 +201,48 @@ def test_rollback_then_a_new_merge_continues_from_the_rolled_back_version(tiny: 
         # and from v1, the first version, there is nothing to go back to
         fail = d.cli("rollback", check=False)
         assert fail.returncode == 1 and "first version" in fail.stderr
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_production_link_changed_by_hand_is_reconciled_with_the_journal(tiny: dict[str, Path], tmp_path: Path):
+    """Deleted: put back before the next merge (which must not start again from the base). Moved: followed and
+    journaled. Deleted with its version gone too: merges wait, and status says why."""
+    more = {k: write_model(finetune(base_state(), k), tmp_path / f"t{k}") for k in (4, 5)}
+    d = DaemonProcess(tmp_path / "svc", tiny["base"]).start()
+    link = d.store / "production"
+    try:
+        for i in (1, 2):
+            drop_and_wait_journaled(d, tiny[f"t{i}"], f"task{i}")
+        wait_for("two promotions", lambda: len(d.in_states("promoted")) == 2, timeout=120)
+
+        link.unlink()
+        drop_and_wait_journaled(d, tiny["t3"], "task3")
+        wait_for("third promotion", lambda: len(d.in_states("promoted")) == 3, timeout=120)
+        record = LineageRecord.read(link)
+        assert record.step == 3 and json.loads((link / "validation.json").read_text())["parent_version"] == 2
+        assert "missing; restored to v000002" in d.logged("production_reconciled")[0]["what"]
+
+        os.symlink("versions/v000001", d.store / "by-hand")
+        os.replace(d.store / "by-hand", link)  # an operator's `ln -sfn versions/v000001 production`
+        drop_and_wait_journaled(d, more[4], "task4")
+        wait_for("fourth promotion", lambda: len(d.in_states("promoted")) == 4, timeout=120)
+        assert LineageRecord.read(link).step == 2  # continued from v1, the production found
+        history = json.loads(d.cli("history", "--json").stdout)["production_changes"]
+        assert [(c["kind"], c["from_version"], c["to_version"]) for c in history[:2]] == [
+            ("promote", 1, 4), ("reconcile", 3, 1)]
+        assert d.metrics()[("nufilt_production_reconciled_total", ())] == 2
+
+        link.unlink()
+        shutil.rmtree(d.store / "versions/v000004")
+        drop_and_wait_journaled(d, more[5], "task5")
+        status = wait_for("status names the problem", lambda: (lambda s: "v000004" in s and s)(d.cli("status").stdout),
+                          timeout=30)
+        assert "production" in status and d.in_states("queued")  # waiting, not merged from the base
+        assert d.logged("production_unknown")
+        os.symlink("versions/v000003", link)  # the operator points it at a version
+        wait_for("fifth promotion", lambda: len(d.in_states("promoted")) == 5, timeout=120)
+        assert LineageRecord.read(link).step == 4
     finally:
         assert d.stop() == 0
 

@@ -343,10 +343,13 @@ class Journal:
                 _add_outbox(db, "publish", version, now)
         return self.job(job_id)  # type: ignore[return-value]
 
-    def record_rollback(self, from_version: int, to_version: int, reason: str | None, publish: bool) -> None:
+    def record_rollback(self, from_version: int | None, to_version: int, reason: str | None, publish: bool,
+                        kind: str = "rollback") -> None:
+        """A production change made outside a promotion: a rollback, or (kind "reconcile") a production link the
+        daemon found moved by hand or by a rollback that died before this record."""
         now = time.time()
         with self._tx() as db:
-            _add_production_change(db, "rollback", from_version, to_version, None, reason, now)
+            _add_production_change(db, kind, from_version, to_version, None, reason, now)
             # this store publishes to a registry even if the caller (`nufilt rollback` in a shell
             # without the MLflow settings) does not know it: the alias must follow all the same
             published = db.execute("SELECT 1 FROM outbox WHERE kind = 'publish' LIMIT 1").fetchone() is not None

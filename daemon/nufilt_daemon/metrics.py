@@ -112,6 +112,9 @@ class Metrics:
         self.last_promotion = Gauge("nufilt_last_promotion_timestamp_seconds", "Unix time of the last promotion",
                                     registry=r)
         self.rollbacks = Counter("nufilt_rollbacks", "Rollbacks of production", registry=r)
+        self.production_reconciled = Counter(
+            "nufilt_production_reconciled", "Production links found changed outside the daemon (deleted: restored; "
+            "moved: followed and journaled)", registry=r)
         self.validation_score = Gauge("nufilt_validation_score", "Scores of the last validated candidate "
                                       "(surrogates: lower is better)", ["metric"], registry=r)
         self.registry_errors = Counter("nufilt_registry_errors", "Failed calls to the model registry (retried)",

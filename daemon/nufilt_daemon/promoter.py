@@ -17,7 +17,7 @@ import structlog
 
 from .journal import Job, Journal
 from .states import JobState
-from .store import Store, Version
+from .store import Store, StoreError, Version, version_name
 
 log = structlog.get_logger("nufilt.promoter")
 
@@ -56,6 +56,43 @@ class Promoter:
         where = self.store.quarantine(job.id, candidate, report, self.keep_quarantine)
         self.journal.transition(job.id, JobState.REJECTED, reason)
         return where
+
+    def reconcile(self) -> str | None:
+        """The production link against the journal's last production change, at start and before each merge, so
+        that no merge continues from anything but the production the journal knows of. A missing link is put
+        back (merging from the base would drop every earlier merge); a link moved outside the daemon (by hand,
+        or by a rollback killed between its link switch and its record) is followed and recorded as a production
+        change of kind "reconcile". Returns what was done, None when they agree; raises StoreError when the
+        journal's production version is gone too (the worker then waits instead of merging)."""
+        with self.store.lock():
+            changes = self.journal.production_changes(limit=1)
+            expected = changes[0].to_version if changes else None
+            try:
+                prod = self.store.production()
+            except StoreError as e:  # a link to a missing version, or not a link
+                if expected is None:
+                    raise
+                prod, broken = None, str(e)
+            else:
+                broken = f"{self.store.production_link}: missing"
+            actual = prod.number if prod else None
+            if actual == expected:
+                return None
+            if actual is None:
+                assert expected is not None
+                if self.store.version(expected) is None:
+                    raise StoreError(f"{broken}, and the journal's production {version_name(expected)} is not in "
+                                     f"{self.store.versions_dir}: restore it, or point the link at a version with "
+                                     "`ln -sfn versions/vNNNNNN production` (merges wait until then)")
+                self.store.set_production(expected)
+                what = f"{broken}; restored to {version_name(expected)}, the journal's production"
+            else:
+                what = (f"production was moved outside the daemon from "
+                        f"{version_name(expected) if expected else 'none'} to {version_name(actual)}; merges "
+                        "continue from it")
+                self.journal.record_rollback(expected, actual, what, self.publish, kind="reconcile")
+        log.warning("production_reconciled", what=what)
+        return what
 
     def rollback(self, reason: str | None = None) -> Rollback:
         """Production back to the version it was merged from; later merges continue from there."""

@@ -236,6 +236,7 @@ class Daemon:
                 self.metrics.observe_promotion(job.source, job.created_at, job.finished_at or time.time())
             log.info("daemon_starting", pid=os.getpid(), config=s.redacted(), requeued=report.requeued,
                      failed=report.failed, completed=report.completed, removed=len(report.removed))
+            self.worker.reconcile_production()  # after recovery, which completes an interrupted promotion
             self._rollbacks_seen = self.journal.count_rollbacks()
             self._refresh_gauges()
             if s.metrics_port is not None:
@@ -333,7 +334,10 @@ class Daemon:
                 entries += [{**e, "source": src.name} for e in src.entries()]
         for state in INBOX_STATES:
             self.metrics.inbox_entries.labels(state).set(sum(e["state"] == state for e in entries))
-        return {"entries": entries, "sources": sources, "storage": dict(self._storage_problems)}
+        storage = dict(self._storage_problems)
+        if self.worker.production_problem:
+            storage["production"] = self.worker.production_problem
+        return {"entries": entries, "sources": sources, "storage": storage}
 
     def _write_inbox_info(self) -> None:
         info = self.inbox_info()
@@ -361,8 +365,9 @@ class Daemon:
         unhealthy = [src.name for src in self.sources if not src.healthy()]
         if unhealthy:
             line += f"; UNHEALTHY source(s): {', '.join(unhealthy)}"
-        if self._storage_problems:
-            line += "; " + "; ".join(self._storage_problems.values())
+        problems = [*self._storage_problems.values(), *filter(None, [self.worker.production_problem])]
+        if problems:
+            line += "; " + "; ".join(problems)
         return line
 
     def _metrics_url(self) -> str | None:

@@ -35,10 +35,11 @@ from .journal import Job, Journal
 from .metrics import Metrics, measured_scores
 from .promoter import Promoter
 from .states import FINAL_STATES, GateOutcome, JobState
-from .store import Store
+from .store import Store, StoreError
 
 log = structlog.get_logger("nufilt.worker")
 
+RECONCILE_RETRY_SECONDS = 5.0  # while production cannot be known, the queue waits this long between looks
 KEEP_CHILD_LOGS = 200  # STATE/logs/job-*.log: the merge processes' own output, for post-mortems
 SPARE_LOG = "merge-spare.log"  # the pre-started merge process's output until a job takes it
 
@@ -79,6 +80,7 @@ class MergeWorker:
         self.journal = journal
         self.store = store
         self.promoter = promoter
+        self.production_problem: str | None = None  # why no merge may start now (Promoter.reconcile)
         self.metrics = metrics
         self.logs_dir = Path(logs_dir)
         self.current: Job | None = None
@@ -159,7 +161,25 @@ class MergeWorker:
             log.exception("journal_error", job=job.id)
             self._stopping.wait(5)  # do not spin on a broken journal
 
+    def reconcile_production(self) -> bool:
+        """The store's production against the journal's (Promoter.reconcile): True when a merge may start; False
+        (said once in the log, kept in `production_problem` for status) while production cannot be known."""
+        try:
+            done = self.promoter.reconcile()
+        except StoreError as e:
+            if self.production_problem != str(e):
+                log.error("production_unknown", problem=str(e))
+            self.production_problem = str(e)
+            return False
+        self.production_problem = None
+        if done is not None:
+            self.metrics.production_reconciled.inc()
+        return True
+
     def process(self, job: Job) -> None:
+        if not self.reconcile_production():
+            self._stopping.wait(RECONCILE_RETRY_SECONDS)  # the job stays queued, untouched
+            return
         prod = self.store.production()
         first_start = job.started_at is None  # a retried or redone job was not queued anew
         job = self.journal.mark_started(job.id, prod.number if prod else None)

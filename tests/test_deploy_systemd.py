@@ -88,6 +88,18 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path):
     assert any("ProtectSystem" in ln or "protect system" in ln for ln in lines), lines
 
 
+def test_the_check_the_unit_documents_runs_from_a_checkout(tmp_path: Path):
+    """The command in the unit's header comment, run as written from the repository root: silent and exit 0."""
+    from prometheus_server import require_binary
+
+    require_binary("systemd-analyze", "the Debian package systemd")
+    lines = UNIT.read_text().splitlines()
+    command = next(ln for ln in lines if "systemd-analyze verify /tmp/nufilt.service" in ln).lstrip("# ")
+    command = command.replace("/tmp/nufilt.service", str(tmp_path / "nufilt.service"))
+    proc = subprocess.run(["bash", "-c", command], cwd=UNIT.parent.parent, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout + proc.stderr == "", proc.stdout + proc.stderr
+
+
 def test_unit_security_review_stays_ok(tmp_path: Path):
     from prometheus_server import require_binary
 

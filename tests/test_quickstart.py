@@ -29,16 +29,33 @@ README_METRICS, README_MLFLOW = "127.0.0.1:9180", "127.0.0.1:5000"
 
 
 def processes_mentioning(text: str) -> list[int]:
-    """PIDs whose command line contains `text` (the test's own folder: the daemon and MLflow name it)."""
+    """PIDs whose command line or environment contains `text` (the test's own folder: the daemon and MLflow
+    name it, and the processes they start, such as MLflow's uvicorn, inherit the script's NUFILT_* variables)."""
     out = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    out.append(int(proc.name))
+                seen = (proc / "cmdline").read_bytes() + b"\0" + (proc / "environ").read_bytes()
             except OSError:
                 continue
+            if text in seen.replace(b"\0", b" ").decode(errors="replace"):
+                out.append(int(proc.name))
     return out
+
+
+def kill_groups(pids: list[int]) -> None:
+    """SIGKILL the process groups of `pids` (MLflow runs in a session of its own), never this test's own."""
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            continue
+    for group in groups - {os.getpgrp()}:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def quickstart_env(base: Path, root: Path, metrics_port: int, mlflow_port: int) -> dict[str, str]:
@@ -69,11 +86,15 @@ def quickstart(env: dict[str, str], watched: Path, mlflow: bool = True) -> Itera
 
         wait_for("the daemon serving metrics", ready, timeout=300, interval=0.5)
         yield script
+        if script.poll() is None:  # stopped as a user does, with Ctrl-C: nothing it started may be left
+            script.send_signal(signal.SIGINT)
+            assert script.wait(timeout=120) == 128 + signal.SIGINT
+        wait_for("nothing the quick start started left", lambda: processes_mentioning(str(watched)) == [],
+                 timeout=30)
     finally:
         if script.poll() is None:
             os.killpg(script.pid, signal.SIGKILL)
-        for pid in processes_mentioning(str(watched)):
-            os.kill(pid, signal.SIGKILL)
+        kill_groups(processes_mentioning(str(watched)))
 
 
 @pytest.mark.parametrize("sig,mlflow", [(signal.SIGTERM, True), (signal.SIGINT, False)])

@@ -22,7 +22,13 @@ class CheckpointError(NufiltError):
 
 
 class LineageError(NufiltError):
-    """The previous merged model does not continue this chain (other base, other method, ...)."""
+    """The previous merged model does not continue this chain (other base, other method, ...). `culprit` names
+    the input at fault: "previous" (its record or weights), "base" (another base than the chain's), "settings"
+    (another method), or "checkpoint" (it was merged before): only the last is the new checkpoint's own."""
+
+    def __init__(self, message: str, culprit: str = "previous"):
+        self.culprit = culprit
+        super().__init__(message)
 
 
 class SettingsError(NufiltError):

@@ -295,7 +295,7 @@ def _resolve(req: MergeRequest) -> _Step:
     method_cls = get_method(method_name)
     if prev_record and prev_record.method != method_name:
         raise LineageError(f"{req.previous} was merged with method '{prev_record.method}'; a continual "
-                           f"run cannot switch to '{method_name}' (start again from step 1)")
+                           f"run cannot switch to '{method_name}' (start again from step 1)", culprit="settings")
     settings = resolve_settings(method_cls, prev_record.settings if prev_record else {}, req.options)
     seed = req.seed if req.seed is not None else (prev_record.seed if prev_record else 0)
     step = prev_record.step + 1 if prev_record else 1
@@ -337,13 +337,14 @@ def _check_lineage(s: _Step, hashes: dict[str, str]) -> None:
     req, rec = s.req, s.prev_record
     if rec.base.sha256 != hashes["base"]:
         raise LineageError(f"{req.previous} descends from another base (sha256 {rec.base.sha256[:12]}…), "
-                           f"not {req.base} ({hashes['base'][:12]}…)")
+                           f"not {req.base} ({hashes['base'][:12]}…)", culprit="base")
     if rec.model_sha256 != hashes["previous"]:
         raise LineageError(f"{req.previous}: weights no longer match their lineage record "
                            "(modified or corrupted after merging)")
     for t, ref in enumerate(rec.checkpoints, 1):
         if ref.sha256 == hashes["checkpoint"]:
-            raise LineageError(f"{req.checkpoint} was already merged at step {t} of {req.previous}")
+            raise LineageError(f"{req.checkpoint} was already merged at step {t} of {req.previous}",
+                               culprit="checkpoint")
 
 
 def _statistics(s: _Step, method: MergeMethod, report: Callable[[str, int, int, str], None]) -> None:

@@ -247,6 +247,33 @@ def test_a_production_link_changed_by_hand_is_reconciled_with_the_journal(tiny: 
         assert d.stop() == 0
 
 
+def test_a_corrupted_production_fails_the_merge_without_blaming_the_checkpoint(tiny: dict[str, Path],
+                                                                              tmp_path: Path):
+    """The production version's weights no longer match their record: the daemon's fault, so the job fails (not
+    rejected, which would make the same checkpoint a duplicate for ever) and merges once production is repaired."""
+    d = DaemonProcess(tmp_path / "svc", tiny["base"]).start()
+    try:
+        drop_and_wait_journaled(d, tiny["t1"], "task1")
+        wait_for("v1", lambda: d.in_states("promoted"), timeout=120)
+        weights = d.store / "versions/v000001/model.safetensors"
+        good = weights.read_bytes()
+        broken = bytearray(good)
+        broken[-3] ^= 0x01  # one bit of the last tensor's data
+        weights.write_bytes(bytes(broken))
+
+        job = drop_and_wait_journaled(d, tiny["t2"], "task2")
+        failed = wait_for("task2 settled", lambda: [j for j in d.jobs() if j["id"] == job["id"]
+                                                    and j["state"] in ("failed", "rejected", "promoted")], timeout=120)
+        assert failed[0]["state"] == "failed" and "no longer match their lineage record" in failed[0]["reason"]
+
+        weights.write_bytes(good)  # repaired: the same checkpoint is merged when it is dropped again
+        again = drop_and_wait_journaled(d, tiny["t2"], "task2-again")
+        assert again["state"] != "duplicate", again
+        wait_for("task2 promoted", lambda: len(d.in_states("promoted")) == 2, timeout=120)
+    finally:
+        assert d.stop() == 0
+
+
 def test_config_errors_are_reported_with_the_key(tiny: dict[str, Path], tmp_path: Path):
     d = DaemonProcess(tmp_path / "svc", tiny["base"], folder={"setle_seconds": 1})
     proc = d.cli("daemon", check=False)

@@ -166,8 +166,8 @@ def test_a_state_disk_that_fails_makes_the_source_unhealthy_and_shows_it(tmp_pat
         wait_for("the metrics showing it", sick_metrics, timeout=30)
         wait_for("the supervisor restarting it", lambda: any(
             e["part"] == "source:folder" for e in d.logged("restarting_unhealthy_part")), timeout=30)
-        # after the fifth failed intake the entry is journaled as rejected, and nothing was left behind
-        job = wait_for("task1 rejected", lambda: d.in_states("rejected"), timeout=90)[0]
+        # after the fifth failed intake the entry is journaled as failed (the store's fault), nothing left behind
+        job = wait_for("task1 failed", lambda: d.in_states("failed"), timeout=90)[0]
         assert "intake failed 5 times" in job["reason"] and staged.is_file()
         d.store.unlink()
         os.rename(store_dir_backup, d.store)

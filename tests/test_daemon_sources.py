@@ -269,7 +269,7 @@ def test_the_intake_reads_the_checkpoint_bytes_once(tiny: dict[str, Path], tmp_p
     assert 0.9 < ratio < 1.3, ratio
 
 
-def test_an_entry_whose_intake_keeps_failing_leaves_nothing_backs_off_and_is_rejected_after_n(
+def test_an_entry_whose_intake_keeps_failing_leaves_nothing_backs_off_and_is_failed_after_n(
         tiny: dict[str, Path], tmp_path: Path):
     journal = Journal.in_state_dir(tmp_path / "state")
     # a real SQLite error at the commit of the queued job, after the copy was staged (as a full disk
@@ -301,7 +301,8 @@ def test_an_entry_whose_intake_keeps_failing_leaves_nothing_backs_off_and_is_rej
         entry = src.entries()[0]
         assert entry["name"] == "task1" and entry["state"] == "error" and "disk is full" in entry["reason"]
         assert src.health()["errors_total"] >= 3
-        wait_for("the rejection", lambda: journal.jobs() and journal.jobs()[0].state == JobState.REJECTED, timeout=20)
+        # failed, not rejected: the disk's fault, so the same checkpoint is no duplicate when dropped again
+        wait_for("the failure", lambda: journal.jobs() and journal.jobs()[0].state == JobState.FAILED, timeout=20)
         wait_for("the entry set aside", lambda: not (inbox / "task1").exists(), timeout=5)
         assert src.healthy() and src.entries() == []
     finally:

@@ -13,7 +13,8 @@ it in `nufilt history` instead of it vanishing. Arrivals are opened strictly: li
 devices and sockets anywhere in the entry are refused, so nothing outside it is ever read or
 copied. Intake is all or nothing: a failure (full disk, journal error) removes the staged copy
 and raises IntakeError; the source retries with back-off, and the `max_failures`-th failure is
-journaled as rejected. Names are stored as printable text (names.py).
+journaled as failed (not rejected: not the checkpoint's fault, so the same content dropped again is no
+duplicate). Names are stored as printable text (names.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from .states import ACTIVE_STATES, JobState
 
 log = structlog.get_logger("nufilt.intake")
 
-DEFAULT_MAX_FAILURES = 5  # failed intakes of one entry (disk, journal) before it is journaled as rejected
+DEFAULT_MAX_FAILURES = 5  # failed intakes of one entry (disk, journal) before it is journaled as failed
 
 
 def content_hash(path: Path, strict: bool = False) -> str:
@@ -66,7 +67,7 @@ class Intake:
     def emit(self, arrival: Arrival) -> None:
         """Journal the arrival. The checkpoint's own faults are journaled as rejected at once; any other
         failure leaves nothing behind and raises IntakeError (the source retries with back-off) until
-        the `max_failures`-th, which is journaled as rejected with the error."""
+        the `max_failures`-th, which is journaled as failed with the error."""
         reference = printable(arrival.reference)
         key = (arrival.source, reference)
         try:
@@ -78,7 +79,8 @@ class Intake:
             log.warning("intake_failed", source=arrival.source, checkpoint=reference, failures=n, error=error)
             if n < self.max_failures:
                 raise IntakeError(f"{reference}: intake failed ({n} of {self.max_failures}): {error}") from e
-            job = self.journal.add_job(arrival.source, reference, None, None, JobState.REJECTED,
+            # failed, not rejected: the daemon's own fault (a full disk), so dropping it again later merges it
+            job = self.journal.add_job(arrival.source, reference, None, None, JobState.FAILED,
                                        f"intake failed {n} times, last: {error}")
             self._failures.pop(key, None)
             self.on_journaled(job, arrival)

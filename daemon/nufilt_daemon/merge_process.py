@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import IO, Any, Literal
 
 from .child_protocol import ChildError, ChildEvent, ChildRequest, Merged, Progress, Validated
@@ -59,13 +60,21 @@ class Events:
             self.send(Progress(phase=p.phase, index=p.index, total=p.total, elapsed=round(p.elapsed, 3)))
 
 
-def error_kind(exc: BaseException) -> Literal[GateOutcome.REJECTED, GateOutcome.FAILED]:
-    """rejected: the input or candidate is bad; failed: something else went wrong."""
+def error_kind(exc: BaseException, checkpoint: Path | None = None) -> Literal[GateOutcome.REJECTED,
+                                                                            GateOutcome.FAILED]:
+    """rejected: the checkpoint (`checkpoint`, the staged copy) is bad; failed: anything else went wrong, the
+    daemon's own inputs included (its base, the production version, its settings): a failed job is no
+    duplicate, so the same checkpoint merges once they are repaired."""
     from nufilt_core.errors import CheckpointError, LineageError, NufiltError, SettingsError
 
     if isinstance(exc, SettingsError):
-        return GateOutcome.FAILED  # the daemon's configuration, not the checkpoint
-    if isinstance(exc, CheckpointError | LineageError | NufiltError):
+        return GateOutcome.FAILED
+    if isinstance(exc, LineageError):
+        return GateOutcome.REJECTED if exc.culprit == "checkpoint" else GateOutcome.FAILED
+    if isinstance(exc, CheckpointError) and checkpoint is not None:
+        path = Path(exc.path)
+        return GateOutcome.REJECTED if path == checkpoint or checkpoint in path.parents else GateOutcome.FAILED
+    if isinstance(exc, NufiltError):
         return GateOutcome.REJECTED
     return GateOutcome.FAILED
 
@@ -137,7 +146,8 @@ def run(request: ChildRequest, events: Events) -> int:
         return 0
     except BaseException as e:  # report everything, including KeyboardInterrupt from SIGINT
         traceback.print_exc(file=sys.stderr)
-        events.send(ChildError(stage=stage, kind=error_kind(e), type=type(e).__name__, message=describe(e)))
+        events.send(ChildError(stage=stage, kind=error_kind(e, Path(r.checkpoint)), type=type(e).__name__,
+                               message=describe(e)))
         return 1
 
 

@@ -176,8 +176,8 @@ class Daemon:
         self.metrics.detected.labels(arrival.source).inc()
         if job.state == JobState.DUPLICATE:
             self.metrics.duplicates.inc()
-        elif job.state == JobState.REJECTED:
-            self.metrics.merges.labels(JobState.REJECTED).inc()
+        elif job.state in (JobState.REJECTED, JobState.FAILED):
+            self.metrics.merges.labels(job.state).inc()
         self.worker.wake()
 
     def _start_sources(self) -> None:

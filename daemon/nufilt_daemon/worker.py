@@ -28,9 +28,12 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from nufilt_core.errors import NufiltError
+
 from .child_protocol import ChildError, ChildEvent, ChildRequest, Merged, Progress, Validated
 from .config import Settings
 from .gate import decide
+from .intake import content_hash
 from .journal import Job, Journal
 from .metrics import Metrics, measured_scores
 from .promoter import Promoter
@@ -294,6 +297,10 @@ class MergeWorker:
             return GateOutcome.FAILED, [f"merge timed out after {self.settings.merge_timeout_seconds:g}s"]
         if res.error is not None:
             where = "merge" if res.error.stage == "merge" else "validation"
+            if res.error.kind == GateOutcome.REJECTED and not self._staged_intact(job):
+                return GateOutcome.FAILED, [f"{where}: {res.error.message}; the staged copy no longer matches the "
+                                            "content hash journaled on arrival (changed on disk after intake): the "
+                                            "daemon's fault, not the checkpoint's"]
             return res.error.kind, [f"{where}: {res.error.message}"]
         if res.returncode is not None and res.returncode < 0:
             sig = signal_name(res.returncode)
@@ -307,6 +314,16 @@ class MergeWorker:
             return GateOutcome.FAILED, ["the staged copy no longer matches the content hash journaled on arrival "
                             "(was the file changed in place after it was dropped?)"]
         return None, []
+
+    @staticmethod
+    def _staged_intact(job: Job) -> bool:
+        """The staged copy still holds what was hashed on arrival (read again: only when a merge refused it)."""
+        if job.staged_path is None or job.sha256 is None:
+            return False
+        try:
+            return content_hash(Path(job.staged_path), strict=True) == job.sha256
+        except (NufiltError, OSError):
+            return False
 
     def _request(self, job: Job, candidate: Path, previous: Path | None) -> ChildRequest:
         s = self.settings

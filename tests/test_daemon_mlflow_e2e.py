@@ -10,6 +10,7 @@ alias back; with the server stopped a merge is still promoted locally, the error
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,29 @@ def test_a_registered_peft_adapter_is_merged_into_a_complete_model_folder(server
         assert (production / "config.json").read_bytes() == (base / "config.json").read_bytes()
         assert not (production / "adapter_config.json").exists()
         assert LineageRecord.read(production).checkpoints[0].declared_base == str(base)
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_version_whose_artifacts_are_gone_is_rejected_and_later_versions_merge(server, client, tmp_path):
+    """The registry answers, but one version's artifacts were deleted: after a few tries it is journaled as
+    rejected with the registry's answer, and the versions behind it are merged instead of waiting for ever."""
+    base = base_state()
+    base_dir = write_model(base, tmp_path / "base")
+    source = unique("finetuned")
+    versions = [register(client, source, finetune(base, i), tmp_path) for i in (1, 2, 3)]
+    run_id = client.get_model_version(source, versions[1]).run_id
+    gone = next(p for p in server.artifacts.rglob(run_id) if p.is_dir())
+    shutil.rmtree(gone)
+    d = daemon(tmp_path / "svc", base_dir, server, source, unique("merged")).start()
+    try:
+        wait_for("all three journaled", lambda: len(d.in_states("promoted", "rejected")) == 3, timeout=180)
+        jobs = d.jobs()
+        assert [(j["reference"], j["state"]) for j in jobs] == [
+            (f"models:/{source}/1", "promoted"), (f"models:/{source}/2", "rejected"),
+            (f"models:/{source}/3", "promoted")], jobs
+        assert "RESOURCE_DOES_NOT_EXIST" in jobs[1]["reason"] and "3 tries" in jobs[1]["reason"]
+        assert d.logged("mlflow_version_rejected")
     finally:
         assert d.stop() == 0
 

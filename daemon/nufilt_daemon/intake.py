@@ -89,6 +89,9 @@ class Intake:
 
     def _emit(self, arrival: Arrival, reference: str) -> None:
         bound = log.bind(source=arrival.source, checkpoint=reference)
+        if arrival.refused is not None:
+            self._reject(arrival, reference, arrival.refused, bound)
+            return
         self.staged_dir.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex[:12]
         partial = self.staged_dir / f".{token}.partial"

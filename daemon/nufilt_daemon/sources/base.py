@@ -13,6 +13,7 @@ class Arrival:
     path: Path  # a checkpoint as nufilt_core.checkpoint.Checkpoint.open accepts (file or folder)
     source: str  # "folder", "mlflow", ... (metric label nufilt_checkpoints_detected_total{source})
     reference: str  # where it came from, for people: inbox file name, "models:/name/7"
+    refused: str | None = None  # the source could not get it (its artifacts are gone): journaled rejected, why
 
 
 # Thread-safe; returns once the arrival is durably journaled (copied into the state dir and

@@ -51,6 +51,12 @@ PAGE_SIZE = 100
 PARTIAL_PREFIX = ".partial-"
 STOP_TIMEOUT_SECONDS = 30.0
 READY, PENDING, FAILED = "READY", "PENDING_REGISTRATION", "FAILED_REGISTRATION"
+# a version whose download the registry answers with "not there" this many times in a row is journaled as
+# rejected and passed, so later versions are not held behind it for ever; other failures (MLflow down) wait
+MAX_MISSING_ARTIFACT_TRIES = 3
+MISSING = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "ENDPOINT_NOT_FOUND")
+# the same version failing this many times in a row (for any reason) makes the source unhealthy: it is stuck
+STUCK_AFTER_FAILURES = 3
 
 
 def cursor_key(model: str) -> str:
@@ -123,6 +129,7 @@ class MlflowRegistrySource:
         self._client: MlflowClient | None = None
         self._last_attempt: float | None = None  # monotonic start of the last poll
         self.polls = 0
+        self._failing: tuple[int, int] | None = None  # (version, downloads failed in a row) of the queue's head
 
     # --- Source protocol -------------------------------------------------------------------
 
@@ -155,9 +162,14 @@ class MlflowRegistrySource:
             self._thread = None
 
     def healthy(self) -> bool:
-        # MLflow being down is not unhealthy (restarting us would not help; `errors` shows it);
-        # a dead thread is
-        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+        # MLflow being down is not unhealthy (restarting us would not help; `errors` shows it); a dead thread
+        # is, and so is a version that keeps failing while the registry answers (the queue is stuck behind it)
+        stuck = self._failing is not None and self._failing[1] >= STUCK_AFTER_FAILURES
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set() and not stuck
+
+    def health(self) -> dict[str, object]:
+        return {"healthy": self.healthy(), "errors_in_a_row": self.consecutive_errors, "errors_total": self.errors,
+                "last_error": self.last_error, "failing_version": self._failing[0] if self._failing else None}
 
     def wake(self) -> None:
         """Poll now instead of at the next interval (the webhook calls this); while polls are failing,
@@ -281,7 +293,21 @@ class MlflowRegistrySource:
         """Download, emit, advance the cursor; False when stopped before emitting."""
         number = int(mv.version)
         reference = f"models:/{self.model}/{number}"
-        folder = self._download(client, number)
+        try:
+            folder = self._download(client, number)
+        except Exception as e:
+            tries = self._failing[1] + 1 if self._failing and self._failing[0] == number else 1
+            self._failing = (number, tries)
+            if error_code(e) not in MISSING or tries < MAX_MISSING_ARTIFACT_TRIES:
+                raise
+            why = f"its artifacts cannot be downloaded: the registry answers {error_code(e)} ({describe_error(e)}; " \
+                  f"{tries} tries)"
+            emit(Arrival(path=self.downloads_dir, source=SOURCE_NAME, reference=reference, refused=why))
+            self.journal.set_state(cursor_key(self.model), str(number))
+            log.warning("mlflow_version_rejected", model=self.model, version=number, reason=why)
+            self._failing = None
+            return True
+        self._failing = None
         if self._stop.is_set():  # stopped during a long download: the daemon may be shutting down
             return False  # the complete download stays in place and is taken at the next start
         checkpoint, warning = find_checkpoint(folder)

@@ -146,6 +146,41 @@ def test_folders_whose_weights_are_only_pickles_are_handed_on_at_once(tmp_path: 
         src.stop()
 
 
+@pytest.mark.parametrize("case", ["long-name", "cannot-move"])
+def test_a_journaled_entry_is_never_journaled_again_by_the_rescans(tiny: dict[str, Path], tmp_path: Path, case: str):
+    """A name the time stamp would push past 255 bytes, and an entry the source cannot move aside (here
+    `.processed` is a file): each is journaled once, not copied, hashed and journaled as a duplicate at every
+    rescan; the one left in the inbox shows as an error entry saying what to do."""
+    journal = Journal.in_state_dir(tmp_path / "state")
+    intake = Intake(journal, tmp_path / "state" / "staged", lambda job, arrival: None)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    name = "t" * 240 + ".safetensors" if case == "long-name" else "task1"
+    if case == "cannot-move":
+        (inbox / PROCESSED_DIR).write_text("a file where the folder belongs")
+    if case == "long-name":  # written beside the inbox (a tmp- prefix would not fit), then renamed in
+        shutil.copy2(tiny["t1"] / "model.safetensors", tmp_path / "w.safetensors")
+        os.rename(tmp_path / "w.safetensors", inbox / name)
+    else:
+        rename_in(tiny["t1"], inbox, name)
+    src = FolderSource(inbox, FolderSettings(settle_seconds=0.1, rescan_interval_seconds=0.2))
+    src.start(intake.emit)
+    try:
+        wait_for("journaled", lambda: journal.jobs(), timeout=20)
+        time.sleep(1.5)  # several rescans
+        assert [j.state for j in journal.jobs()] == [JobState.QUEUED]
+        if case == "long-name":
+            moved = list((inbox / PROCESSED_DIR).iterdir())
+            assert len(moved) == 1 and moved[0].name.endswith(name[-40:]) and len(os.fsencode(moved[0].name)) <= 255
+            assert src.entries() == []
+        else:
+            assert (inbox / name).exists()
+            [entry] = src.entries()
+            assert entry["state"] == "error" and "cannot be moved out of the inbox" in entry["reason"]
+    finally:
+        src.stop()
+
+
 def test_a_dead_observer_is_seen_and_a_restart_detects_again(tiny: dict[str, Path], tmp_path: Path):
     inbox = tmp_path / "inbox"
     src, got = start(inbox)

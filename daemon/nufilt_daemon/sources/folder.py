@@ -22,6 +22,7 @@ none: set `polling = true`). Once an entry is journaled it is moved to WATCH_DIR
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import shutil
@@ -54,6 +55,19 @@ PROCESSED_DIR = ".processed"
 # whitelisted event types: our own reads inside the inbox raise opened/closed_no_write events
 RELEVANT_EVENTS = {"created", "modified", "moved", "closed"}
 MAX_RETRY_SECONDS = 300.0  # back-off of an entry whose intake failed, from settings.retry_seconds
+NAME_MAX = 255  # bytes of one file name (Linux file systems)
+
+
+def processed_name(name: str, now: datetime | None = None) -> str:
+    """The entry's name in .processed/: a UTC time stamp before it; a name the stamp would push past the file
+    system's limit (255 bytes) keeps its hash and its end instead."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S")
+    full = f"{stamp}-{name}"
+    if len(os.fsencode(full)) <= NAME_MAX:
+        return full
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    tail = os.fsencode(name)[-64:].decode("utf-8", "ignore")
+    return f"{stamp}-{digest}-{tail}"
 
 
 def is_ignored(name: str) -> bool:
@@ -175,6 +189,7 @@ class FolderSource:
         self.last_error: str | None = None
         self.errors_total = 0
         self._ignored: deque[dict[str, object]] = deque(maxlen=MAX_REMEMBERED_IGNORED)
+        self._stranded: dict[str, tuple[Signature | None, str]] = {}  # journaled, could not be moved: (as seen, why)
         self._view_lock = threading.Lock()
         self.on_error: Callable[[], None] | None = None  # the supervisor's metric
 
@@ -219,11 +234,14 @@ class FolderSource:
                     and self._errors_in_a_row < UNHEALTHY_AFTER_ERRORS and not stuck)
 
     def entries(self) -> list[dict[str, object]]:
-        """Every entry seen and not yet journaled (waiting, error), and the ones set aside as ignored."""
+        """Every entry seen and not yet journaled (waiting, error), journaled ones that could not be moved out of
+        the inbox (error), and the ones set aside as ignored."""
         with self._view_lock:
             pending = [{"name": printable(n), "state": e.state, "reason": e.reason, "seen_at": e.seen_at,
                         "failures": e.failures} for n, e in self._pending.items()]
-            return pending + list(self._ignored)
+            stranded = [{"name": printable(n), "state": ERROR, "reason": why, "seen_at": None, "failures": 0}
+                        for n, (_, why) in self._stranded.items()]
+            return pending + stranded + list(self._ignored)
 
     def health(self) -> dict[str, object]:
         return {"healthy": self.healthy(), "errors_in_a_row": self._errors_in_a_row,
@@ -258,6 +276,12 @@ class FolderSource:
     def _note(self, name: str) -> None:
         if is_ignored(name) or name in self._pending:
             return
+        stranded = self._stranded.get(name)
+        if stranded is not None:
+            if signature(self.root / name) == stranded[0]:
+                return  # journaled already; it only could not be moved away
+            with self._view_lock:
+                self._stranded.pop(name, None)  # changed or gone: what is there now is new
         now = time.monotonic()
         with self._view_lock:
             self._pending[name] = _Entry(first_seen=now, stable_since=now, sig=signature(self.root / name))
@@ -356,6 +380,8 @@ class FolderSource:
         return True
 
     def _set_aside(self, name: str) -> None:
+        """Out of the inbox once journaled. An entry that cannot be moved (or deleted) is remembered as it is, so
+        the rescans do not copy, hash and journal it again as a duplicate each time; it shows as `error`."""
         path = self.root / name
         try:
             if self.settings.after == "delete":  # lstat: a link is removed, never what it points at
@@ -364,7 +390,10 @@ class FolderSource:
             else:
                 done = self.root / PROCESSED_DIR
                 done.mkdir(exist_ok=True)
-                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-                os.rename(path, done / f"{stamp}-{name}")
+                os.rename(path, done / processed_name(name))
         except OSError as e:
             log.error("inbox_entry_not_moved", checkpoint=printable(name), error=str(e))
+            reason = printable(f"journaled, but cannot be moved out of the inbox ({e.strerror or e}): move or "
+                               "delete it by hand")
+            with self._view_lock:
+                self._stranded[name] = (signature(path), reason)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -52,6 +53,12 @@ def demo_finetune(base: dict[str, torch.Tensor], task: int, rank: int = 4) -> di
     return out
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_demo(directory: Path, tasks: int = 3, seed: int = 0) -> list[Path]:
     config = {"model_type": "bert", "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "note": "nufilt demo"}
     base = demo_base(seed)
@@ -60,6 +67,7 @@ def write_demo(directory: Path, tasks: int = 3, seed: int = 0) -> list[Path]:
         folder = directory / name
         folder.mkdir(parents=True, exist_ok=True)
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(folder / "model.safetensors", 0o666 & ~current_umask())  # safetensors writes 0600
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         written.append(folder)
     return written

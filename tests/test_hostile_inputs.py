@@ -4,6 +4,7 @@ prints one line and exits with its input-error code, never a traceback."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -241,3 +242,28 @@ def test_two_submits_under_one_name_never_lose_a_checkpoint(tiny: dict[str, Path
     assert sorted(p.name for p in inbox.iterdir()) == ["model.safetensors"]  # no temporary copy left
     assert (inbox / "model.safetensors").read_bytes() == (tiny["t2"] / "model.safetensors").read_bytes()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # main() installed its handler in this process
+
+
+def test_submit_hands_the_daemon_group_readable_copies(tiny: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    """safetensors saves 0600 and a trainer's umask may be 077: the copy `submit` puts in a shared inbox is
+    readable by the daemon's group anyway, and its folder writable by it (to move it out once journaled)."""
+    for k in [k for k in os.environ if k.startswith("NUFILT_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("NUFILT_WATCH_DIR", str(tmp_path / "inbox"))
+    private = Path(shutil.copytree(tiny["t1"], tmp_path / "private"))
+    for p in private.iterdir():
+        p.chmod(0o600)
+    private.chmod(0o700)
+    assert main(["submit", str(private), "--name", "task1"]) == 0
+    copy = tmp_path / "inbox" / "task1"
+    assert copy.stat().st_mode & 0o070 == 0o070
+    assert all(p.stat().st_mode & 0o040 for p in copy.iterdir())
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # main() installed its handler in this process
+
+
+def test_the_demo_models_are_written_as_ordinary_files(tmp_path: Path):
+    run_cli("demo", tmp_path / "demo")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "demo/base/model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

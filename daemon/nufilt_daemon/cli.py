@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import sys
 import time
 import uuid
@@ -396,6 +397,18 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(fh.fileno())
 
 
+def _share_with_group(path: Path) -> None:
+    """The copy in the inbox readable by the daemon's group (a shared inbox, deploy/README.md), whatever the
+    trainer's umask or the writer (safetensors saves 0600): files g+r, folders g+rwx, so that the daemon can
+    read the files and move the folder out of the inbox once it is journaled."""
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        mode = os.lstat(p).st_mode
+        if stat.S_ISDIR(mode):
+            os.chmod(p, stat.S_IMODE(mode) | stat.S_IRWXG)
+        elif stat.S_ISREG(mode):
+            os.chmod(p, stat.S_IMODE(mode) | stat.S_IRGRP)
+
+
 def _copy_unless_stopped(src: str, dst: str) -> str:
     check_for_stop()
     return shutil.copy2(src, dst)
@@ -429,6 +442,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             shutil.copytree(src, tmp, symlinks=True, copy_function=_copy_unless_stopped)
         else:
             shutil.copy2(src, tmp)
+        _share_with_group(tmp)
         _fsync_tree(tmp)
         try:  # never over an entry another submit renamed in meanwhile
             rename_no_replace(tmp, dest)

@@ -94,7 +94,10 @@ def read_header(path: Path, strict: bool = False) -> tuple[dict[str, TensorInfo]
     finally:
         os.close(fd)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise CheckpointError(path, "header names this tensor twice (the safetensors library refuses such a file)",
+                              tensor=e.key) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(path, f"header is not valid JSON ({e})") from e
     except RecursionError:
@@ -113,12 +116,31 @@ def read_header(path: Path, strict: bool = False) -> tuple[dict[str, TensorInfo]
     for info in infos:
         if info.start - data_start < covered:
             raise CheckpointError(path, "byte range overlaps the previous tensor", tensor=info.name)
+        if info.start - data_start > covered:  # bytes no tensor owns: refused by the safetensors library too
+            raise CheckpointError(path, f"byte range leaves a gap of {info.start - data_start - covered} bytes "
+                                  "before this tensor", tensor=info.name)
         covered = info.start - data_start + info.nbytes
     if covered != data_len:
         raise CheckpointError(
             path, f"header describes {covered} data bytes but the file holds {data_len} "
             "(truncated or padded file)")
     return {i.name: i for i in infos}, {str(k): str(v) for k, v in metadata.items()}
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        self.key = key
+        super().__init__(key)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json's object hook that refuses a key given twice (json.loads would keep the last silently)."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _json_type(v: object) -> str:

@@ -77,6 +77,11 @@ HEADER_CASES: dict[str, tuple[bytes, str]] = {
     "offsets-past-end.safetensors": (with_header(tensor(data_offsets=[16, 32])), "data ends"),
     "offsets-overlap.safetensors": (with_header({"a": GOOD_ENTRY, "b": GOOD_ENTRY}, b"\0" * 32), "overlaps"),
     "padded.safetensors": (with_header(tensor(), b"\0" * 32), "padded"),
+    "name-twice.safetensors": (raw_file(b'{"t": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}, '
+                                        b'"t": {"dtype": "F32", "shape": [2, 2], "data_offsets": [16, 32]}}',
+                                        b"\0" * 32), "twice"),
+    "gap.safetensors": (with_header({"a": GOOD_ENTRY, "b": {**GOOD_ENTRY, "data_offsets": [32, 48]}}, b"\0" * 48),
+                        "gap"),
 }
 
 

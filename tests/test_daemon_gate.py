@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from daemon_harness import wait_for
 from models import base_state, finetune, load, write_model
 from nufilt_daemon.config import GateSettings, Threshold
 from nufilt_daemon.gate import check_candidate, check_untouched, decide, parse_metrics
@@ -212,3 +213,35 @@ def test_parse_metrics_takes_the_object_or_its_last_json_line():
     assert parse_metrics('{"a": 1, "b": true, "c": "x"}') == {"a": 1.0}
     assert parse_metrics('step 1\n{"acc": 0.5}\n') == {"acc": 0.5}
     assert parse_metrics("[1, 2]") is None and parse_metrics("") is None
+
+
+def test_the_command_gets_no_daemon_secrets_and_a_timeout_ends_everything_it_started(tmp_path: Path,
+                                                                                     monkeypatch: pytest.MonkeyPatch):
+    cand = tmp_path / "candidate"
+    cand.mkdir()
+    ok = {"problems": [], "scores": {}}
+    monkeypatch.setenv("NUFILT_MLFLOW__WEBHOOK_SECRET", "hook-s3cret")
+    monkeypatch.setenv("NUFILT_MLFLOW__TRACKING_URI", "https://u:pa55@mlflow.example")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pa55")
+    monkeypatch.setenv("EVAL_DATA", "/data/eval.jsonl")  # the operator's own variables still reach it
+    shown = script(tmp_path, "print(json.dumps({'seen': 1})); print(sorted(os.environ), file=sys.stderr)\n")
+    d = decide(ok, cand, GateSettings(command=shown))
+    env_seen = d.command["stderr_tail"]
+    assert d.outcome == GateOutcome.ACCEPTED and "EVAL_DATA" in env_seen and "NUFILT_CANDIDATE" in env_seen
+    assert "NUFILT_MLFLOW" not in env_seen and "MLFLOW_TRACKING_PASSWORD" not in env_seen
+
+    pid_file = tmp_path / "grandchild.pid"
+    spawner = script(tmp_path, "import subprocess\n"
+                               f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                               f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)\n")
+    d = decide(ok, cand, GateSettings(command=spawner, command_timeout_seconds=2))
+    assert d.outcome == GateOutcome.FAILED and "timed out" in d.reasons[0]
+    grandchild = int(pid_file.read_text())
+
+    def gone() -> bool:
+        try:
+            return Path(f"/proc/{grandchild}/stat").read_text().split()[2] == "Z"  # a zombie awaiting init
+        except FileNotFoundError:
+            return True
+
+    wait_for("the command's own child ended too", gone, timeout=10)

@@ -21,9 +21,11 @@ the command was not found, timed out, or printed no JSON; production does not mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import tempfile
 import threading
@@ -169,17 +171,30 @@ class Decision:
     command: dict[str, Any] | None = None
 
 
+# the daemon's own secrets, which a validation command has no business with
+SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
+
+
+def command_env(candidate: Path) -> dict[str, str]:
+    """The daemon's environment without its settings (NUFILT_*: the MLflow URI with its password, the webhook
+    secret) and MLflow credentials, plus NUFILT_CANDIDATE."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUFILT_") and k not in SECRET_ENV}
+    return {**env, "NUFILT_CANDIDATE": str(candidate)}
+
+
 def run_command(argv: list[str], candidate: Path, timeout: float, cancel: threading.Event | None = None,
                 ) -> tuple[dict[str, Any], str | None, str | None]:
-    """(report, rejection, failure): runs the user's validation command on the candidate."""
+    """(report, rejection, failure): runs the user's validation command on the candidate, in a session of its
+    own, so that a timeout or a stop ends every process it started, not only the first."""
     full = [*argv, str(candidate)]
-    env = {**os.environ, "NUFILT_CANDIDATE": str(candidate)}
+    env = command_env(candidate)
     report: dict[str, Any] = {"argv": full}
     t0 = time.monotonic()
     # output to files, not pipes: nothing can block, and we can poll for cancellation
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         try:
-            proc = subprocess.Popen(full, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, text=True)
+            proc = subprocess.Popen(full, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, text=True,
+                                    start_new_session=True)
         except FileNotFoundError:
             return report, None, f"validation command not found: {argv[0]}"
         except OSError as e:
@@ -194,7 +209,8 @@ def run_command(argv: list[str], candidate: Path, timeout: float, cancel: thread
             if cancel is not None and cancel.is_set():
                 stop = "cancelled (the daemon is stopping)"
             if stop:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the command and whatever it started
                 proc.wait()
                 return report, None, f"validation command {stop}"
         out.seek(0)

@@ -465,7 +465,7 @@ def copy_model_files(s: _Step, folder: Path) -> None:
     for relative, source in sorted(chosen.items()):
         target = folder / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target)
+        shutil.copyfile(source, target)  # the mode of a new file (the umask's), not the source's
     for sub in sorted({p for r in chosen for p in Path(r).parents if p != Path(".")}, reverse=True):
         fsync_dir(folder / sub)
 

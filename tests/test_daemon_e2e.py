@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -286,6 +288,20 @@ def test_config_errors_are_reported_with_the_key(tiny: dict[str, Path], tmp_path
     shown = ok.cli("daemon", "--check").stdout
     assert "s3cret" not in shown and json.loads(shown)["mlflow"]["webhook_secret"] == "**********"
 
+    # --check opens the base as the daemon would: a missing one is an error, not "ok"
+    missing = DaemonProcess(tmp_path / "missing", tmp_path / "no-such-base")
+    proc = missing.cli("daemon", "--check", check=False)
+    assert proc.returncode != 0 and "no-such-base" in proc.stderr and "does not exist" in proc.stderr
+
+    # a journal that is not a database: exit 78 (systemd does not restart it every 10 s) with one line saying what
+    # to do, no traceback
+    broken = DaemonProcess(tmp_path / "broken", tiny["base"])
+    broken.state.mkdir(parents=True)
+    (broken.state / "journal.db").write_bytes(b"this is not SQLite" * 100)
+    proc = broken.cli("daemon", check=False)
+    assert proc.returncode == 78 and "journal.db: not a readable journal" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "move it aside" in proc.stderr
+
 
 def test_systemd_notify_and_single_instance(tiny: dict[str, Path], tmp_path: Path):
     sock_path = tmp_path / "notify.sock"
@@ -311,6 +327,13 @@ def test_systemd_notify_and_single_instance(tiny: dict[str, Path], tmp_path: Pat
         wait_for("two WATCHDOG=1", lambda: sum("WATCHDOG=1" in m for m in messages) >= 2, timeout=10)
         ready = next(m for m in messages if "READY=1" in m)
         assert "STATUS=production none" in ready
+
+        d.proc.send_signal(signal.SIGHUP)  # a terminal closing, `kill -HUP`: said in the log, the daemon goes on
+        wait_for("sighup_ignored", lambda: d.logged("sighup_ignored"), timeout=10)
+        time.sleep(0.5)
+        assert d.proc.poll() is None
+        # what it writes is its group's at most (umask 027, as under systemd), whatever the caller's umask
+        assert (d.state / "journal.db").stat().st_mode & 0o007 == 0
 
         second = DaemonProcess(tmp_path / "svc", tiny["base"])  # same state dir
         proc = second.cli("daemon", check=False)

@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
 # --- daemon ------------------------------------------------------------------------------
 
 
+DAEMON_UMASK = 0o027
+
+
 def cmd_daemon(args: argparse.Namespace) -> int:
     from .logging import configure_logging
 
@@ -145,7 +148,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         if settings.base_model is None:
             print("nufilt: error: base_model is not set (NUFILT_BASE_MODEL)", file=sys.stderr)
             return 1
+        Checkpoint.open(settings.base_model)  # what the daemon opens at start: a missing base fails here too
         return 0
+    # what the daemon writes (journal, versions, logs) is its group's to read at most, as under the systemd unit
+    os.umask(os.umask(DAEMON_UMASK) | DAEMON_UMASK)
     configure_logging(settings.log_level, settings.log_format)
     return Daemon(settings).run()
 

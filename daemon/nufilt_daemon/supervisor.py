@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from nufilt_core.errors import NufiltError
 
 from .config import ConfigError, Settings
 from .intake import Intake
-from .journal import Job, Journal
+from .journal import JOURNAL_NAME, Job, Journal, JournalError
 from .logging import adopt_library_loggers
 from .metrics import INBOX_STATES, Metrics
 from .notify import Notifier
@@ -164,7 +165,15 @@ class Daemon:
         except NufiltError as e:
             raise ConfigError(f"base_model: {e}") from None
         self.store = Store(s.store_dir).ensure()
-        self.journal = Journal.in_state_dir(Path(s.state_dir))
+        try:
+            self.journal = Journal.in_state_dir(Path(s.state_dir))
+        except JournalError as e:
+            if isinstance(e.__cause__, sqlite3.OperationalError):  # locked, I/O: a restart may get through
+                raise
+            # not a database, or a damaged one: exit 78 with what to do, not a traceback and a restart every 10 s
+            raise ConfigError(f"{Path(s.state_dir) / JOURNAL_NAME}: not a readable journal ({e.__cause__}); "
+                              "restore it from a backup (sqlite3 .backup), or move it aside to start a new journal "
+                              "(the store keeps its versions)") from None
         source_names = (["folder"] if s.folder.enabled else []) + (["mlflow"] if s.mlflow.source_model else [])
         gpu = s.device != "cpu" and _cuda_available()
         self.metrics = Metrics(sources=source_names or ["folder"], gpu=gpu)
@@ -385,8 +394,13 @@ class Daemon:
         def handler(signum: int, _frame: Any) -> None:
             log.info("stop_requested", signal=signal.Signals(signum).name)
             self.stop_event.set()
+        def hangup(signum: int, _frame: Any) -> None:  # the default would end the daemon without a word
+            log.warning("sighup_ignored", reason="the configuration is read at start: restart the daemon to apply "
+                        "changes")
+
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGHUP, hangup)
 
     def _shutdown(self) -> None:
         self.notifier.stopping()

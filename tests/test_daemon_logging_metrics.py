@@ -156,3 +156,20 @@ def test_gpu_memory_is_read_from_nvidia_smi_without_cuda(tmp_path, monkeypatch):
     assert families["nufilt_gpu_memory_total_bytes"].samples[0].value == 81559 * 1024**2
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no nvidia-smi at all: no samples, no error
     assert all(not f.samples for f in GpuMemoryCollector().collect())
+
+
+def test_a_metrics_connection_that_sends_nothing_is_closed():
+    import socket
+    import time
+
+    m = Metrics(sources=["folder"])
+    port = m.serve("127.0.0.1", 0, request_timeout=0.5)
+    try:
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        t0 = time.monotonic()
+        assert idle.recv(100) == b""  # closed by the server
+        assert time.monotonic() - t0 < 5
+        idle.close()
+        assert ("nufilt_production_version", ()) in scrape(port)  # and it still serves
+    finally:
+        m.shutdown()

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from daemon_harness import wait_for
 from nufilt_daemon.webhook import WebhookServer, sign
 from pydantic import SecretStr
 
@@ -178,7 +179,7 @@ def test_a_half_sent_request_is_dropped_after_the_socket_timeout() -> None:
     server.start()
     stalled = []
     try:
-        for _ in range(20):  # each would hold a thread for ever without a timeout
+        for _ in range(12):  # each would hold a thread for ever without a timeout
             s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
             s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"{" * 10)
             stalled.append(s)
@@ -188,9 +189,56 @@ def test_a_half_sent_request_is_dropped_after_the_socket_timeout() -> None:
         assert time.monotonic() - t0 < 5
         body = payload()
         assert post(server.url, body, signed_headers(body))[0] == 200  # and it still serves
-        assert wakes.count == 1 and server.timed_out == 20
+        assert wakes.count == 1 and server.timed_out == 12
     finally:
         for s in stalled:
+            s.close()
+        server.stop()
+
+
+def test_a_trickling_client_is_cut_and_a_flood_of_connections_is_bounded() -> None:
+    import socket
+
+    from nufilt_daemon.webhook import CONNECTION_DEADLINES, MAX_CONNECTIONS
+
+    wakes = Wakes()
+    server = WebhookServer("127.0.0.1", 0, SecretStr(SECRET), wakes, request_timeout_seconds=0.5)
+    server.start()
+    held: list[socket.socket] = []
+    try:
+        # a byte every 0.3 s never trips the 0.5 s socket timeout; the connection's deadline ends it
+        slow = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        slow.sendall(b"POST / HTTP/1.1\r\n")
+        t0, cut = time.monotonic(), False
+        while time.monotonic() - t0 < 5:
+            time.sleep(0.3)
+            try:
+                slow.sendall(b"X")
+            except OSError:
+                cut = True
+                break
+            slow.settimeout(0.01)
+            try:
+                if slow.recv(10) == b"":
+                    cut = True
+                    break
+            except TimeoutError:
+                pass
+        assert cut and time.monotonic() - t0 < 0.5 * CONNECTION_DEADLINES + 1.5
+        slow.close()
+        # more connections than it serves at once: the extra ones are closed at once, no thread each
+        for _ in range(MAX_CONNECTIONS + 8):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(b"POST / HTTP/1.1\r\n")
+            held.append(s)
+        wait_for("the extra connections refused", lambda: server.refused_connections >= 8, timeout=5)
+        for s in held:
+            s.close()
+        held.clear()
+        body = payload()
+        wait_for("it serves again", lambda: post(server.url, body, signed_headers(body))[0] == 200, timeout=10)
+    finally:
+        for s in held:
             s.close()
         server.stop()
 

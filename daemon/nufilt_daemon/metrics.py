@@ -10,10 +10,13 @@ is a measurement, not a count, so it is exported only once measured (a 0.0 would
 from __future__ import annotations
 
 import platform
+import socket
 import subprocess
+import threading
 from collections.abc import Iterable, Iterator, Mapping
-from http.server import ThreadingHTTPServer
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,7 +27,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -80,6 +83,9 @@ def read_nvidia_smi(query: tuple[str, ...]) -> list[tuple[int, float, float]]:
         except (IndexError, ValueError):
             continue  # "[N/A]" on some devices
     return rows
+
+
+SCRAPE_TIMEOUT_SECONDS = 10.0  # socket timeout of a /metrics connection
 
 
 class Metrics:
@@ -155,7 +161,7 @@ class Metrics:
             self.registry_errors.labels(op)
         if gpu:
             r.register(GpuMemoryCollector())
-        self._server: ThreadingHTTPServer | None = None
+        self._server: WSGIServer | None = None
         self._scores_shown: set[str] = set()
 
     def observe_merge_start(self, source: str, arrived_at: float, started_at: float) -> None:
@@ -174,9 +180,22 @@ class Metrics:
             self.validation_score.labels(name).set(value)
         self._scores_shown = set(values)
 
-    def serve(self, host: str, port: int) -> int:
-        """Start /metrics in a background thread; returns the bound port (port 0: any free one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, request_timeout: float = SCRAPE_TIMEOUT_SECONDS) -> int:
+        """Start /metrics in a background thread; returns the bound port (port 0: any free one). Each connection
+        has a socket timeout: a client that connects and sends nothing does not hold a thread for ever."""
+
+        class Handler(WSGIRequestHandler):
+            timeout = request_timeout
+
+            def log_message(self, format: str, *args: Any) -> None:  # a line per scrape would flood stderr
+                pass
+
+        class Server(ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        server = make_server(host, port, make_wsgi_app(self.registry), Server, Handler)
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         self._server = server
         return int(server.server_address[1])
 

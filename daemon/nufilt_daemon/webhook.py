@@ -14,7 +14,9 @@ not checked (MLflow sends none then) and the server warns once at start; any loc
 then send wake-ups, so they are rate-limited (one per `unsigned_min_interval_seconds`, others get
 429) and, like every wake-up, never cut the MLflow source's error back-off short. Every
 connection has a socket timeout (`request_timeout_seconds`): a client that sends half a request
-and stalls is dropped instead of holding a thread for ever. Secrets and signatures are never
+and stalls is dropped instead of holding a thread for ever; and a whole connection lives at most
+CONNECTION_DEADLINES of those, so one that trickles a byte every few seconds is dropped too. At most
+MAX_CONNECTIONS are served at once; more are closed at once. Secrets and signatures are never
 logged.
 
 MLflow delivers only to https and public addresses unless its server runs with
@@ -25,9 +27,11 @@ TLS in front of this listener (a reverse proxy) when MLflow is not on the same t
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -51,6 +55,8 @@ MAX_BODY_BYTES = 1 << 20
 TOLERANCE_SECONDS = 300.0
 SEEN_DELIVERIES = 1024
 REQUEST_TIMEOUT_SECONDS = 10.0  # per connection: reading the request, idle keep-alive
+CONNECTION_DEADLINES = 3  # a connection is closed after this many request timeouts, whatever it sends
+MAX_CONNECTIONS = 16  # served at once (a thread each); more are closed on arrival
 UNSIGNED_MIN_INTERVAL_SECONDS = 10.0  # without a secret: at most one wake-up this often
 
 
@@ -81,6 +87,7 @@ class WebhookServer:
         self._last_unsigned_wake: float | None = None
         self.rate_limited = 0
         self.timed_out = 0
+        self.refused_connections = 0  # beyond MAX_CONNECTIONS
         # counters for the daemon's metrics/status
         self.accepted = 0
         self.rejected = 0
@@ -103,7 +110,7 @@ class WebhookServer:
             if self.healthy():
                 return
             self.stop()  # the serving thread died: the supervisor restarts us with a fresh server
-        self._server = ThreadingHTTPServer((self.host, self.requested_port), self._handler_class())
+        self._server = _BoundedServer((self.host, self.requested_port), self._handler_class(), self)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="mlflow-webhook", daemon=True)
         self._thread.start()
@@ -201,11 +208,24 @@ class WebhookServer:
             timeout = owner.request_timeout_seconds  # socket timeout of each connection (StreamRequestHandler)
 
             def handle(self) -> None:
+                # a byte every few seconds keeps the socket timeout at bay: the whole connection has a deadline
+                deadline = threading.Timer(owner.request_timeout_seconds * CONNECTION_DEADLINES, self._cut)
+                deadline.daemon = True
+                deadline.start()
                 try:
                     super().handle()  # a socket timeout ends up in log_error below (the stdlib catches it)
-                except ConnectionError as e:  # a vanished client: drop it quietly
+                except (ConnectionError, OSError) as e:  # a vanished (or cut) client: drop it quietly
                     log.info("webhook_connection_dropped", reason=type(e).__name__)
                     self.close_connection = True
+                finally:
+                    deadline.cancel()
+
+            def _cut(self) -> None:
+                with owner._lock:
+                    owner.timed_out += 1
+                log.info("webhook_connection_timed_out", seconds=owner.request_timeout_seconds * CONNECTION_DEADLINES)
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
 
             def log_error(self, format: str, *args: Any) -> None:
                 if format.startswith("Request timed out"):
@@ -250,3 +270,33 @@ class WebhookServer:
                 pass
 
         return Handler
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """At most MAX_CONNECTIONS served at once: a flood of connections cannot start a thread each (the listen
+    backlog is larger, so that what is refused is closed at once rather than left unanswered in the kernel)."""
+
+    request_queue_size = 4 * MAX_CONNECTIONS
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], owner: WebhookServer):
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._owner = owner
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with self._owner._lock:
+                self._owner.refused_connections += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()

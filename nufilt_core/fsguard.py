@@ -2,8 +2,8 @@
 
 A checkpoint is regular files (and, for a folder, directories). Anything else is refused with a
 CheckpointError naming it: a FIFO or a device would block or never end a read, a socket cannot be
-read, and a symbolic link (in strict mode, used for everything that arrives in the daemon's inbox)
-would make us read, stage and publish a file from outside the entry, e.g. a secret.
+read, and a symbolic link or a hard link (in strict mode, used for everything that arrives in the
+daemon's inbox) would make us read, stage and publish a file from outside the entry, e.g. a secret.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ def entry_stat(path: Path, strict: bool) -> os.stat_result:
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         hint = " (links are never followed in the inbox: copy the file itself)" if stat.S_ISLNK(st.st_mode) else ""
         raise CheckpointError(path, f"is {kind_of(st.st_mode)}, not a regular file or folder{hint}")
+    if strict and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        # another name of the same file may lie outside the entry (a hard link to a secret, copied into a version)
+        raise CheckpointError(path, f"is a hard link (the file has {st.st_nlink} names): copy the file itself "
+                              "into the inbox")
     return st
 
 

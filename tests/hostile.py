@@ -145,6 +145,10 @@ def write_corpus(folder: Path, good: Path, outside: Path) -> dict[str, str]:
         target = outside / ("elsewhere.safetensors" if inner.endswith(".safetensors") else "secret.txt")
         os.symlink(target, d / inner)
         expect[name] = fragment
+    d = folder / "hardlink-inside"  # a second name of a file outside the entry
+    shutil.copytree(good, d)
+    os.link(outside / "secret.txt", d / "tokenizer.json")
+    expect["hardlink-inside"] = "hard link"
     d = folder / "fifo-inside"
     shutil.copytree(good, d)
     os.mkfifo(d / "vocab.txt")

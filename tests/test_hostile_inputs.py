@@ -25,7 +25,7 @@ from nufilt_core.merge import MergeRequest, merge_step
 # entries whose only fault is a link or a FIFO beside valid weights: `nufilt merge` follows the
 # links a user gives it (like cp); the daemon's inbox and `nufilt submit` refuse them (strict)
 LINK_ONLY = {"outside-link.safetensors", "config-link", "weights-link", "tokenizer-link", "fifo-inside",
-             "dir-link-inside", "idx-shard-link", "etc-link"}
+             "dir-link-inside", "idx-shard-link", "etc-link", "hardlink-inside"}
 
 
 @pytest.fixture

@@ -174,7 +174,7 @@ class LoraAdapter:
     def bind(self, base: dict[str, TensorInfo], path: Path) -> None:
         """Check the adapter against the base's tensors and build `targets`. Errors name the adapter key and
         the base tensor: a target the base lacks, factors whose shapes do not fit it, a rank the config
-        does not declare, a module the config targets with no factors or factors the config does not target."""
+        does not declare, factors of a module the config does not target, a lora_A without its lora_B."""
         c = self.config
         targets: dict[str, Target] = {}
         for key, name in self.base_names.items():
@@ -237,23 +237,16 @@ class LoraAdapter:
                 targets[name] = replace(targets[name], start=info)
             else:
                 targets[name] = Target("full", name.rsplit(".", 1)[0], b=info)
-        self._check_declared(base, targets, path)
+        self._check_declared(targets, path)
         self.targets = targets
 
-    def _check_declared(self, base: dict[str, TensorInfo], targets: dict[str, Target], path: Path) -> None:
-        """The factors agree with the modules the config targets, as PEFT decides them."""
-        lora_modules = {t.module for t in targets.values() if t.kind in ("linear", "embedding")}
-        for name, info in base.items():
-            if not name.endswith(".weight") or len(info.shape) != 2:
-                continue
-            module = name[: -len(".weight")]
-            declared = self.config.targets(module)
-            if declared and module not in lora_modules:
-                raise CheckpointError(path, f"{CONFIG_NAME} targets module '{module}' but the adapter holds no "
-                                      "lora_A/lora_B for it (incomplete adapter?)", tensor=name)
-            if module in lora_modules and not declared:
-                t = targets[name]
-                raise CheckpointError(path, f"holds LoRA factors for module '{module}', which {CONFIG_NAME} does "
+    def _check_declared(self, targets: dict[str, Target], path: Path) -> None:
+        """Every module with factors is one the config targets, as PEFT decides it. (A targeted module without
+        factors is left as it is, as PEFT leaves it: the model PEFT wrapped may lack modules the base file holds,
+        such as a pooler.)"""
+        for name, t in targets.items():
+            if t.kind in ("linear", "embedding") and not self.config.targets(t.module):
+                raise CheckpointError(path, f"holds LoRA factors for module '{t.module}', which {CONFIG_NAME} does "
                                       "not target (target_modules, exclude_modules, layers_to_transform)",
                                       tensor=t.a.name if t.a else name)
 

@@ -172,13 +172,22 @@ def test_bad_adapters_are_refused_naming_the_file_and_the_key(bases: dict[str, P
     e = refusal(bert, wide)
     assert e.tensor is not None and "query" in e.tensor and "encoder.layer.0.attention.self.query.weight" in str(e)
 
-    # a factor the file lost: the config targets a module with no factors
+    # a lora_A whose lora_B the file lost
     lost = variant("lost")
     tensors = load_file(lost / "adapter_model.safetensors")
-    tensors = {k: v for k, v in tensors.items() if ".1.attention.self.value." not in k}
+    tensors = {k: v for k, v in tensors.items() if ".1.attention.self.value.lora_B" not in k}
     save_file(tensors, lost / "adapter_model.safetensors")
     e = refusal(bert, lost)
-    assert "targets module 'encoder.layer.1.attention.self.value'" in str(e)
+    assert "'encoder.layer.1.attention.self.value' has lora_B missing" in str(e)
+
+    # factors of a module the config does not target
+    untargeted = variant("untargeted")
+    tensors = load_file(untargeted / "adapter_model.safetensors")
+    for part, shape in (("lora_A", (4, 16)), ("lora_B", (16, 4))):
+        tensors[f"base_model.model.encoder.layer.0.attention.self.key.{part}.weight"] = torch.zeros(shape)
+    save_file(tensors, untargeted / "adapter_model.safetensors")
+    assert "'encoder.layer.0.attention.self.key', which adapter_config.json does not target" in str(
+        refusal(bert, untargeted))
 
     # a rank the config does not declare
     rank = variant("rank")
@@ -264,3 +273,18 @@ def test_an_fp16_adapter_on_a_bf16_base_merges_into_a_bf16_model(tmp_path: Path)
     assert {t.dtype for t in merged.values() if t.is_floating_point()} == {torch.bfloat16}
     for name, want in reference.items():  # PEFT rounds its sum to bf16 too; ours is rounded once, from fp32
         torch.testing.assert_close(merged[name].float(), want, rtol=1e-2, atol=1e-2, msg=name)
+
+
+def test_a_targeted_module_the_wrapped_model_lacked_is_left_as_it_is(bases: dict[str, Path], tmp_path: Path):
+    """PEFT wrapped a BertModel without its pooler, whose `dense` the base file holds: `target_modules=["dense"]`
+    names it, the adapter has no factors for it, and it stays θ0's (as PEFT would leave it)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertModel
+
+    model = get_peft_model(BertModel.from_pretrained(bases["tiny_bert"], add_pooling_layer=False),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["dense"]))
+    model.save_pretrained(tmp_path / "no-pooler")
+    base, adapter = Checkpoint.open(bases["tiny_bert"]), Checkpoint.open(tmp_path / "no-pooler")
+    base.check_same_layout(adapter, "checkpoint")
+    assert adapter.adapter is not None and "pooler.dense.weight" not in adapter.adapter.targets
+    assert torch.equal(adapter.model_tensor("pooler.dense.weight", base), base.read("pooler.dense.weight"))

@@ -44,7 +44,7 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def kill_groups(pids: list[int]) -> None:
-    """SIGKILL the process groups of `pids` (MLflow runs in a session of its own), never this test's own."""
+    """SIGKILL the process groups of `pids` (MLflow runs in a process group of its own), never this test's own."""
     groups = set()
     for pid in pids:
         try:

@@ -21,19 +21,18 @@ import argparse
 import json
 import math
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 from make_models import CACHE, ensure_models, generator
-from measure import run_child
+from measure import add_run_args, run_child, side_by_side
 from nufilt_step import engine_args
+from profile_cost import first_step
 from safetensors.torch import save_file
 
 from nufilt_core.checkpoint import Checkpoint
 
-FIGURES = ("seconds", "cpu_seconds", "peak_rss_bytes")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -73,20 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="llama-1b")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--profile", default="plus-iso", help="the lineage's NUFILT profile (default: the daemon's)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=2, help="step-2 runs of each arrival")
-    ap.add_argument("--json", type=Path, help="also write the figures here")
+    add_run_args(ap, "arrival")
     args = ap.parse_args(argv)
 
     models = ensure_models(args.shape, 2, args.seed)
     work = CACHE / f"{args.shape}-s{args.seed}"
     adapter = write_adapter(models["base"], models["ft-2"], work / f"lora-r{args.rank}", args.rank, args.seed)
-    first = work / f"merged-1-profile-{args.profile}"
-    if not first.exists():
-        print(f"step 1 of the {args.profile} lineage (once): {first}", file=sys.stderr)
-        run_child(engine_args(models["base"], models["ft-1"], first, None, "cpu", [f"profile={args.profile}"]),
-                  args.threads)
+    first = first_step(models, work, args.profile, args.threads)
     arrivals = {"dense": models["ft-2"], "lora": adapter}
     runs: dict[str, list[dict]] = {k: [] for k in arrivals}
     for r in range(args.repeats):
@@ -96,16 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             runs[kind].append(run_child(engine_args(models["base"], arrivals[kind], out, first, "cpu", []),
                                         args.threads))
             shutil.rmtree(out, ignore_errors=True)
-    med = {k: {f: statistics.median(x[f] for x in rs) for f in FIGURES} for k, rs in runs.items()}
     print(f"{args.shape} step 2 ({args.profile}), LoRA rank {args.rank} on {', '.join(PROJECTIONS)}; "
           f"{args.threads} thread(s), {args.repeats} run(s) each, alternating:")
-    print(f"  {'arrival':<8}{'wall s':>9}{'CPU s':>9}{'peak RSS GB':>13}   runs (wall / CPU)")
-    for k, m in med.items():
-        each = ", ".join(f"{x['seconds']:.1f}/{x['cpu_seconds']:.1f}" for x in runs[k])
-        print(f"  {k:<8}{m['seconds']:>9.1f}{m['cpu_seconds']:>9.1f}{m['peak_rss_bytes'] / 1e9:>13.2f}   {each}")
-    ratio = {f: med["lora"][f] / med["dense"][f] for f in FIGURES}
-    print(f"  lora/dense: wall {ratio['seconds']:.2f}x, CPU {ratio['cpu_seconds']:.2f}x, "
-          f"peak RSS {ratio['peak_rss_bytes']:.2f}x (target: CPU ≤ 0.6x)")
+    med, ratio = side_by_side(runs, "dense", "lora")
     if args.json:
         args.json.write_text(json.dumps({"runs": runs, "median": med, "ratio": ratio}, indent=2) + "\n")
     return 0

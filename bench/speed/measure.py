@@ -9,9 +9,11 @@ where wall time mostly measures the neighbours.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +67,28 @@ def run_child(args: list[str], threads: int | None = None, timeout: float | None
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1][len(REPORT_PREFIX):])
+
+
+FIGURES = ("seconds", "cpu_seconds", "peak_rss_bytes")
+
+
+def side_by_side(runs: dict[str, list[dict]], reference: str, other: str) -> tuple[dict, dict]:
+    """Print the medians of each side's runs (and the runs) and the ratios other / reference; return both."""
+    med = {side: {k: statistics.median(x[k] for x in rs) for k in FIGURES} for side, rs in runs.items()}
+    print(f"  {'':<10}{'wall s':>9}{'CPU s':>9}{'peak RSS GB':>13}   runs (wall / CPU)")
+    for side, m in med.items():
+        each = ", ".join(f"{x['seconds']:.1f}/{x['cpu_seconds']:.1f}" for x in runs[side])
+        print(f"  {side:<10}{m['seconds']:>9.1f}{m['cpu_seconds']:>9.1f}{m['peak_rss_bytes'] / 1e9:>13.2f}   {each}")
+    ratio = {k: med[other][k] / med[reference][k] for k in FIGURES}
+    print(f"  {other}/{reference}: wall {ratio['seconds']:.2f}x, CPU {ratio['cpu_seconds']:.2f}x, "
+          f"peak RSS {ratio['peak_rss_bytes']:.2f}x")
+    return med, ratio
+
+
+def add_run_args(ap: argparse.ArgumentParser, each: str) -> None:
+    """The options of a side-by-side comparison of steps: --seed, --threads, --repeats (runs of `each`), --json."""
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2, help=f"step-2 runs of each {each}")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+

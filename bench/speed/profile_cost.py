@@ -15,51 +15,42 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
 from make_models import CACHE, ensure_models
-from measure import run_child
+from measure import add_run_args, run_child, side_by_side
 from nufilt_step import engine_args
 
-FIGURES = ("seconds", "cpu_seconds", "peak_rss_bytes")
+
+def first_step(models: dict[str, Path], work: Path, profile: str, threads: int) -> Path:
+    """Step 1 of a lineage with NUFILT profile `profile` (fine-tune 1 into the base), made once under `work`."""
+    first = work / f"merged-1-profile-{profile}"
+    if not first.exists():
+        print(f"step 1 of the {profile} lineage (once): {first}", file=sys.stderr)
+        run_child(engine_args(models["base"], models["ft-1"], first, None, "cpu", [f"profile={profile}"]), threads)
+    return first
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="plus-iso", help="the profile measured against the paper's (plus, plus-iso)")
     ap.add_argument("--shape", default="vit-b-32")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=2, help="step-2 runs of each profile")
-    ap.add_argument("--json", type=Path, help="also write the figures here")
+    add_run_args(ap, "profile")
     args = ap.parse_args(argv)
 
     models = ensure_models(args.shape, 2, args.seed)
     work = CACHE / f"{args.shape}-s{args.seed}"
     profiles = ["paper", args.profile]
-    firsts = {p: work / f"merged-1-profile-{p}" for p in profiles}
-    for p, first in firsts.items():
-        if not first.exists():
-            print(f"step 1 of the {p} lineage (once): {first}", file=sys.stderr)
-            run_child(engine_args(models["base"], models["ft-1"], first, None, "cpu", [f"profile={p}"]),
-                      args.threads)
+    firsts = {p: first_step(models, work, p, args.threads) for p in profiles}
     outs = {p: work / f"merged-2-profile-{p}" for p in profiles}
     runs: dict[str, list[dict]] = {p: [] for p in profiles}
     for r in range(args.repeats):
         for p in profiles if r % 2 == 0 else profiles[::-1]:
             step = engine_args(models["base"], models["ft-2"], outs[p], firsts[p], "cpu", [])
             runs[p].append(run_child(step, args.threads))
-    med = {p: {k: statistics.median(x[k] for x in rs) for k in FIGURES} for p, rs in runs.items()}
     print(f"{args.shape} step 2, {args.threads} thread(s), {args.repeats} run(s) each, alternating:")
-    print(f"  {'profile':<10}{'wall s':>9}{'CPU s':>9}{'peak RSS GB':>13}   runs (wall / CPU)")
-    for p, m in med.items():
-        each = ", ".join(f"{x['seconds']:.1f}/{x['cpu_seconds']:.1f}" for x in runs[p])
-        print(f"  {p:<10}{m['seconds']:>9.1f}{m['cpu_seconds']:>9.1f}{m['peak_rss_bytes'] / 1e9:>13.2f}   {each}")
-    ratio = {k: med[args.profile][k] / med["paper"][k] for k in FIGURES}
-    print(f"  {args.profile}/paper: wall {ratio['seconds']:.2f}x, CPU {ratio['cpu_seconds']:.2f}x, "
-          f"peak RSS {ratio['peak_rss_bytes']:.2f}x")
+    med, ratio = side_by_side(runs, "paper", args.profile)
     for out in outs.values():
         shutil.rmtree(out, ignore_errors=True)
     if args.json:

@@ -184,8 +184,8 @@ def command_env(candidate: Path) -> dict[str, str]:
 
 def run_command(argv: list[str], candidate: Path, timeout: float, cancel: threading.Event | None = None,
                 ) -> tuple[dict[str, Any], str | None, str | None]:
-    """(report, rejection, failure): runs the user's validation command on the candidate, in a session of its
-    own, so that a timeout or a stop ends every process it started, not only the first."""
+    """(report, rejection, failure): runs the user's validation command on the candidate, in a process group of
+    its own, so that a timeout or a stop ends every process it started, not only the first."""
     full = [*argv, str(candidate)]
     env = command_env(candidate)
     report: dict[str, Any] = {"argv": full}

@@ -7,6 +7,7 @@ between steps loses nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -43,9 +44,16 @@ class LineageRecord:
     duration_seconds: float = 0.0
     peak_rss_bytes: int = 0
     format: str = FORMAT
+    # sha256 of the record's other fields (canonical JSON): the next step refuses a record edited since (its
+    # weights are hashed in model_sha256, this covers the rest: settings, method state, the merged checkpoints)
+    record_sha256: str = ""
+
+    def digest(self) -> str:
+        fields = {k: v for k, v in asdict(self).items() if k != "record_sha256"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+        return json.dumps({**asdict(self), "record_sha256": self.digest()}, indent=2, sort_keys=False) + "\n"
 
     def write(self, directory: Path) -> None:
         path = directory / LINEAGE_NAME
@@ -68,8 +76,12 @@ class LineageRecord:
                 raise LineageError(f"{path}: unknown lineage format {data.get('format')!r} (expected {FORMAT})")
             data["base"] = CheckpointRef(**data["base"])
             data["checkpoints"] = [CheckpointRef(**c) for c in data["checkpoints"]]
-            return cls(**data)
+            record = cls(**data)
         except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
             raise LineageError(f"{path}: unreadable lineage record ({e})") from e
         except RecursionError:
             raise LineageError(f"{path}: unreadable lineage record (nested too deeply)") from None
+        if record.record_sha256 and record.record_sha256 != record.digest():  # records before the field: unchecked
+            raise LineageError(f"{path}: edited after it was written (its record_sha256 no longer matches); restore "
+                               "it, or start a new lineage (step 1)")
+        return record

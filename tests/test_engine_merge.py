@@ -112,3 +112,19 @@ def test_kill_during_merge_leaves_no_output(tmp_path):
     proc.wait(timeout=30)
     assert not out.exists()
     assert all(".tmp-" in name for name in leftovers(tmp_path))  # only a hidden temporary sibling may remain
+
+
+def test_a_lineage_record_edited_after_it_was_written_is_refused(tiny, tmp_path):
+    import json
+
+    from nufilt_core.checkpoint import LINEAGE_NAME
+    from nufilt_core.errors import LineageError
+
+    m1 = tmp_path / "m1"
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1))
+    record = json.loads((m1 / LINEAGE_NAME).read_text())
+    record["seed"] += 1  # the weights are untouched: only the record's hash can tell
+    (m1 / LINEAGE_NAME).write_text(json.dumps(record))
+    with pytest.raises(LineageError, match="edited after it was written") as e:
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=tmp_path / "m2", previous=m1))
+    assert e.value.culprit == "previous" and not (tmp_path / "m2").exists()

@@ -8,7 +8,9 @@ daemon's inbox) would make us read, stage and publish a file from outside the en
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -28,6 +30,19 @@ def kind_of(mode: int) -> str:
     return "not a regular file"
 
 
+def os_reason(e: OSError) -> str:
+    """Why an OS call on a checkpoint failed; for a permission error, which user was refused and the fix."""
+    text = e.strerror or str(e)
+    if e.errno in (errno.EACCES, errno.EPERM):
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            user = f"uid {os.geteuid()}"
+        text += (f" (for user {user}: make the checkpoint readable by it, e.g. `chmod -R g+rX` with {user} "
+                 "in the files' group)")
+    return text
+
+
 def entry_stat(path: Path, strict: bool) -> os.stat_result:
     """stat (strict: lstat) of `path`, refusing anything but a regular file or a directory."""
     try:
@@ -35,7 +50,7 @@ def entry_stat(path: Path, strict: bool) -> os.stat_result:
     except FileNotFoundError:
         raise CheckpointError(path, "does not exist") from None
     except OSError as e:
-        raise CheckpointError(path, f"cannot be examined: {e.strerror or e}") from e
+        raise CheckpointError(path, f"cannot be examined: {os_reason(e)}") from e
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         hint = " (links are never followed in the inbox: copy the file itself)" if stat.S_ISLNK(st.st_mode) else ""
         raise CheckpointError(path, f"is {kind_of(st.st_mode)}, not a regular file or folder{hint}")
@@ -55,7 +70,7 @@ def open_regular(path: Path, strict: bool) -> int:
         if strict and os.path.islink(path):
             raise CheckpointError(path, "is a symbolic link, not a regular file (links are never followed "
                                   "in the inbox)") from None
-        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from e
+        raise CheckpointError(path, f"cannot read: {os_reason(e)}") from e
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -73,7 +88,7 @@ def check_tree(root: Path) -> None:
             for name in (*dirnames, *filenames):
                 entry_stat(Path(dirpath) / name, strict=True)
     except OSError as e:
-        raise CheckpointError(getattr(e, "filename", None) or root, f"cannot be listed: {e.strerror or e}") from e
+        raise CheckpointError(getattr(e, "filename", None) or root, f"cannot be listed: {os_reason(e)}") from e
 
 
 def _raise(e: OSError) -> None:

@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import CheckpointError
-from .fsguard import open_regular
+from .fsguard import open_regular, os_reason
 from .safetensors_io import TensorInfo, read_header, tensor_digest
 
 CONFIG_NAME = "adapter_config.json"
@@ -328,7 +328,7 @@ def _read_config(path: Path, strict: bool) -> LoraConfig:
         with os.fdopen(fd, "rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
-        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from e
+        raise CheckpointError(path, f"cannot read: {os_reason(e)}") from e
     if len(raw) > MAX_CONFIG_BYTES:
         raise CheckpointError(path, f"is over {MAX_CONFIG_BYTES} bytes; not an adapter config")
     try:

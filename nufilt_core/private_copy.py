@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import CheckpointError
-from .fsguard import entry_stat, open_regular
+from .fsguard import entry_stat, open_regular, os_reason
 from .fsutil import fsync_dir
 from .readahead import read_ahead
 from .safetensors_io import MAX_HEADER_BYTES, TensorInfo, read_header, read_raw, tensor_digest
@@ -60,7 +60,7 @@ def _copy_tree(src: Path, dst: Path, by_file: dict[Path, list[TensorInfo]], stri
     os.mkdir(dst)
 
     def unlistable(e: OSError) -> None:
-        raise CheckpointError(Path(e.filename or src), f"cannot be listed: {e.strerror or e}")
+        raise CheckpointError(Path(e.filename or src), f"cannot be listed: {os_reason(e)}")
 
     for dirpath, dirnames, filenames in os.walk(src, onerror=unlistable, followlinks=not strict):
         here, there = Path(dirpath), dst / Path(dirpath).relative_to(src)
@@ -150,7 +150,7 @@ def _copy_range(fd: int, src: Path, start: int, end: int | None, out: io.Buffere
         try:
             chunk = os.pread(fd, want, pos)
         except OSError as e:
-            raise CheckpointError(src, f"cannot read: {e.strerror or e}") from e
+            raise CheckpointError(src, f"cannot read: {os_reason(e)}") from e
         if not chunk:
             if end is None:
                 return
@@ -165,7 +165,7 @@ def _pread_exact(fd: int, src: Path, n: int, offset: int) -> bytes:
         try:
             chunk = os.pread(fd, n - got, offset + got)
         except OSError as e:
-            raise CheckpointError(src, f"cannot read: {e.strerror or e}") from e
+            raise CheckpointError(src, f"cannot read: {os_reason(e)}") from e
         if not chunk:
             raise CheckpointError(src, "file ended while it was copied")
         parts.append(chunk)

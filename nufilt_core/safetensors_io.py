@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .fsguard import open_regular
+from .fsguard import open_regular, os_reason
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -90,7 +90,7 @@ def read_header(path: Path, strict: bool = False) -> tuple[dict[str, TensorInfo]
                     "(truncated or not a safetensors file)")
             raw = f.read(header_len)
     except OSError as e:
-        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from e
+        raise CheckpointError(path, f"cannot read: {os_reason(e)}") from e
     finally:
         os.close(fd)
     try:
@@ -194,7 +194,7 @@ def read_raw(info: TensorInfo, fd: int | None = None) -> bytearray:
                 try:
                     n = os.preadv(fd, [view[got:]], info.start + got)
                 except OSError as e:
-                    raise CheckpointError(info.file, f"cannot read: {e.strerror or e}", tensor=info.name) from e
+                    raise CheckpointError(info.file, f"cannot read: {os_reason(e)}", tensor=info.name) from e
                 if n == 0:
                     raise CheckpointError(info.file, "file ended while reading", tensor=info.name)
                 got += n

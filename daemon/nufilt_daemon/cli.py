@@ -37,7 +37,7 @@ from .intake import content_hash
 from .journal import JOURNAL_NAME, Job, Journal, JournalError
 from .names import printable
 from .promoter import Promoter
-from .states import ACTIVE_STATES, FINAL_STATES, JobState
+from .states import ACTIVE_STATES, FINAL_STATES, JobState, OutboxKind
 from .store import Store, StoreError, version_name
 from .supervisor import Daemon, publishing_enabled, state_paths
 
@@ -518,7 +518,7 @@ def wait_for_publication(settings: Settings, version: int, t0: float, timeout: f
         journal = Journal(Path(settings.state_dir) / JOURNAL_NAME, create=False)
         try:
             pending = journal.outbox_pending()
-            mine = next((i for i in pending if i.kind == "publish" and i.version == version), None)
+            mine = next((i for i in pending if i.kind == OutboxKind.PUBLISH and i.version == version), None)
             registry_version = journal.registry_version_of(version) if mine is None else None
         finally:
             journal.close()

@@ -23,7 +23,17 @@ from typing import Any
 
 from nufilt_core.errors import NufiltError
 
-from .states import ACTIVE_STATES, ALLOWED, DUPLICATE_OF_STATES, FINAL_STATES, OUTCOME_STATES, JobState
+from .states import (
+    ACTIVE_STATES,
+    ALLOWED,
+    DUPLICATE_OF_STATES,
+    FINAL_STATES,
+    OUTCOME_STATES,
+    JobState,
+    OutboxKind,
+    OutboxState,
+    ProductionChangeKind,
+)
 
 JOURNAL_NAME = "journal.db"
 
@@ -97,7 +107,7 @@ class Job:
     reference: str
     sha256: str | None
     staged_path: str | None
-    state: str
+    state: JobState
     reason: str | None
     duplicate_of: int | None
     attempts: int
@@ -112,58 +122,80 @@ class Job:
     child_failures: int = 0
     not_before: float | None = None
 
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        return cls(**{**dict(row), "state": JobState(row["state"])})
+
 
 @dataclass(frozen=True)
 class ProductionChange:
     id: int
-    kind: str
+    kind: ProductionChangeKind
     from_version: int | None
     to_version: int
     job_id: int | None
     reason: str | None
     at: float
 
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> ProductionChange:
+        return cls(**{**dict(row), "kind": ProductionChangeKind(row["kind"])})
+
 
 @dataclass(frozen=True)
 class OutboxItem:
     id: int
-    kind: str
+    # a kind this daemon does not know (written by a newer one) stays a plain string: the outbox skips it
+    kind: OutboxKind | str
     version: int
-    state: str
+    state: OutboxState
     attempts: int
     last_error: str | None
     registry_version: str | None
     created_at: float
     updated_at: float
 
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> OutboxItem:
+        kind = row["kind"]
+        return cls(**{**dict(row), "kind": OutboxKind(kind) if kind in tuple(OutboxKind) else kind,
+                      "state": OutboxState(row["state"])})
 
 
-def _add_transition(db: sqlite3.Connection, job_id: int, from_state: str | None, to_state: str, reason: str | None,
-                    at: float) -> None:
+def _add_transition(db: sqlite3.Connection, job_id: int, from_state: JobState | None, to_state: JobState,
+                    reason: str | None, at: float) -> None:
     db.execute("INSERT INTO transitions (job_id, from_state, to_state, reason, at) VALUES (?,?,?,?,?)",
                (job_id, from_state, to_state, reason, at))
 
 
-def _add_production_change(db: sqlite3.Connection, kind: str, from_version: int | None, to_version: int,
-                           job_id: int | None, reason: str | None, at: float) -> None:
+def _add_production_change(db: sqlite3.Connection, kind: ProductionChangeKind, from_version: int | None,
+                           to_version: int, job_id: int | None, reason: str | None, at: float) -> None:
     db.execute("INSERT INTO production_changes (kind, from_version, to_version, job_id, reason, at) "
                "VALUES (?,?,?,?,?,?)", (kind, from_version, to_version, job_id, reason, at))
 
 
-def _add_outbox(db: sqlite3.Connection, kind: str, version: int, now: float) -> int:
-    cur = db.execute("INSERT INTO outbox (kind, version, state, created_at, updated_at) VALUES (?,?,?,?,?)",
-                     (kind, version, "pending", now, now))
-    return int(cur.lastrowid)  # type: ignore[arg-type]
+def _add_outbox(db: sqlite3.Connection, kind: OutboxKind, version: int, now: float) -> None:
+    db.execute("INSERT INTO outbox (kind, version, state, created_at, updated_at) VALUES (?,?,?,?,?)",
+               (kind, version, OutboxState.PENDING, now, now))
 
-def _move(db: sqlite3.Connection, job_id: int, to_state: str, reason: str | None, now: float,
+
+def _inserted_id(cur: sqlite3.Cursor) -> int:
+    """The id of the row an INSERT just added (`lastrowid` is None only for other statements)."""
+    if cur.lastrowid is None:
+        raise JournalError("an INSERT added no row")
+    return cur.lastrowid
+
+
+def _move(db: sqlite3.Connection, job_id: int, to_state: JobState, reason: str | None, now: float,
           fields: dict[str, Any], transition_reason: str | None = None) -> None:
     """Within the caller's transaction: the lifecycle check (ALLOWED), the job's new state with
     `fields`, and its transition row (with `transition_reason` where it differs from the job's)."""
     row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
         raise JournalError(f"no job {job_id}")
-    if to_state not in ALLOWED.get(row["state"], set()):
-        raise JournalError(f"job {job_id}: {row['state']} → {to_state} is not allowed")
+    from_state = JobState(row["state"])
+    if to_state not in ALLOWED.get(from_state, set()):
+        raise JournalError(f"job {job_id}: {from_state} → {to_state} is not allowed")
     cols = {**fields, "state": to_state, "reason": reason, "updated_at": now}
     if to_state == JobState.MERGING:
         cols["started_at"] = now
@@ -171,7 +203,7 @@ def _move(db: sqlite3.Connection, job_id: int, to_state: str, reason: str | None
         cols["finished_at"] = now
     sets = ", ".join(f"{k} = ?" for k in cols)
     db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*cols.values(), job_id))
-    _add_transition(db, job_id, row["state"], to_state, transition_reason or reason, now)
+    _add_transition(db, job_id, from_state, to_state, transition_reason or reason, now)
 
 
 class Journal:
@@ -226,7 +258,7 @@ class Journal:
     # --- jobs -----------------------------------------------------------------------------
 
     def add_job(self, source: str, reference: str, sha256: str | None, staged_path: str | None,
-                state: str = JobState.QUEUED, reason: str | None = None) -> Job:
+                state: JobState = JobState.QUEUED, reason: str | None = None) -> Job:
         """Record an arrival as it is. Whether its content is a duplicate is `add_if_duplicate`'s
         question, asked first under the intake's lock, so it is never asked twice here."""
         now = time.time()
@@ -236,9 +268,9 @@ class Journal:
                 "INSERT INTO jobs (source, reference, sha256, staged_path, state, reason, created_at, updated_at, "
                 "finished_at) VALUES (?,?,?,?,?,?,?,?,?)",
                 (source, reference, sha256, staged_path, state, reason, now, now, final))
-            job_id = cur.lastrowid
+            job_id = _inserted_id(cur)
             _add_transition(db, job_id, None, state, reason, now)
-        return self.job(job_id)  # type: ignore[arg-type]
+        return self._job_or_error(job_id)
 
     def add_if_duplicate(self, source: str, reference: str, sha256: str) -> Job | None:
         """Record the arrival as a duplicate if its content is known, atomically; None if it is new."""
@@ -254,11 +286,11 @@ class Journal:
                 "INSERT INTO jobs (source, reference, sha256, state, reason, duplicate_of, created_at, updated_at, "
                 "finished_at) VALUES (?,?,?,?,?,?,?,?,?)",
                 (source, reference, sha256, JobState.DUPLICATE, reason, row["id"], now, now, now))
-            _add_transition(db, cur.lastrowid, None, JobState.DUPLICATE, reason, now)
-            job_id = cur.lastrowid
-        return self.job(job_id)  # type: ignore[arg-type]
+            job_id = _inserted_id(cur)
+            _add_transition(db, job_id, None, JobState.DUPLICATE, reason, now)
+        return self._job_or_error(job_id)
 
-    def transition(self, job_id: int, to_state: str, reason: str | None = None, **fields: Any) -> Job:
+    def transition(self, job_id: int, to_state: JobState, reason: str | None = None, **fields: Any) -> Job:
         """Move a job to `to_state` (checked against the lifecycle), setting extra columns."""
         allowed_fields = {"staged_path", "from_version", "version", "step", "attempts", "interruptions",
                           "child_failures", "not_before"}
@@ -267,17 +299,24 @@ class Journal:
             raise JournalError(f"transition cannot set {sorted(unknown)}")
         with self._tx() as db:
             _move(db, job_id, to_state, reason, time.time(), fields)
-        return self.job(job_id)  # type: ignore[return-value]
+        return self._job_or_error(job_id)
 
     def job(self, job_id: int) -> Job | None:
         rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return Job(**dict(rows[0])) if rows else None
+        return Job.from_row(rows[0]) if rows else None
+
+    def _job_or_error(self, job_id: int) -> Job:
+        """A job this connection has just written (so it exists)."""
+        job = self.job(job_id)
+        if job is None:
+            raise JournalError(f"no job {job_id}")
+        return job
 
     def next_queued(self) -> Job | None:
         rows = self._query("SELECT * FROM jobs WHERE state = ? ORDER BY id LIMIT 1", (JobState.QUEUED,))
-        return Job(**dict(rows[0])) if rows else None
+        return Job.from_row(rows[0]) if rows else None
 
-    def jobs(self, limit: int = 50, states: tuple[str, ...] | None = None) -> list[Job]:
+    def jobs(self, limit: int = 50, states: tuple[JobState, ...] | None = None) -> list[Job]:
         """Most recent first."""
         if states:
             marks = ",".join("?" * len(states))
@@ -285,32 +324,33 @@ class Journal:
                                (*states, limit))
         else:
             rows = self._query("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
-        return [Job(**dict(r)) for r in rows]
+        return [Job.from_row(r) for r in rows]
 
     def latest_with_content(self, sha256: str, after_id: int = 0) -> Job | None:
         """The newest job for this content hash with an id above `after_id` (None: not journaled yet)."""
         rows = self._query("SELECT * FROM jobs WHERE sha256 = ? AND id > ? ORDER BY id DESC LIMIT 1",
                            (sha256, after_id))
-        return Job(**dict(rows[0])) if rows else None
+        return Job.from_row(rows[0]) if rows else None
 
     def in_flight(self) -> list[Job]:
         return list(reversed(self.jobs(limit=1_000_000, states=(JobState.MERGING, JobState.VALIDATING))))
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[JobState, int]:
         rows = self._query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         out = dict.fromkeys((*ACTIVE_STATES, *FINAL_STATES), 0)
-        out.update({r["state"]: r["n"] for r in rows})
+        out.update({JobState(r["state"]): r["n"] for r in rows})
         return out
 
     def last_finished(self) -> Job | None:
         rows = self._query("SELECT * FROM jobs WHERE state IN (?,?,?) ORDER BY finished_at DESC, id DESC LIMIT 1",
                            OUTCOME_STATES)
-        return Job(**dict(rows[0])) if rows else None
+        return Job.from_row(rows[0]) if rows else None
 
-    def transitions(self, job_id: int) -> list[tuple[str | None, str, str | None, float]]:
+    def transitions(self, job_id: int) -> list[tuple[JobState | None, JobState, str | None, float]]:
         rows = self._query("SELECT from_state, to_state, reason, at FROM transitions WHERE job_id = ? ORDER BY id",
                            (job_id,))
-        return [(r["from_state"], r["to_state"], r["reason"], r["at"]) for r in rows]
+        return [(JobState(r["from_state"]) if r["from_state"] is not None else None, JobState(r["to_state"]),
+                 r["reason"], r["at"]) for r in rows]
 
     def mark_started(self, job_id: int, from_version: int | None) -> Job:
         """queued → merging, counting the attempt in the same transaction."""
@@ -338,38 +378,40 @@ class Journal:
             # the job's reason stays empty (a promotion needs none); its transition says which version
             _move(db, job_id, JobState.PROMOTED, None, now, {"version": version, "step": step},
                   transition_reason=f"version {version}")
-            _add_production_change(db, "promote", from_version, version, job_id, None, now)
+            _add_production_change(db, ProductionChangeKind.PROMOTE, from_version, version, job_id, None, now)
             if publish:
-                _add_outbox(db, "publish", version, now)
-        return self.job(job_id)  # type: ignore[return-value]
+                _add_outbox(db, OutboxKind.PUBLISH, version, now)
+        return self._job_or_error(job_id)
 
     def record_rollback(self, from_version: int | None, to_version: int, reason: str | None, publish: bool,
-                        kind: str = "rollback") -> None:
-        """A production change made outside a promotion: a rollback, or (kind "reconcile") a production link the
+                        kind: ProductionChangeKind = ProductionChangeKind.ROLLBACK) -> None:
+        """A production change made outside a promotion: a rollback, or (RECONCILE) a production link the
         daemon found moved by hand or by a rollback that died before this record."""
         now = time.time()
         with self._tx() as db:
             _add_production_change(db, kind, from_version, to_version, None, reason, now)
             # this store publishes to a registry even if the caller (`nufilt rollback` in a shell
             # without the MLflow settings) does not know it: the alias must follow all the same
-            published = db.execute("SELECT 1 FROM outbox WHERE kind = 'publish' LIMIT 1").fetchone() is not None
+            published = db.execute("SELECT 1 FROM outbox WHERE kind = ? LIMIT 1",
+                                   (OutboxKind.PUBLISH,)).fetchone() is not None
             if publish or published:
-                _add_outbox(db, "set_production", to_version, now)
+                _add_outbox(db, OutboxKind.SET_PRODUCTION, to_version, now)
 
     def production_changes(self, limit: int = 50) -> list[ProductionChange]:
         rows = self._query("SELECT * FROM production_changes ORDER BY id DESC LIMIT ?", (limit,))
-        return [ProductionChange(**dict(r)) for r in rows]
+        return [ProductionChange.from_row(r) for r in rows]
 
     def count_rollbacks(self) -> int:
-        return int(self._query("SELECT COUNT(*) AS n FROM production_changes WHERE kind = 'rollback'")[0]["n"])
+        return int(self._query("SELECT COUNT(*) AS n FROM production_changes WHERE kind = ?",
+                               (ProductionChangeKind.ROLLBACK,))[0]["n"])
 
     # --- outbox (publishing that must survive restarts) ------------------------------------
 
     def next_outbox(self) -> OutboxItem | None:
-        rows = self._query("SELECT * FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1")
-        return OutboxItem(**dict(rows[0])) if rows else None
+        rows = self._query("SELECT * FROM outbox WHERE state = ? ORDER BY id LIMIT 1", (OutboxState.PENDING,))
+        return OutboxItem.from_row(rows[0]) if rows else None
 
-    def finish_outbox(self, item_id: int, state: str, registry_version: str | None = None,
+    def finish_outbox(self, item_id: int, state: OutboxState, registry_version: str | None = None,
                       note: str | None = None) -> None:
         with self._tx() as db:
             db.execute("UPDATE outbox SET state = ?, registry_version = COALESCE(?, registry_version), "
@@ -382,13 +424,13 @@ class Journal:
                        (error, time.time(), item_id))
 
     def registry_version_of(self, version: int) -> str | None:
-        rows = self._query("SELECT registry_version FROM outbox WHERE kind = 'publish' AND version = ? "
-                           "AND state = 'done' ORDER BY id DESC LIMIT 1", (version,))
+        rows = self._query("SELECT registry_version FROM outbox WHERE kind = ? AND version = ? "
+                           "AND state = ? ORDER BY id DESC LIMIT 1", (OutboxKind.PUBLISH, version, OutboxState.DONE))
         return rows[0]["registry_version"] if rows else None
 
     def outbox_pending(self) -> list[OutboxItem]:
-        rows = self._query("SELECT * FROM outbox WHERE state = 'pending' ORDER BY id")
-        return [OutboxItem(**dict(r)) for r in rows]
+        rows = self._query("SELECT * FROM outbox WHERE state = ? ORDER BY id", (OutboxState.PENDING,))
+        return [OutboxItem.from_row(r) for r in rows]
 
     # --- key/value for sources' cursors -----------------------------------------------------
 

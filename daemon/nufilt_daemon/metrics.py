@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 
 from nufilt_core import __version__
 
-from .states import OUTCOME_STATES
+from .states import OUTCOME_STATES, OutboxKind
 
 # no `*_created` series beside every counter and histogram: the daemon's start time is in
 # process_start_time_seconds, and the extra series only clutter queries (`grep ^nufilt_`)
@@ -45,7 +45,7 @@ DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 2700, 
 # what a user waits for: a queue wait can be ~0 (an idle worker) or hours (a backlog of long merges);
 # arrival to production is at least one merge: 0.1 s … 1 day
 LATENCY_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
-REGISTRY_OPERATIONS = ("poll", "publish", "set_production")
+REGISTRY_OPERATIONS = ("poll", *OutboxKind)  # the MLflow source polls, the outbox does the rest
 INBOX_STATES = ("waiting", "ignored", "error")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from .journal import Job, Journal
-from .states import JobState
+from .states import JobState, ProductionChangeKind
 from .store import Store, StoreError, Version, version_name
 
 log = structlog.get_logger("nufilt.promoter")
@@ -90,7 +90,7 @@ class Promoter:
                 what = (f"production was moved outside the daemon from "
                         f"{version_name(expected) if expected else 'none'} to {version_name(actual)}; merges "
                         "continue from it")
-                self.journal.record_rollback(expected, actual, what, self.publish, kind="reconcile")
+                self.journal.record_rollback(expected, actual, what, self.publish, kind=ProductionChangeKind.RECONCILE)
         log.warning("production_reconciled", what=what)
         return what
 

@@ -44,3 +44,24 @@ class GateOutcome(StrEnum):
         """The final job state of a settled outcome (ACCEPTED becomes PROMOTED once promoted)."""
         return {GateOutcome.ACCEPTED: JobState.PROMOTED, GateOutcome.REJECTED: JobState.REJECTED,
                 GateOutcome.FAILED: JobState.FAILED}[self]
+
+
+class ProductionChangeKind(StrEnum):
+    """Why production moved (journal `production_changes.kind`)."""
+
+    PROMOTE = "promote"  # a job's candidate became production
+    ROLLBACK = "rollback"  # `nufilt rollback`
+    RECONCILE = "reconcile"  # the daemon found the production link moved outside a record (by hand, a dead rollback)
+
+
+class OutboxKind(StrEnum):
+    """The registry work an outbox item asks for (journal `outbox.kind`; metrics label values)."""
+
+    PUBLISH = "publish"  # upload a store version as a new registry version
+    SET_PRODUCTION = "set_production"  # move the production alias back (a rollback)
+
+
+class OutboxState(StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    SKIPPED = "skipped"  # can never succeed (the version was pruned, or never published): the note says why

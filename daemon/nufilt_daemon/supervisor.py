@@ -40,7 +40,7 @@ from .publishers.outbox import Outbox
 from .recovery import recover
 from .sources.base import Arrival, Source
 from .sources.folder import FolderSource
-from .states import ACTIVE_STATES, OUTCOME_STATES, JobState
+from .states import ACTIVE_STATES, OUTCOME_STATES, JobState, ProductionChangeKind
 from .store import Store, StoreError
 from .worker import MergeWorker
 
@@ -307,7 +307,7 @@ class Daemon:
             self._rollbacks_seen = rollbacks
             if self.outbox is not None:
                 self.outbox.wake()
-        promotions = [c for c in self.journal.production_changes(limit=100) if c.kind == "promote"]
+        promotions = [c for c in self.journal.production_changes(limit=100) if c.kind == ProductionChangeKind.PROMOTE]
         if promotions:
             self.metrics.last_promotion.set(promotions[0].at)
             if promotions[0].at != self._last_promotion_seen:  # publish at the next tick, not after the idle wait

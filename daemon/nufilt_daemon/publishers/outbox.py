@@ -22,6 +22,7 @@ from nufilt_core.lineage import LineageRecord
 
 from ..journal import Journal, OutboxItem
 from ..metrics import Metrics
+from ..states import OutboxKind, OutboxState
 from ..store import Store
 
 log = structlog.get_logger("nufilt.publishers.outbox")
@@ -86,23 +87,24 @@ class Outbox:
                 self._stop.wait(self.backoff)
 
     def _do(self, item: OutboxItem) -> None:
-        if item.kind == "publish":
+        if item.kind == OutboxKind.PUBLISH:
             v = self.store.version(item.version)
             if v is None:
-                self.journal.finish_outbox(item.id, "skipped", note="version removed by retention before publishing")
+                self.journal.finish_outbox(item.id, OutboxState.SKIPPED,
+                                           note="version removed by retention before publishing")
                 log.warning("registry_publish_skipped", version=item.version, reason="version removed")
                 return
-            registry_version = self.publisher.publish(v.path, v.number, v.lineage())
-            self.journal.finish_outbox(item.id, "done", registry_version=str(registry_version))
-            log.info("registry_published", version=item.version, registry_version=str(registry_version))
-        elif item.kind == "set_production":
+            published = str(self.publisher.publish(v.path, v.number, v.lineage()))
+            self.journal.finish_outbox(item.id, OutboxState.DONE, registry_version=published)
+            log.info("registry_published", version=item.version, registry_version=published)
+        elif item.kind == OutboxKind.SET_PRODUCTION:
             registry_version = self.journal.registry_version_of(item.version)
             if registry_version is None:
-                self.journal.finish_outbox(item.id, "skipped", note="that version was never published")
+                self.journal.finish_outbox(item.id, OutboxState.SKIPPED, note="that version was never published")
                 log.warning("registry_rollback_skipped", version=item.version, reason="never published")
                 return
             self.publisher.set_production(registry_version)
-            self.journal.finish_outbox(item.id, "done", registry_version=registry_version)
+            self.journal.finish_outbox(item.id, OutboxState.DONE, registry_version=registry_version)
             log.info("registry_production_moved", version=item.version, registry_version=registry_version)
         else:
-            self.journal.finish_outbox(item.id, "skipped", note=f"unknown kind {item.kind!r}")
+            self.journal.finish_outbox(item.id, OutboxState.SKIPPED, note=f"unknown kind {item.kind!r}")

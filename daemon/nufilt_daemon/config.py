@@ -58,16 +58,17 @@ class _Section(BaseModel):
 
 class FolderSettings(_Section):
     enabled: bool = True
-    polling: bool = Field(False, description="PollingObserver instead of inotify (NFS/CIFS deliver no events)")
-    poll_interval_seconds: float = Field(1.0, gt=0, description="how often the PollingObserver looks")
-    rescan_interval_seconds: float = Field(30.0, gt=0, description="full rescan that catches missed events")
-    settle_seconds: float = Field(2.0, ge=0, description="sizes and mtimes unchanged this long before queueing")
+    polling: bool = Field(default=False, description="PollingObserver instead of inotify (NFS/CIFS deliver no events)")
+    poll_interval_seconds: float = Field(default=1.0, gt=0, description="how often the PollingObserver looks")
+    rescan_interval_seconds: float = Field(default=30.0, gt=0, description="full rescan that catches missed events")
+    settle_seconds: float = Field(default=2.0, ge=0, description="sizes and mtimes unchanged this long before queueing")
     incomplete_timeout_seconds: float = Field(
-        600.0, gt=0, description="an entry that stays unreadable this long is queued anyway, to be rejected")
+        default=600.0, gt=0, description="an entry that stays unreadable this long is queued anyway, to be rejected")
     after: Literal["move", "delete"] = Field(
-        "move", description="once journaled, move the inbox entry to WATCH_DIR/.processed/ or delete it")
-    retry_seconds: float = Field(0.5, gt=0, description="first wait before an entry whose intake failed is tried "
-                                 "again, doubling per failure (at most 300 s); journaled rejected after 5 failures")
+        default="move", description="once journaled, move the inbox entry to WATCH_DIR/.processed/ or delete it")
+    retry_seconds: float = Field(
+        default=0.5, gt=0, description="first wait before an entry whose intake failed is tried again, doubling "
+        "per failure (at most 300 s); journaled rejected after 5 failures")
 
 
 class Threshold(_Section):
@@ -76,25 +77,26 @@ class Threshold(_Section):
 
 
 class GateSettings(_Section):
-    scores: bool = Field(True, description="compute the stability/plasticity surrogates (Eq. 13-14)")
-    null_rank: int | None = Field(None, ge=1, description="r_p for the scores; default: the method's, else 128")
-    task_rank: int | None = Field(None, ge=1, description="r_v for the scores; default: the method's, else 8")
-    check_untouched: bool = Field(True, description="tensors the method leaves alone must be bit-identical")
+    scores: bool = Field(default=True, description="compute the stability/plasticity surrogates (Eq. 13-14)")
+    null_rank: int | None = Field(default=None, ge=1, description="r_p for the scores; default: the method's, else 128")
+    task_rank: int | None = Field(default=None, ge=1, description="r_v for the scores; default: the method's, else 8")
+    check_untouched: bool = Field(default=True, description="tensors the method leaves alone must be bit-identical")
     max_relative_distance: float = Field(
-        DEFAULT_MAX_RELATIVE_DISTANCE, ge=0, description="reject a checkpoint whose median ‖θ_t − θ0‖/‖θ0‖ over "
-        "its weight matrices exceeds this (not fine-tuned from this base); 0: off")
-    model_folder: bool = Field(True, description="the candidate must be a folder the Hugging Face libraries load: "
-                               "every file of the base's folder, config.json of the base's model_type, ...")
+        default=DEFAULT_MAX_RELATIVE_DISTANCE, ge=0, description="reject a checkpoint whose median "
+        "‖θ_t − θ0‖/‖θ0‖ over its weight matrices exceeds this (not fine-tuned from this base); 0: off")
+    model_folder: bool = Field(
+        default=True, description="the candidate must be a folder the Hugging Face libraries load: every file of "
+        "the base's folder, config.json of the base's model_type, ...")
     base_model_name: str | None = Field(
-        None, description="the name PEFT adapters give this base in base_model_name_or_path (e.g. "
+        default=None, description="the name PEFT adapters give this base in base_model_name_or_path (e.g. "
         "'sentence-transformers/all-MiniLM-L6-v2'); unset: the base_model path or its folder's name")
     declared_base: Literal["warn", "reject", "ignore"] = Field(
-        "warn", description="an adapter whose base_model_name_or_path is not base_model_name: log a warning, "
+        default="warn", description="an adapter whose base_model_name_or_path is not base_model_name: log a warning, "
         "reject it, or say nothing")
     command: list[str] | None = Field(
-        None, description="argv of a validation command; gets the candidate folder as last argument (and "
+        default=None, description="argv of a validation command; gets the candidate folder as last argument (and "
         "NUFILT_CANDIDATE), prints a JSON object of numeric metrics")
-    command_timeout_seconds: float = Field(3600.0, gt=0)
+    command_timeout_seconds: float = Field(default=3600.0, gt=0)
     thresholds: dict[str, Threshold] = Field(
         default_factory=dict, description="metric name → {min, max}; a missing metric with a threshold rejects")
 
@@ -117,38 +119,41 @@ class Settings(BaseSettings):
     toml_file: ClassVar[Path | None] = None  # set by load_settings; read in settings_customise_sources
 
     # optional here so `nufilt status` works without it; the daemon refuses to start without one
-    base_model: Path | None = Field(None, description="the pre-trained model θ0 every checkpoint was tuned from")
-    watch_dir: Path = Field(Path("nufilt-inbox"), description="inbox the folder source watches")
-    store_dir: Path = Field(Path("nufilt-store"), description="versions/, production symlink, quarantine/")
-    state_dir: Path = Field(Path("nufilt-state"), description="journal.db, staged copies, downloads")
+    base_model: Path | None = Field(
+        default=None, description="the pre-trained model θ0 every checkpoint was tuned from")
+    watch_dir: Path = Field(default=Path("nufilt-inbox"), description="inbox the folder source watches")
+    store_dir: Path = Field(default=Path("nufilt-store"), description="versions/, production symlink, quarantine/")
+    state_dir: Path = Field(default=Path("nufilt-state"), description="journal.db, staged copies, downloads")
     metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(9180, ge=0, le=65535, description="0: any free port (see STATE/daemon.json)")
-    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
-    threads: int | None = Field(None, ge=1, description="CPU threads of a merge (default: all cores); on a "
+    metrics_port: int | None = Field(
+        default=9180, ge=0, le=65535, description="0: any free port (see STATE/daemon.json)")
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    threads: int | None = Field(default=None, ge=1, description="CPU threads of a merge (default: all cores); on a "
                                 "shared host, the cores really free")
     method: str = "nufilt"
     method_settings: dict[str, Any] | None = Field(
-        None, description="passed to the method at every step, e.g. {profile = \"paper\", null_rank = 64}; unknown "
-        "keys are rejected by the method. Unset: a new lineage starts with NEW_LINEAGE_SETTINGS (nufilt: profile "
-        "plus-iso) and every later step inherits the lineage's recorded settings")
+        default=None, description="passed to the method at every step, e.g. {profile = \"paper\", null_rank = 64}; "
+        "unknown keys are rejected by the method. Unset: a new lineage starts with NEW_LINEAGE_SETTINGS (nufilt: "
+        "profile plus-iso) and every later step inherits the lineage's recorded settings")
     seed: int = 0
-    max_shard_bytes: int | None = Field(None, gt=0, description="shard size of written versions (default: as the "
-                                        "base, its largest shard when it is sharded, else one file up to 5 GiB)")
-    keep_versions: int = Field(5, ge=2, description="versions kept; production and its parent always are")
-    keep_quarantine: int = Field(10, ge=0, description="rejected candidates kept")
-    max_attempts: int = Field(3, ge=1, description="merge processes of one job that may end abnormally (killed "
+    max_shard_bytes: int | None = Field(
+        default=None, gt=0, description="shard size of written versions (default: as the base, its largest shard "
+        "when it is sharded, else one file up to 5 GiB)")
+    keep_versions: int = Field(default=5, ge=2, description="versions kept; production and its parent always are")
+    keep_quarantine: int = Field(default=10, ge=0, description="rejected candidates kept")
+    max_attempts: int = Field(default=3, ge=1, description="merge processes of one job that may end abnormally (killed "
                               "by a signal, e.g. the OOM killer, or exiting without a result) before it fails; "
                               "daemon crashes and restarts never count")
     interrupted_retry_seconds: float = Field(
-        5.0, ge=0, description="back-off before a job interrupted by a daemon stop or crash starts again; "
+        default=5.0, ge=0, description="back-off before a job interrupted by a daemon stop or crash starts again; "
         "doubles with each interruption of the same job, at most 300 s")
-    merge_timeout_seconds: float | None = Field(None, gt=0)
+    merge_timeout_seconds: float | None = Field(default=None, gt=0)
     prestart_merge_process: bool = Field(
-        True, description="start the next job's merge process while idle, so its interpreter start and imports "
+        default=True, description="start the next job's merge process while idle, so its interpreter start and imports "
         "(about a second, ~0.3 GB of memory while it waits) are off the next step's path")
     shutdown_grace_seconds: float = Field(
-        10.0, ge=0, description="on SIGTERM, wait this long for a running merge before abandoning it")
-    loop_interval_seconds: float = Field(1.0, gt=0, description="supervisor tick: health, gauges, watchdog")
+        default=10.0, ge=0, description="on SIGTERM, wait this long for a running merge before abandoning it")
+    loop_interval_seconds: float = Field(default=1.0, gt=0, description="supervisor tick: health, gauges, watchdog")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     folder: FolderSettings = FolderSettings()

@@ -336,11 +336,9 @@ class Daemon:
         sources: dict[str, Any] = {}
         for src in self.sources:
             healthy = bool(src.healthy())
-            health = src.health() if hasattr(src, "health") else {"healthy": healthy}
-            sources[src.name] = health
+            sources[src.name] = src.health()
             self.metrics.source_healthy.labels(src.name).set(1 if healthy else 0)
-            if hasattr(src, "entries"):
-                entries += [{**e, "source": src.name} for e in src.entries()]
+            entries += [{**e, "source": src.name} for e in src.entries()]
         for state in INBOX_STATES:
             self.metrics.inbox_entries.labels(state).set(sum(e["state"] == state for e in entries))
         storage = dict(self._storage_problems)

@@ -1,11 +1,12 @@
-"""The contract between sources and the daemon: an Arrival, the emit callback, the Source protocol."""
+"""The contract between sources and the daemon: an Arrival, the emit callback, the Source protocol
+and what a source reports about itself (its health, the inbox entries it holds)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import NotRequired, Protocol, TypedDict, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,26 @@ class Arrival:
 Emit = Callable[[Arrival], None]
 
 
+class SourceHealth(TypedDict):
+    """A source's health for `nufilt status` (STATE/inbox.json)."""
+
+    healthy: bool
+    errors_in_a_row: int
+    errors_total: int
+    last_error: str | None
+    failing_version: NotRequired[int | None]  # the registry's version that keeps failing (MLflow)
+
+
+class InboxEntry(TypedDict):
+    """Something a source has seen and not journaled (or could not move away): `nufilt status`, the gauge."""
+
+    name: str
+    state: str  # waiting | ignored | error (metrics.INBOX_STATES)
+    reason: str | None
+    seen_at: float | None
+    failures: int
+
+
 @runtime_checkable
 class Source(Protocol):
     name: str
@@ -33,3 +54,9 @@ class Source(Protocol):
 
     def healthy(self) -> bool:
         """False makes the supervisor restart the source (stop, then start)."""
+
+    def health(self) -> SourceHealth:
+        """What `nufilt status` shows about the source."""
+
+    def entries(self) -> list[InboxEntry]:
+        """What waits in the source's own inbox, not journaled yet (empty for sources without one)."""

@@ -38,6 +38,7 @@ from pathlib import Path
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from nufilt_core.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint
@@ -46,7 +47,7 @@ from nufilt_core.fsguard import check_tree
 
 from ..config import FolderSettings
 from ..names import printable
-from .base import Arrival, Emit
+from .base import Arrival, Emit, InboxEntry, SourceHealth
 
 log = structlog.get_logger("nufilt.sources.folder")
 
@@ -181,14 +182,14 @@ class FolderSource:
         self._names: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._pending: dict[str, _Entry] = {}
         self._stop = threading.Event()
-        self._observer: Observer | PollingObserver | None = None
+        self._observer: BaseObserver | None = None
         self._thread: threading.Thread | None = None
         self._emit: Emit | None = None
         self._emit_failures = 0
         self._errors_in_a_row = 0  # scanner-loop errors in a row (reset by a clean pass); healthy() looks at it
         self.last_error: str | None = None
         self.errors_total = 0
-        self._ignored: deque[dict[str, object]] = deque(maxlen=MAX_REMEMBERED_IGNORED)
+        self._ignored: deque[InboxEntry] = deque(maxlen=MAX_REMEMBERED_IGNORED)
         self._stranded: dict[str, tuple[Signature | None, str]] = {}  # journaled, could not be moved: (as seen, why)
         self._view_lock = threading.Lock()
         self.on_error: Callable[[], None] | None = None  # the supervisor's metric
@@ -199,6 +200,7 @@ class FolderSource:
         self.root.mkdir(parents=True, exist_ok=True)
         self._emit = emit
         self._stop.clear()
+        observer: BaseObserver  # Observer is the platform's (inotify on Linux), chosen at import
         if self.settings.polling:
             observer = PollingObserver(timeout=self.settings.poll_interval_seconds)
         else:
@@ -233,17 +235,17 @@ class FolderSource:
         return bool(self._observer and self._observer.is_alive() and self._thread and self._thread.is_alive()
                     and self._errors_in_a_row < UNHEALTHY_AFTER_ERRORS and not stuck)
 
-    def entries(self) -> list[dict[str, object]]:
+    def entries(self) -> list[InboxEntry]:
         """Every entry seen and not yet journaled (waiting, error), journaled ones that could not be moved out of
         the inbox (error), and the ones set aside as ignored."""
         with self._view_lock:
-            pending = [{"name": printable(n), "state": e.state, "reason": e.reason, "seen_at": e.seen_at,
-                        "failures": e.failures} for n, e in self._pending.items()]
-            stranded = [{"name": printable(n), "state": ERROR, "reason": why, "seen_at": None, "failures": 0}
+            pending = [InboxEntry(name=printable(n), state=e.state, reason=e.reason, seen_at=e.seen_at,
+                                  failures=e.failures) for n, e in self._pending.items()]
+            stranded = [InboxEntry(name=printable(n), state=ERROR, reason=why, seen_at=None, failures=0)
                         for n, (_, why) in self._stranded.items()]
             return pending + stranded + list(self._ignored)
 
-    def health(self) -> dict[str, object]:
+    def health(self) -> SourceHealth:
         return {"healthy": self.healthy(), "errors_in_a_row": self._errors_in_a_row,
                 "errors_total": self.errors_total, "last_error": self.last_error}
 
@@ -337,8 +339,8 @@ class FolderSource:
             log.warning("inbox_entry_ignored", checkpoint=printable(name), reason=why)
             self._set_aside(name)
             self._forget(name)
-            self._ignored.append({"name": printable(name), "state": IGNORED, "reason": why, "seen_at": time.time(),
-                                  "failures": 0})
+            self._ignored.append(InboxEntry(name=printable(name), state=IGNORED, reason=why, seen_at=time.time(),
+                                            failures=0))
             return
         if self._hand_on(name, path, entry):
             self._forget(name)

@@ -38,7 +38,7 @@ from ..config import MlflowSettings
 from ..journal import Journal
 from ..mlflow_connection import describe_error, error_code, registry_client
 from ..store import fsync_dir, remove_tree
-from .base import Arrival, Emit
+from .base import Arrival, Emit, InboxEntry, SourceHealth
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -167,9 +167,12 @@ class MlflowRegistrySource:
         stuck = self._failing is not None and self._failing[1] >= STUCK_AFTER_FAILURES
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set() and not stuck
 
-    def health(self) -> dict[str, object]:
+    def health(self) -> SourceHealth:
         return {"healthy": self.healthy(), "errors_in_a_row": self.consecutive_errors, "errors_total": self.errors,
                 "last_error": self.last_error, "failing_version": self._failing[0] if self._failing else None}
+
+    def entries(self) -> list[InboxEntry]:
+        return []  # no inbox of its own: a registry version goes to the journal as soon as it is downloaded
 
     def wake(self) -> None:
         """Poll now instead of at the next interval (the webhook calls this); while polls are failing,

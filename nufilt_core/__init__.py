@@ -11,8 +11,7 @@ import os
 # works when nufilt_core is imported before torch, as in the CLI and the daemon's merge child.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .errors import CheckpointError, LineageError, NufiltError, SettingsError
 from .merge import MergeRequest, MergeResult, continual_merge, merge_step
 

@@ -17,7 +17,7 @@ from .errors import CheckpointError
 from .fsguard import check_tree, entry_stat, open_regular, plain_file_name
 from .lora import ADAPTER_CARD, ADAPTER_FILES, LoraAdapter
 from .lora import CONFIG_NAME as ADAPTER_CONFIG_NAME
-from .private_copy import copy_and_hash
+from .private_copy import copy_and_digest
 from .readahead import read_ahead
 from .safetensors_io import (
     TensorInfo,
@@ -237,7 +237,7 @@ class Checkpoint:
     def copy_to(self, dst: Path) -> str:
         """A real copy of `self.path` at `dst` (must not exist), fsynced, and its content hash from the same
         read of the bytes (private_copy.py): the daemon stages what it hashed, reading it once."""
-        return copy_and_hash(self, dst)
+        return self.content_hash(copy_and_digest(self.path, self.tensors.values(), dst, self.strict))
 
 
 def _read_and_digest(info: TensorInfo) -> tuple[bytearray, str]:

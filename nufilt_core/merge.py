@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from . import __version__, interrupts
+from . import interrupts
+from ._version import __version__
 from .checkpoint import Checkpoint, all_finite
 from .devices import resolve_device
 from .errors import CheckpointError, LineageError, NufiltError, SettingsError
@@ -249,7 +250,7 @@ class _Step:
         read ahead, else read now, one input at a time (a big tensor never has three stored copies at once)."""
         compute = torch.float64 if self.base.tensors[name].torch_dtype == torch.float64 else torch.float32
         if stored is None:
-            got = []
+            got: list[torch.Tensor] = []
             for source in self.roles:  # the base first: an adapter's value is made from it
                 got.append(self.read(source, name, got[0] if got else None).to(device=self.device, dtype=compute))
         else:

@@ -19,8 +19,8 @@ import io
 import os
 import stat
 import struct
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import CheckpointError
 from .fsguard import entry_stat, open_regular, os_reason
@@ -28,30 +28,27 @@ from .fsutil import fsync_dir
 from .readahead import read_ahead
 from .safetensors_io import MAX_HEADER_BYTES, TensorInfo, read_header, read_raw, tensor_digest
 
-if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
-
 COPY_CHUNK_BYTES = 8 * 1024 * 1024  # side files and padding: streamed, never held whole
 
 
-def copy_and_hash(checkpoint: Checkpoint, dst: Path) -> str:
-    """Copy `checkpoint.path` (one weight file, or a folder; an index file opens as its folder) to `dst`,
-    which must not exist, and return the content hash (as Checkpoint.hash_and_non_finite computes it) of
-    the bytes copied. Files and folders are fsynced. `checkpoint.strict`: links, FIFOs, devices and
-    sockets anywhere in the entry raise CheckpointError. Faults of the source raise CheckpointError;
-    write errors (a full disk) raise OSError. On failure `dst` may hold a partial copy: the caller removes it."""
-    src = Path(checkpoint.path)
+def copy_and_digest(src: Path, tensors: Iterable[TensorInfo], dst: Path, strict: bool) -> list[str]:
+    """Copy the checkpoint at `src` (one weight file, or a folder; an index file opens as its folder), whose
+    weight files hold `tensors`, to `dst`, which must not exist, and return the digest lines of the bytes
+    copied (Checkpoint.content_hash makes them its content hash). Files and folders are fsynced. `strict`:
+    links, FIFOs, devices and sockets anywhere in the entry raise CheckpointError. Faults of the source raise
+    CheckpointError; write errors (a full disk) raise OSError. On failure `dst` may hold a partial copy: the
+    caller removes it."""
     by_file: dict[Path, list[TensorInfo]] = {}
-    for info in checkpoint.tensors.values():
+    for info in tensors:
         by_file.setdefault(info.file, []).append(info)
-    if not stat.S_ISDIR(entry_stat(src, checkpoint.strict).st_mode):
+    if not stat.S_ISDIR(entry_stat(src, strict).st_mode):
         if src not in by_file:  # not its weight file (an index opens as its folder): nothing hashed would be copied
             raise CheckpointError(src, "holds none of the checkpoint's tensors")
-        digests = _copy_weight_file(src, dst, by_file.pop(src), checkpoint.strict)
+        digests = _copy_weight_file(src, dst, by_file.pop(src), strict)
     else:
-        digests = _copy_tree(src, dst, by_file, checkpoint.strict)
+        digests = _copy_tree(src, dst, by_file, strict)
     fsync_dir(dst.parent)  # the entry's own name
-    return checkpoint.content_hash(digests)
+    return digests
 
 
 def _copy_tree(src: Path, dst: Path, by_file: dict[Path, list[TensorInfo]], strict: bool) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,3 +32,103 @@ def test_tests_import_helpers_from_modules_not_from_conftest():
                     isinstance(node, ast.Import) and any(a.name == "conftest" for a in node.names)):
                 importers.append(f"{path.name}:{node.lineno}")
     assert importers == []
+
+
+# The first-party packages, by the name they are imported under. bench/speed's scripts run with their own
+# folder on sys.path, so they import each other by bare name ("from measure import run_child").
+FIRST_PARTY = {"nufilt_core": ROOT / "nufilt_core", "nufilt_daemon": ROOT / "daemon" / "nufilt_daemon",
+               "bench.quality": ROOT / "bench" / "quality", "bench.speed": ROOT / "bench" / "speed"}
+SCRIPT_FOLDERS = ("bench.speed",)
+
+
+def first_party_modules() -> dict[str, Path]:
+    modules = {}
+    for prefix, folder in FIRST_PARTY.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = path.relative_to(folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join((prefix, *parts))] = path
+    return modules
+
+
+def imported_modules(module: str, path: Path, source: str, known: set[str]) -> set[str]:
+    """The first-party modules `module` imports anywhere in its file: at module level, in functions and under
+    TYPE_CHECKING alike (each one is an edge a reader follows). `from a import b` imports a.b when that is a
+    module, else a."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    script_folder = next((f for f in SCRIPT_FOLDERS if package == f), None)
+    found = set()
+    for node in ast.walk(ast.parse(source, str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1])
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            names = [f"{target}.{a.name}" if f"{target}.{a.name}" in known else target for a in node.names]
+        else:
+            continue
+        for name in names:
+            if script_folder and f"{script_folder}.{name}" in known:
+                name = f"{script_folder}.{name}"
+            if name in known and name != module:
+                found.add(name)
+    return found
+
+
+def import_graph(read: Callable[[Path], str] = Path.read_text) -> dict[str, set[str]]:
+    modules = first_party_modules()
+    return {m: imported_modules(m, p, read(p), set(modules)) for m, p in modules.items()}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (its modules in import order, the first repeated at the end) per strongly connected group of
+    modules, found with Tarjan's algorithm and then the shortest way round from the group's first module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[set[str]] = []
+
+    def visit(m: str) -> None:
+        index[m] = low[m] = len(index)
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if n not in index:
+                visit(n)
+                low[m] = min(low[m], low[n])
+            elif n in stack:
+                low[m] = min(low[m], index[n])
+        if low[m] == index[m]:  # m is the first of its group: the group is the stack down to m
+            group = set(stack[stack.index(m):])
+            del stack[stack.index(m):]
+            if len(group) > 1:
+                groups.append(group)
+
+    for m in sorted(graph):
+        if m not in index:
+            visit(m)
+    cycles = []
+    for group in groups:
+        start = min(group)
+        paths = {start: [start]}
+        queue = [start]
+        while queue:  # breadth first: the first way back to `start` is a shortest one
+            m = queue.pop(0)
+            if start in graph[m]:
+                cycles.append([*paths[m], start])
+                break
+            for n in sorted(graph[m] & group):
+                if n not in paths:
+                    paths[n] = [*paths[m], n]
+                    queue.append(n)
+    return sorted(cycles)
+
+
+def test_the_first_party_modules_import_each_other_without_a_cycle():
+    """A cycle makes what a module sees depend on which side was imported first, and keeps a module from being
+    read (or moved) on its own: what both sides need belongs in a module below them."""
+    cycles = [" -> ".join(c) for c in import_cycles(import_graph())]
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)

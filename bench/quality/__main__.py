@@ -18,10 +18,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from .cache import CACHE_DIR, RESULTS_DIR
 from .config import PRESETS, BenchConfig
 
 STAGES = ("data", "finetune", "merge", "report")
-HERE = Path(__file__).resolve().parent
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -34,8 +34,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="train and merge nothing: report whatever the cache holds (e.g. while a run is going); "
                         "only the diagnosis (one order of the paper's NUFILT) is replayed when missing")
-    p.add_argument("--cache", type=Path, default=HERE.parent / "cache", help="stage cache (default bench/cache)")
-    p.add_argument("--results", type=Path, default=HERE.parent / "results", help="where results go")
+    p.add_argument("--cache", type=Path, default=CACHE_DIR, help="stage cache (default bench/cache)")
+    p.add_argument("--results", type=Path, default=RESULTS_DIR, help="where results go")
     p.add_argument("--runs", type=Path, help="per-order merge results (small JSON; default RESULTS/runs): kept in "
                                              "git, so a run spread over sessions resumes where bench/cache is gone")
     p.add_argument("--methods", help="comma-separated registered methods (default: all in METHODS)")

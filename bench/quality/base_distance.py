@@ -22,11 +22,10 @@ from nufilt_core.checkpoint import Checkpoint
 from nufilt_core.plausibility import DEFAULT_MAX_RELATIVE_DISTANCE, distance_from_base
 
 from .backbone import base_weights
-from .cache import write_json
+from .cache import CACHE_DIR, RESULTS_DIR, write_json
 from .config import PRESETS
 from .finetune import finetune_dir
 
-HERE = Path(__file__).resolve().parent
 PRESET_NAMES = ("paper-protocol", "paper-protocol-gentle", "coadapted-heads")
 
 
@@ -95,8 +94,8 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality.base_distance", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", type=Path, default=HERE.parent / "cache", help="stage cache (default bench/cache)")
-    p.add_argument("--results", type=Path, default=HERE.parent / "results", help="where results go")
+    p.add_argument("--cache", type=Path, default=CACHE_DIR, help="stage cache (default bench/cache)")
+    p.add_argument("--results", type=Path, default=RESULTS_DIR, help="where results go")
     args = p.parse_args(argv)
     result = measure(args.cache)
     write_json(args.results / "base-distance.json", result)

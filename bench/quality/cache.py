@@ -11,6 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# the commands' default folders: stage outputs in bench/cache, results (reports, per-order runs) in bench/results
+CACHE_DIR = Path(__file__).resolve().parent.parent / "cache"
+RESULTS_DIR = CACHE_DIR.parent / "results"
+
 
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:

@@ -122,8 +122,8 @@ def markdown(d: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .__main__ import HERE
     from .backbone import base_weights
+    from .cache import CACHE_DIR
     from .config import PRESETS
     from .finetune import finetune_dir
     from .merging import task_order
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper-protocol")
     p.add_argument("--tasks", help="comma-separated subset of the preset's tasks")
     p.add_argument("--order", type=int, default=0, help="task order v (random.seed(42 + v) shuffle)")
-    p.add_argument("--cache", type=Path, default=HERE.parent / "cache")
+    p.add_argument("--cache", type=Path, default=CACHE_DIR)
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="a NUFILT setting, e.g. null_rank=64")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)

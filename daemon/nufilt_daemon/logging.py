@@ -16,6 +16,10 @@ import structlog
 
 QUIET_LIBRARIES = ("watchdog", "urllib3", "mlflow", "alembic", "git")
 
+# What `log.bind(...)` gives the code that passes a bound logger around: the configured wrapper class
+# (structlog.stdlib.BoundLogger) and structlog's default both offer these methods.
+Logger = structlog.typing.FilteringBoundLogger
+
 
 def adopt_library_loggers() -> None:
     """Send libraries that install their own handlers (MLflow does, on import) through ours."""

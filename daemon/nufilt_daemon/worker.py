@@ -1,7 +1,7 @@
 """The merge worker: one job at a time, in arrival order, from the current production version.
 
 For each queued job: mark it merging (counting the attempt), run merge_step + the gate's checks
-in a child process (merge_process.py) writing into STORE/candidates/, mark it validating when the
+in a child process (merge_process.py, from merge_pool.py) writing into STORE/candidates/, mark it validating when the
 candidate exists, let the gate decide (user command, thresholds), then promote, quarantine or
 fail it. Whatever goes wrong with one job (bad input, an exception, OOM, a killed child) ends
 that job with its reason; the loop goes on with the next.
@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,10 +30,12 @@ from pydantic import ValidationError
 from nufilt_core.errors import NufiltError
 
 from .child_protocol import ChildError, ChildEvent, ChildRequest, Merged, Progress, Validated
-from .config import Settings
+from .config import ConfigError, Settings
 from .gate import decide
 from .intake import content_hash
 from .journal import Job, Journal
+from .logging import Logger
+from .merge_pool import ChildProcess, MergeProcessPool
 from .metrics import Metrics, measured_scores
 from .promoter import Promoter
 from .states import FINAL_STATES, GateOutcome, JobState
@@ -43,17 +44,6 @@ from .store import Store, StoreError
 log = structlog.get_logger("nufilt.worker")
 
 RECONCILE_RETRY_SECONDS = 5.0  # while production cannot be known, the queue waits this long between looks
-KEEP_CHILD_LOGS = 200  # STATE/logs/job-*.log: the merge processes' own output, for post-mortems
-SPARE_LOG = "merge-spare.log"  # the pre-started merge process's output until a job takes it
-
-
-@dataclass
-class ChildProcess:
-    """A merge process and its side of the events pipe; `log` is where its stdout and stderr go."""
-
-    proc: subprocess.Popen[bytes]
-    events_fd: int
-    log: Path
 
 
 @dataclass
@@ -79,7 +69,10 @@ def signal_name(returncode: int) -> str:
 class MergeWorker:
     def __init__(self, settings: Settings, journal: Journal, store: Store, promoter: Promoter, metrics: Metrics,
                  logs_dir: Path):
+        if settings.base_model is None:  # the daemon refuses to start without one; every merge needs it
+            raise ConfigError("base_model is required to merge")
         self.settings = settings
+        self.base_model: Path = settings.base_model
         self.journal = journal
         self.store = store
         self.promoter = promoter
@@ -90,10 +83,17 @@ class MergeWorker:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._abandon = threading.Event()
-        self._child: subprocess.Popen[bytes] | None = None
-        self._child_lock = threading.Lock()
-        self._spare: ChildProcess | None = None  # started while idle, taken by the next job
+        self.processes = MergeProcessPool(self.logs_dir)
         self._thread: threading.Thread | None = None
+
+    # the pool's running and waiting merge processes, as the tests look at them
+    @property
+    def _child(self) -> subprocess.Popen[bytes] | None:
+        return self.processes.running
+
+    @property
+    def _spare(self) -> ChildProcess | None:
+        return self.processes.spare
 
     # --- lifecycle (called from the supervisor) --------------------------------------------
 
@@ -117,20 +117,9 @@ class MergeWorker:
         if self._thread.is_alive():
             log.warning("abandoning_running_job", job=self.current.id if self.current else None, grace=grace)
             self._abandon.set()
-            self._terminate_child()
+            self.processes.terminate_running()
             self._thread.join(60)
-        self._release_spare()
-
-    def _terminate_child(self) -> None:
-        with self._child_lock:
-            proc = self._child
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()  # merge_step cleans its temporary folder on the way out
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        self.processes.release_spare()
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -237,7 +226,7 @@ class MergeWorker:
             return False
         return (res.returncode is not None and res.returncode < 0) or res.record is None or res.validation is None
 
-    def _retry_after_child_failure(self, job: Job, candidate: Path, reasons: list[str], jlog: Any) -> None:
+    def _retry_after_child_failure(self, job: Job, candidate: Path, reasons: list[str], jlog: Logger) -> None:
         """Counted against max_attempts (this is the job's own process), then queued again."""
         shutil.rmtree(candidate, ignore_errors=True)
         n = job.child_failures + 1
@@ -245,7 +234,8 @@ class MergeWorker:
         self.journal.transition(job.id, JobState.QUEUED, reason, child_failures=n)
         jlog.warning("merge_process_failed_retrying", reason=reason, child_failures=n)
 
-    def _settle(self, job: Job, candidate: Path, outcome: GateOutcome, report: dict[str, Any], jlog: Any) -> None:
+    def _settle(self, job: Job, candidate: Path, outcome: GateOutcome, report: dict[str, Any],
+                jlog: Logger) -> None:
         """Promote, quarantine or fail; count it; one summary event."""
         reason = "; ".join(report["reasons"]) or None
         version = None
@@ -271,13 +261,13 @@ class MergeWorker:
             self.journal.transition(job.id, JobState.FAILED, reason)
         self.metrics.merges.labels(final).inc()
         self._drop_staged(job)
-        self._prune_logs()
+        self.processes.prune_logs()
         scores = report.get("scores") or {}
         jlog.info("merge_finished", outcome=final, reason=reason, step=report["step"], version=version,
                   merge_seconds=report["merge_seconds"], validation_seconds=report.get("validation_seconds"),
                   stability=scores.get("stability"), plasticity=scores.get("plasticity"))
 
-    def _requeue(self, job: Job, candidate: Path, reason: str, jlog: Any) -> None:
+    def _requeue(self, job: Job, candidate: Path, reason: str, jlog: Logger) -> None:
         """Back to the queue, not counted as an attempt (it was not this job's fault)."""
         shutil.rmtree(candidate, ignore_errors=True)
         self.journal.transition(job.id, JobState.QUEUED, reason, attempts=job.attempts - 1)
@@ -329,92 +319,31 @@ class MergeWorker:
         s = self.settings
         if job.staged_path is None:  # a queued job always owns its staged copy: a bug, failed as internal
             raise RuntimeError(f"job {job.id} is queued without a staged copy")
-        return ChildRequest(base=s.base_model, checkpoint=Path(job.staged_path), output=candidate, previous=previous,
-                            method=s.method, options=s.step_options(first_step=previous is None), seed=s.seed,
+        return ChildRequest(base=self.base_model, checkpoint=Path(job.staged_path), output=candidate, previous=previous,
+                            method=s.method, options=s.step_options(), seed=s.seed,
                             device=s.device, threads=s.threads, max_shard_bytes=s.max_shard_bytes, gate=s.gate)
 
     def _log_path(self, job: Job) -> Path:
         return self.logs_dir / f"job-{job.id:06d}-a{job.attempts}.log"
 
-    def _spawn(self, log_path: Path) -> ChildProcess:
-        read_fd, write_fd = os.pipe()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        try:
-            with log_path.open("ab") as child_log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "nufilt_daemon.merge_process", "--events-fd", str(write_fd),
-                     "--parent-pid", str(os.getpid())],
-                    stdin=subprocess.PIPE, stdout=child_log, stderr=subprocess.STDOUT, pass_fds=(write_fd,), env=env,
-                    start_new_session=True)  # a Ctrl-C on the terminal is the daemon's to handle, not the child's
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)
-        return ChildProcess(proc, read_fd, log_path)
-
     def _prestart(self) -> None:
         """Start the next job's merge process while idle: its interpreter start and imports (about a second
-        of every step, issue 11) happen before the job arrives. It waits for its request on stdin."""
+        of every step) happen before the job arrives."""
         if not self.settings.prestart_merge_process or self._stopping.is_set():
             return
-        if self._spare is not None:
-            if self._spare.proc.poll() is None:
-                return
-            self._discard_spare()  # it died while waiting (killed from outside): its log says why
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        (self.logs_dir / SPARE_LOG).unlink(missing_ok=True)
-        self._spare = self._spawn(self.logs_dir / SPARE_LOG)
-        log.debug("merge_process_prestarted", pid=self._spare.proc.pid)
+        self.processes.prestart()
 
-    def _discard_spare(self) -> None:
-        spare, self._spare = self._spare, None
-        if spare is not None:
-            os.close(spare.events_fd)
-
-    def _release_spare(self) -> None:
-        """End the waiting merge process: an empty request (its stdin closed) is its cue to exit."""
-        spare = self._spare
-        if spare is None:
-            return
-        try:
-            assert spare.proc.stdin is not None
-            spare.proc.stdin.close()
-            spare.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            spare.proc.kill()
-            spare.proc.wait()
-        except OSError:
-            pass
-        self._discard_spare()
-
-    def _child_for(self, job: Job) -> tuple[ChildProcess, bool]:
-        """The pre-started merge process when one is alive (its log renamed to the job's), else a new one."""
-        path = self._log_path(job)
-        spare = self._spare
-        if spare is not None and spare.proc.poll() is None:
-            self._spare = None
-            if path.exists():  # a redone attempt's earlier log: keep both
-                path = path.with_name(f"{path.stem}-{spare.proc.pid}.log")
-            os.replace(spare.log, path)  # the process keeps writing to the same file, now under the job's name
-            return ChildProcess(spare.proc, spare.events_fd, path), True
-        self._discard_spare()
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        return self._spawn(path), False
-
-    def _run_child(self, job: Job, request: ChildRequest, jlog: Any) -> ChildResult:
+    def _run_child(self, job: Job, request: ChildRequest, jlog: Logger) -> ChildResult:
         res = ChildResult()
-        with self._child_lock:
-            child, prestarted = self._child_for(job)
-            proc, read_fd = child.proc, child.events_fd
-            self._child = proc
+        child, prestarted = self.processes.take(self._log_path(job))
+        proc, read_fd = child.proc, child.events_fd
         res.log = child.log
         jlog.info("merge_process_started", pid=proc.pid, log=str(child.log), prestarted=prestarted)
         timer = None
         if self.settings.merge_timeout_seconds:
             def on_timeout() -> None:
                 res.timed_out = True
-                self._terminate_child()
+                self.processes.terminate_running()
             timer = threading.Timer(self.settings.merge_timeout_seconds, on_timeout)
             timer.daemon = True
             timer.start()
@@ -432,11 +361,10 @@ class MergeWorker:
         finally:
             if timer is not None:
                 timer.cancel()
-            with self._child_lock:
-                self._child = None
+            self.processes.finished()
         return res
 
-    def _handle_event(self, job: Job, line: str, res: ChildResult, jlog: Any) -> None:
+    def _handle_event(self, job: Job, line: str, res: ChildResult, jlog: Logger) -> None:
         try:
             ev = ChildEvent.model_validate_json(line).root
         except ValidationError as e:  # not from our child's code: skipped, as an unknown line always was
@@ -456,11 +384,6 @@ class MergeWorker:
                 res.validation = ev.report
             case ChildError():
                 res.error = ev
-
-    def _prune_logs(self, keep: int = KEEP_CHILD_LOGS) -> None:
-        logs = sorted(self.logs_dir.glob("job-*.log"), key=lambda p: p.stat().st_mtime)
-        for old in logs[:-keep]:
-            old.unlink(missing_ok=True)
 
     def _drop_staged(self, job: Job) -> None:
         current = self.journal.job(job.id)

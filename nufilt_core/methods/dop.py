@@ -1,5 +1,5 @@
 """DOP, Dual Orthogonal Projection (NeurIPS 2025), data-free continual merging, as FusionBench's
-`dop/dop.yaml` runs it (`../shared/reference/dop.md` states the reference code step by step).
+`dop/dop.yaml` runs it (tests/test_baselines.py checks it against a transcription of FusionBench's loop).
 
 Steps ≥ 2, per Linear weight (`selection.is_linear_weight`), with targets i ∈ {m, n} (the previous
 merged weight W_m and the new fine-tuned one W_n) and τ_i = W_i − W_0 = U diag(s) Vᵀ:
@@ -92,7 +92,9 @@ class _Target:
 
     def loss_and_grad(self, w: torch.Tensor) -> tuple[float, torch.Tensor]:
         delta = w - self.weight
-        applied = sum(side.apply(delta) for side in self.sides)
+        applied = self.sides[0].apply(delta)
+        for side in self.sides[1:]:
+            applied = applied + side.apply(delta)
         return float((delta * applied).sum()), 2 * applied
 
 

@@ -19,7 +19,7 @@ from .errors import NufiltError
 from .lineage import LineageRecord
 from .merge import MergeRequest, Progress, merge_step
 from .methods import METHODS
-from .methods.nufilt import PROFILES
+from .methods.profiles import DEFAULT_PROFILE, PROFILES
 from .selection import PRESETS
 
 MERGE_EPILOG = f"""\
@@ -27,8 +27,10 @@ methods:
 {chr(10).join(f"  {name:<16} {cls.summary_line}" for name, cls in METHODS.items())}
 
 examples:
-  # step 1: merge the first fine-tuned model (no --previous)
+  # step 1: merge the first fine-tuned model (no --previous), NUFILT's default profile plus-iso
   nufilt merge --base base/ --checkpoint task1/ --output merged-1/
+  # the paper's NUFILT instead (what the parity tests check)
+  nufilt merge --base base/ --checkpoint task1/ --output paper-1/ --profile paper
   # step 2: continue from the previous merged model; method, settings and seed are read
   # from merged-1/{LINEAGE_NAME}, so only what changes needs saying
   nufilt merge --base base/ --previous merged-1/ --checkpoint task2/ --output merged-2/
@@ -88,13 +90,14 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     m.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores); on a shared host "
                    "give only the free cores, busy ones make torch's threads wait for each other")
-    n = p.add_argument_group("NUFILT settings (defaults: the paper's)")
+    n = p.add_argument_group("NUFILT settings (a new lineage: the profile's; a later step: the previous step's)")
     n.add_argument("--profile", choices=list(PROFILES),
-                   help="named settings: paper (default); plus, a combination beyond the paper chosen on the quality "
-                   "benchmark's dev split (all-linear, the rest averaged, trust radius 0.03, r_p 32); plus-iso, plus "
-                   "with a flat spectrum of each merged task vector its rescaling shrank (--set spectrum_power=0 "
-                   "--set spectrum_when=shrunk); explicit settings override it")
-    n.add_argument("--null-rank", type=int, dest="null_rank", help="r_p, earlier-task directions filtered (128)")
+                   help=f"named settings: {DEFAULT_PROFILE} (default), the paper's method with every Linear weight "
+                   "filtered, the rest averaged, r_p 32, each merged task vector rescaled with a trust radius of "
+                   "0.03 and flattened where shrunk (--set trust_radius=0.05, --set flat_spectrum=false); plus, "
+                   "without the flattening; paper, the paper's NUFILT. Explicit settings override it")
+    n.add_argument("--null-rank", type=int, dest="null_rank",
+                   help="r_p, earlier-task directions filtered (paper 128, plus 32)")
     n.add_argument("--lora-rank", type=int, dest="lora_rank", help="r_l, adapter rank; 0 = filter only (64)")
     n.add_argument("--task-rank", type=int, dest="task_rank", help="r_v, new-task directions in the loss (8)")
     n.add_argument("--iters", type=int, help="Adam steps per matrix (50; also WUDI's, 50)")
@@ -102,9 +105,10 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--include", action="append", metavar="REGEX",
                    help="filter tensors whose name matches (re.search); repeatable; overrides --preset")
     n.add_argument("--preset", choices=["auto", "all-linear", *PRESETS],
-                   help="tensor-name preset (auto: detected from the names; unknown names: all Linear weights)")
+                   help="tensor-name preset (paper: auto, detected from the names, unknown names: all Linear "
+                   "weights; plus: all-linear)")
     n.add_argument("--policy", choices=["keep_base", "keep_previous", "average"],
-                   help="what the tensors NUFILT does not filter become (keep_base)")
+                   help="what the tensors NUFILT does not filter become (paper keep_base, plus average)")
     b = p.add_argument_group("baseline settings")
     b.add_argument("--scale", type=float, help="λ of task_arithmetic/ties (0.3) and magmax (0.5)")
     b.add_argument("--alpha", type=float, help="OPCM's α (0.5)")
@@ -184,16 +188,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         record: dict[str, Any] | None = json.loads(LineageRecord.read(ckpt.directory).to_json())
     except NufiltError:
         record = None
-    tensors = [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape), "bytes": i.nbytes}
-               for i in ckpt.tensors.values()]
-    total = sum(t["bytes"] for t in tensors)
+    infos = list(ckpt.tensors.values())
+    tensors = [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape), "bytes": i.nbytes} for i in infos]
+    total = sum(i.nbytes for i in infos)
     if args.json:
         print(json.dumps({"path": str(args.path), "files": [str(f) for f in ckpt.weight_files()],
                           "tensors": tensors, "total_bytes": total, "lineage": record}, indent=2))
         return 0
-    width = max((len(t["name"]) for t in tensors), default=4)
-    for t in tensors:
-        print(f"{t['name']:<{width}}  {t['dtype']:<5} {t['shape']!s:<18} {t['bytes'] / 1024**2:10.2f} MiB")
+    width = max((len(i.name) for i in infos), default=4)
+    for i in infos:
+        print(f"{i.name:<{width}}  {i.dtype:<5} {list(i.shape)!s:<18} {i.nbytes / 1024**2:10.2f} MiB")
     n_params = sum(i.numel for i in ckpt.tensors.values())
     print(f"{len(tensors)} tensors, {n_params:,} values, {total / 1024**2:.1f} MiB in "
           f"{len(ckpt.weight_files())} file(s)")

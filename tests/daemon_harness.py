@@ -48,7 +48,8 @@ class DaemonProcess:
             "base_model": str(base), "watch_dir": str(self.inbox), "store_dir": str(self.store),
             "state_dir": str(self.state), "metrics_port": 0, "log_format": "json", "loop_interval_seconds": 0.2,
             "shutdown_grace_seconds": 2, "device": "cpu", "interrupted_retry_seconds": 0.2,
-            "method_settings": {"iters": 3},  # keep merges fast; the math is tested elsewhere
+            # the paper's NUFILT, few Adam steps: fast merges (the math and the default are tested elsewhere)
+            "method_settings": {"profile": "paper", "iters": 3},
         }
         sections: dict[str, dict[str, Any]] = {"folder": {"settle_seconds": 0.2, "rescan_interval_seconds": 1}}
         for k, v in overrides.items():

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from nufilt_daemon.config import NEW_LINEAGE_SETTINGS
+
+from nufilt_core.methods.profiles import DEFAULT_PROFILE
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # bench/ is not an installed package
@@ -80,7 +81,7 @@ def test_results_are_well_formed(small_run) -> None:
     assert "| nufilt |" in md and "Table 4" in md
     # what the daemon ships, resolved to every setting
     assert report["default_method"]["method"] == "nufilt" and "null_rank" in report["default_method"]["settings"]
-    assert report["default_method"]["settings"]["profile"] == NEW_LINEAGE_SETTINGS["nufilt"]["profile"]
+    assert report["default_method"]["settings"]["profile"] == DEFAULT_PROFILE
     # the diagnosis replays order 0: one row per step, shares within [0, 1]
     diag = report["diagnosis"]
     assert [s["step"] for s in diag["steps"]] == [1, 2] and diag["matrices"] == 6 * 5

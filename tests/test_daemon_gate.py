@@ -64,7 +64,8 @@ def test_scores_at_the_extremes(tmp_path: Path):
 def test_check_candidate_passes_a_real_merge_and_catches_a_changed_untouched_tensor(tiny: dict[str, Path],
                                                                                    tmp_path: Path):
     out = tmp_path / "m1"
-    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=out, options={"iters": 2}))
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=out,
+                            options={"profile": "paper", "iters": 2}))
     out2 = tmp_path / "m2"
     res = merge_step(MergeRequest(base=tiny["base"], previous=out, checkpoint=tiny["t2"], output=out2))
     ck = {n: Checkpoint.open(p) for n, p in (("b", tiny["base"]), ("p", out), ("n", tiny["t2"]), ("c", out2))}
@@ -86,7 +87,7 @@ def test_check_candidate_passes_a_real_merge_and_catches_a_changed_untouched_ten
 
 def test_a_one_pass_merge_is_checked_from_what_it_read_and_wrote(tiny: dict[str, Path], tmp_path: Path):
     """The daemon's child: the checks and scores come from the merge pass and agree with re-reading the files."""
-    options = {"policy": "keep_previous", "iters": 2}
+    options = {"profile": "paper", "policy": "keep_previous", "iters": 2}
     merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=tmp_path / "m1", options=options))
     out = tmp_path / "m2"
     res = merge_step(MergeRequest(base=tiny["base"], previous=tmp_path / "m1", checkpoint=tiny["t2"], output=out,
@@ -137,7 +138,7 @@ def tampered(model: Path, name: str, folder: Path) -> Path:
 @pytest.mark.parametrize(("method", "options", "steps", "checked"), [
     ("opcm", {}, 1, 28),  # step 1: θ_1^m = θ_1, every tensor equals the new checkpoint
     ("wudi", {}, 1, 28),
-    ("nufilt", {"policy": "keep_previous", "iters": 2}, 2, 18),  # unfiltered tensors stay as θ_1^m
+    ("nufilt", {"profile": "paper", "policy": "keep_previous", "iters": 2}, 2, 18),  # unfiltered tensors stay as θ_1^m
     ("task_arithmetic", {}, 1, 1),  # claims nothing: only the integer buffer is compared
 ])
 def test_the_untouched_check_asks_the_method_and_catches_a_changed_tensor(

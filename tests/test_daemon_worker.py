@@ -12,7 +12,7 @@ import pytest
 from daemon_harness import wait_for
 from models import base_state, finetune, write_model
 from nufilt_daemon.cli import status_data
-from nufilt_daemon.config import NEW_LINEAGE_SETTINGS, Settings
+from nufilt_daemon.config import Settings
 from nufilt_daemon.intake import Intake
 from nufilt_daemon.journal import Journal
 from nufilt_daemon.metrics import Metrics
@@ -247,7 +247,8 @@ def test_without_prestart_no_merge_process_waits(tiny: dict[str, Path], tmp_path
 
 def test_unset_method_settings_start_new_lineages_with_the_recommended_profile_and_leave_running_ones_alone(
         tiny: dict[str, Path], tmp_path: Path):
-    recommended = NEW_LINEAGE_SETTINGS["nufilt"]["profile"]
+    from nufilt_core.methods.profiles import DEFAULT_PROFILE as recommended
+
     assert recommended != "paper"  # else this test would not tell the two apart
 
     # a lineage started before an upgrade, with the paper's NUFILT; the upgraded daemon leaves method_settings unset
@@ -259,6 +260,7 @@ def test_unset_method_settings_start_new_lineages_with_the_recommended_profile_a
     upgraded = status_data(worker.settings)  # what `nufilt status` tells the operator before the next merge
     assert upgraded["production"]["profile"] == "paper"
     assert upgraded["next_merge"]["options"] == {} and "inherited from the lineage" in upgraded["next_merge"]["source"]
+    assert upgraded["next_merge"]["settings"]["profile"] == "paper" and upgraded["next_merge"]["settings"]["iters"] == 2
     intake.emit(Arrival(tiny["t2"], "folder", "t2"))
     run_until(worker, "step 2", lambda: journal.job(2).state in FINAL_STATES)
     assert journal.job(2).state == JobState.PROMOTED, journal.job(2).reason
@@ -267,7 +269,8 @@ def test_unset_method_settings_start_new_lineages_with_the_recommended_profile_a
 
     # a new lineage with method_settings unset: step 1 takes the recommended profile, step 2 inherits it
     worker, intake, journal, store = make_worker(tmp_path / "new", tiny["base"], method_settings=None)
-    assert status_data(worker.settings)["next_merge"]["options"] == {"profile": recommended}
+    fresh = status_data(worker.settings)["next_merge"]
+    assert fresh["options"] == {} and fresh["settings"]["profile"] == recommended
     intake.emit(Arrival(tiny["t1"], "folder", "t1"))
     intake.emit(Arrival(tiny["t2"], "folder", "t2"))
     run_until(worker, "both steps", lambda: journal.job(2).state in FINAL_STATES)

@@ -161,7 +161,7 @@ def test_env_example_holds_real_settings_that_load_and_fit_the_unit(monkeypatch:
         monkeypatch.setenv(k, v)
     s = load_settings()  # types, nested keys, JSON values: as the daemon will read them
     assert s.mlflow.target_model and s.gate.command and s.gate.thresholds["accuracy"].min == 0.8
-    resolve_settings(get_method(s.method), {}, s.step_options(first_step=True))  # the method accepts its settings
+    resolve_settings(get_method(s.method), {}, s.step_options())  # the method accepts its settings
     monkeypatch.delenv("NUFILT_BASE_MODEL")
     for k in commented:
         monkeypatch.delenv(k)

@@ -58,7 +58,7 @@ def test_output_shards_are_valid_safetensors_with_index(tiny, tmp_path):
 
 def test_side_files_and_lineage_are_written(tiny, tmp_path):
     out = tmp_path / "m1"
-    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=out))
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=out, options={"profile": "paper"}))
     assert json.loads((out / "config.json").read_text())["model_type"] == "bert"
     record = json.loads((out / LINEAGE_NAME).read_text())
     assert record["step"] == 1 and record["method"] == "nufilt" and len(record["checkpoints"]) == 1

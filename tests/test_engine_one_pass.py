@@ -1,4 +1,4 @@
-"""One pass over the bytes (issue 11): with `check_first` off the merge reads each input byte once,
+"""One pass over the bytes: with `check_first` off the merge reads each input byte once,
 hashes and checks it there, and the scores and the different-base check ride along the merge pass.
 Same output and record as the pre-flight way; the same refusals, still before anything is published."""
 
@@ -151,7 +151,7 @@ def test_nufilt_hands_its_subspaces_to_the_scores():
     g = torch.Generator().manual_seed(3)
     base, prev, new = (torch.randn(24, 16, generator=g) for _ in range(3))
     prev, new = base + prev / 10, base + new / 10
-    settings = NufiltSettings(null_rank=4, task_rank=2, iters=2)
+    settings = NufiltSettings(profile="paper", null_rank=4, task_rank=2, iters=2)
     method = Nufilt(settings, StepContext(step=2, seed=0, device=torch.device("cpu"), names=["a.weight"]))
     merged = method.merge("a.weight", base, prev, new)
     v_prev, v_new = method.subspaces("a.weight")
@@ -162,10 +162,10 @@ def test_nufilt_hands_its_subspaces_to_the_scores():
     fake.observe("a.weight", base, prev, new, merged, (v_prev[:, :1], v_new[:, :1]))
     assert reused.scores().stability_raw == pytest.approx(computed.scores().stability_raw, rel=1e-5)
     assert fake.scores().stability_ref < 0.99 * computed.scores().stability_ref  # the given V̂ are used
-    energy = Nufilt(NufiltSettings(null_energy=0.9), StepContext(step=2, seed=0, device=torch.device("cpu"),
-                                                                 names=["a.weight"]))
-    energy.merge("a.weight", base, prev, new)
-    assert energy.subspaces("a.weight") is None  # truncated by energy: not the scores' V̂
+    published = Nufilt(NufiltSettings(profile="paper", first_step="published_code"),
+                       StepContext(step=2, seed=0, device=torch.device("cpu"), names=["a.weight"]))
+    published.merge("a.weight", base, prev, new)
+    assert published.subspaces("a.weight") is None  # the published code's rule: not offered to the scores
 
 
 def test_distance_observer_refuses_another_base_before_publishing(wide, tmp_path):

@@ -22,7 +22,7 @@ from nufilt_core.checkpoint import INDEX_NAME, Checkpoint
 from nufilt_core.merge import DEFAULT_MAX_SHARD_BYTES, MergeRequest, merge_step, output_shard_bytes
 from nufilt_core.selection import Selection, detect_preset, is_linear_weight
 
-FAST = {"iters": 5}  # the layout does not depend on the adapter's optimisation
+FAST = {"profile": "paper", "iters": 5}  # the layout does not depend on the adapter's optimisation
 
 
 def weight_map(folder: Path) -> dict[str, str]:

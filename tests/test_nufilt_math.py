@@ -13,6 +13,8 @@ from nufilt_core.linalg import adapter_seed, seeded_normal, top_right_singular_v
 from nufilt_core.merge import MergeRequest, merge_step
 from nufilt_core.methods.nufilt import ADAPTER_INIT_SCALE, NufiltSettings, nufilt_matrix, paper_loss
 
+PAPER = {"profile": "paper"}
+
 
 def low_rank(d_out: int, d_in: int, rank: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -63,7 +65,7 @@ def test_adapter_lowers_loss_and_respects_formula(d_out, d_in):
 
 def test_step_one_is_the_checkpoint_on_filtered_tensors(tiny, tmp_path):
     out = tmp_path / "m1"
-    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=out))
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=out, options=PAPER))
     merged, ft, base = load(out), load(tiny["t1"]), load(tiny["base"])
     q = "encoder.layer.0.attention.self.query.weight"
     assert torch.equal(merged[q], ft[q])  # θ_1^m = θ_1 (P = I, adapter stays at B = 0)
@@ -74,7 +76,7 @@ def test_step_one_is_the_checkpoint_on_filtered_tensors(tiny, tmp_path):
 def test_published_code_first_step_drops_leading_columns(tiny, tmp_path):
     out = tmp_path / "m1"
     merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=out,
-                            options={"first_step": "published_code", "null_rank": 4, "lora_rank": 0}))
+                            options={**PAPER, "first_step": "published_code", "null_rank": 4, "lora_rank": 0}))
     merged, ft, base = load(out), load(tiny["t1"]), load(tiny["base"])
     q = "encoder.layer.0.attention.self.query.weight"
     assert torch.equal(merged[q][:, :4], base[q][:, :4])  # first r_p input columns of τ_1 filtered away
@@ -83,11 +85,11 @@ def test_published_code_first_step_drops_leading_columns(tiny, tmp_path):
 
 def test_engine_update_matches_matrix_function(tiny, tmp_path):
     m1, m2 = tmp_path / "m1", tmp_path / "m2"
-    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1))
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1, options=PAPER))
     merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=m2, previous=m1, seed=5))
     base, prev, new, merged = load(tiny["base"]), load(m1), load(tiny["t2"]), load(m2)
     name = "encoder.layer.1.intermediate.dense.weight"
-    s = NufiltSettings()
+    s = NufiltSettings(**PAPER)
     a0 = seeded_normal((s.lora_rank, base[name].shape[1]), adapter_seed(5, name, 2)) * ADAPTER_INIT_SCALE
     r = nufilt_matrix(prev[name] - base[name], new[name] - base[name], a0, s)
     assert torch.allclose(merged[name], prev[name] + r.update, atol=1e-6)
@@ -97,7 +99,8 @@ def test_engine_update_matches_matrix_function(tiny, tmp_path):
 @pytest.mark.parametrize("policy", ["keep_base", "keep_previous", "average"])
 def test_policy_for_unfiltered_tensors(tiny, tmp_path, policy):
     m1, m2 = tmp_path / "m1", tmp_path / "m2"
-    run_cli("merge", "--base", tiny["base"], "--checkpoint", tiny["t1"], "--output", m1, "--policy", policy, "--quiet")
+    run_cli("merge", "--base", tiny["base"], "--checkpoint", tiny["t1"], "--output", m1, "--policy", policy, "--quiet",
+            "--profile", "paper")
     run_cli("merge", "--base", tiny["base"], "--previous", m1, "--checkpoint", tiny["t2"], "--output", m2, "--quiet")
     base, t1, t2, merged = load(tiny["base"]), load(tiny["t1"]), load(tiny["t2"]), load(m2)
     name = "encoder.layer.0.attention.self.query.bias"
@@ -109,7 +112,7 @@ def test_policy_for_unfiltered_tensors(tiny, tmp_path, policy):
 def test_include_patterns_choose_the_filtered_tensors(tiny, tmp_path):
     out = tmp_path / "m1"
     run_cli("merge", "--base", tiny["base"], "--checkpoint", tiny["t1"], "--output", out, "--quiet",
-            "--include", r"output\.dense\.weight$")
+            "--profile", "paper", "--include", r"output\.dense\.weight$")
     merged, base, ft = load(out), load(tiny["base"]), load(tiny["t1"])
     assert torch.equal(merged["encoder.layer.0.output.dense.weight"], ft["encoder.layer.0.output.dense.weight"])
     q = "encoder.layer.0.attention.self.query.weight"
@@ -144,7 +147,7 @@ def test_fp16_and_bf16_keep_their_dtype(tmp_path: Path):
             assert torch.isfinite(merged[name].float()).all() if tensor.is_floating_point() else True
 
 
-# ---- levers beyond the paper (issue 9): rescaling and r_p by energy ----------------------------
+# ---- beyond the paper: the profiles' post-steps (trust radius, flat spectrum) and the retired settings ----
 
 def _filtered(names) -> list[str]:
     from nufilt_core.selection import Selection
@@ -153,42 +156,47 @@ def _filtered(names) -> list[str]:
     return [n for n in names if sel.is_filtered(n, (1, 1))]
 
 
-@pytest.mark.parametrize(("unit", "radius", "growth"), [("model", 0.0, 0.0), ("matrix", 0.0, 0.0), ("model", 0.05, 0.0),
-                                                        ("matrix", 0.05, 0.0), ("matrix", 0.0, -0.5)])
-def test_rescale_follows_opcms_rule_on_the_fused_update(tiny, unit, radius, growth, tmp_path):
-    # an independent replay: U = λ_{t-1} τ_{≤t-1} + update (update from nufilt_matrix),
-    # λ_t = max(1, ‖U‖ / max(mean ‖τ_i‖ · t^growth, κ‖W0‖))
-    opts = {"rescale": unit, "rescale_radius": radius, "rescale_growth": growth}
-    paths = [tiny["t1"], tiny["t2"], tiny["t3"]]
+def _record(out: Path) -> dict:
+    import json
+
+    from nufilt_core.checkpoint import LINEAGE_NAME
+
+    return json.loads((out / LINEAGE_NAME).read_text())
+
+
+def _chain(tiny, tmp_path: Path, label: str, opts: dict, steps: int = 2) -> list[Path]:
     previous, outs = None, []
-    for t, ckpt in enumerate(paths, 1):
-        out = tmp_path / f"m{t}"
-        merge_step(MergeRequest(base=tiny["base"], checkpoint=ckpt, output=out, previous=previous,
+    for t in range(1, steps + 1):
+        out = tmp_path / f"{label}{t}"
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny[f"t{t}"], output=out, previous=previous,
                                 options=opts if t == 1 else {}))
         previous = out
-        outs.append(load(out))
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.parametrize("radius", [0.0, 0.05])
+def test_trust_radius_follows_opcms_rule_per_matrix_on_the_fused_update(tiny, radius, tmp_path):
+    # an independent replay: U = λ_{t-1} τ_{≤t-1} + update (update from nufilt_matrix),
+    # λ_t = max(1, ‖U‖ / max(mean ‖τ_i‖, κ‖W0‖)) per matrix
+    opts = {**PAPER, "trust_radius": radius}
+    outs = [load(p) for p in _chain(tiny, tmp_path, "m", opts, steps=3)]
     base = load(tiny["base"])
     names = [n for n in _filtered(list(base)) if base[n].ndim == 2]
     s = NufiltSettings(**opts)
     merged = {n: base[n].clone() for n in names}
-    lam = {n: 1.0 for n in names} if unit == "matrix" else {"": 1.0}
-    norms: dict[str, list[float]] = {k: [] for k in lam}
-    for t, ckpt in enumerate(paths, 1):
-        theta = load(ckpt)
-        u = {}
+    lam = {n: 1.0 for n in names}
+    norms: dict[str, list[float]] = {n: [] for n in names}
+    for t in range(1, 4):
+        theta = load(tiny[f"t{t}"])
         for n in names:
             a0 = seeded_normal((s.lora_rank, base[n].shape[1]), adapter_seed(0, n, t)) * ADAPTER_INIT_SCALE
             r = nufilt_matrix(merged[n] - base[n], theta[n] - base[n], a0, s)
-            u[n] = lam[n if unit == "matrix" else ""] * (merged[n] - base[n]) + r.update
-        groups = {n: [n] for n in names} if unit == "matrix" else {"": names}
-        for k, members in groups.items():
-            norms[k].append(sum(float((theta[n] - base[n]).double().square().sum()) for n in members) ** 0.5)
-            size = sum(float(u[n].double().square().sum()) for n in members) ** 0.5
-            w0 = sum(float(base[n].double().square().sum()) for n in members) ** 0.5
-            lam[k] = 1.0 if t == 1 else max(1.0, size / max(sum(norms[k]) / t * t**growth, radius * w0))
-            for n in members:
-                merged[n] = base[n] + u[n] / lam[k]
-        for n in names:
+            u = lam[n] * (merged[n] - base[n]) + r.update
+            norms[n].append(float((theta[n] - base[n]).double().norm()))
+            w0 = float(base[n].double().norm())
+            lam[n] = 1.0 if t == 1 else max(1.0, float(u.double().norm()) / max(sum(norms[n]) / t, radius * w0))
+            merged[n] = base[n] + u / lam[n]
             torch.testing.assert_close(outs[t - 1][n], merged[n], atol=2e-6, rtol=1e-5)
     assert max(lam.values()) > 1  # the rule did shrink something
     # unfiltered tensors follow the policy, untouched by the rescaling
@@ -196,16 +204,18 @@ def test_rescale_follows_opcms_rule_on_the_fused_update(tiny, unit, radius, grow
     assert torch.equal(outs[-1][b], base[b])
 
 
-def test_rescale_state_is_required_to_continue(tiny, tmp_path):
+def test_the_rescale_state_is_required_to_continue(tiny, tmp_path):
     import json
 
     from nufilt_core.checkpoint import LINEAGE_NAME
     from nufilt_core.errors import LineageError
 
     m1 = tmp_path / "m1"
-    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1, options={"rescale": "model"}))
-    record = json.loads((m1 / LINEAGE_NAME).read_text())
-    assert set(record["method_state"]["rescale"]) == {""} and record["method_state"]["rescale"][""]["lambda"] == 1
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1, options={**PAPER, "trust_radius": 0}))
+    record = _record(m1)
+    base = load(tiny["base"])
+    assert set(record["method_state"]["rescale"]) == {n for n in _filtered(list(base)) if base[n].ndim == 2}
+    assert all(v["lambda"] == 1 for v in record["method_state"]["rescale"].values())
     record["method_state"] = {}
     record["record_sha256"] = ""  # as a record written before the field: the method's own check is what is tested
     (m1 / LINEAGE_NAME).write_text(json.dumps(record))
@@ -213,250 +223,133 @@ def test_rescale_state_is_required_to_continue(tiny, tmp_path):
         merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=tmp_path / "m2", previous=m1))
 
 
-def test_null_energy_filters_the_fewest_directions_holding_that_share():
-    g = torch.Generator().manual_seed(3)
-    # singular values 8, 4, 2, 1, …: energies 64, 16, 4, 1 → 90 % of the energy needs 2 directions
-    u, _ = torch.linalg.qr(torch.randn(20, 6, generator=g, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(12, 6, generator=g, dtype=torch.float64))
-    sv = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
-    tau_prev = u @ torch.diag(sv) @ v.T
-    tau_new = torch.randn(20, 12, generator=g, dtype=torch.float64)
-    for share, k in ((0.75, 1), (0.9, 2), (0.99, 4), (1.0, 6)):
-        r = nufilt_matrix(tau_prev, tau_new, None, NufiltSettings(null_energy=share, lora_rank=0))
-        assert r.v_prev.shape[1] == k, share
-    r = nufilt_matrix(tau_prev, tau_new, None, NufiltSettings(null_energy=1.0, null_rank=3, lora_rank=0))
-    assert r.v_prev.shape[1] == 3  # never more than null_rank
-
-
-def test_task_energy_filters_the_low_rank_part_of_the_new_task_vector():
-    g = torch.Generator().manual_seed(5)
-    u, _ = torch.linalg.qr(torch.randn(20, 6, generator=g, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(12, 6, generator=g, dtype=torch.float64))
-    tau_new = u @ torch.diag(torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)) @ v.T
-    tau_prev = torch.randn(20, 12, generator=g, dtype=torch.float64)
-    for share, k in ((0.75, 1), (0.9, 2), (0.99, 4)):
-        got = nufilt_matrix(tau_prev, tau_new, None, NufiltSettings(task_energy=share, lora_rank=0, null_rank=3))
-        # the formula, from an independent SVD: τ_k = Σ_{i≤k} σ_i u_i v_iᵀ, then τ_k (I − V̂p V̂pᵀ)
-        uu, sv, vh = torch.linalg.svd(tau_new)
-        tau_k = uu[:, :k] @ torch.diag(sv[:k]) @ vh[:k]
-        vp = torch.linalg.svd(tau_prev).Vh[:3].T
-        torch.testing.assert_close(got.update, tau_k - tau_k @ vp @ vp.T)
-        assert torch.linalg.matrix_rank(got.update) == k
-    whole = nufilt_matrix(tau_prev, tau_new, None, NufiltSettings(task_energy=1.0, lora_rank=0, null_rank=3))
-    torch.testing.assert_close(whole.update, nufilt_matrix(tau_prev, tau_new, None,
-                                                           NufiltSettings(lora_rank=0, null_rank=3)).update)
-
-
 def test_a_trust_radius_wider_than_the_merged_vector_leaves_the_papers_nufilt(tiny, tmp_path):
-    outs = {}
-    for label, opts in (("paper", {}), ("radius", {"rescale": "model", "rescale_radius": 10.0})):
-        previous = None
-        for t, ckpt in enumerate([tiny["t1"], tiny["t2"]], 1):
-            out = tmp_path / f"{label}{t}"
-            merge_step(MergeRequest(base=tiny["base"], checkpoint=ckpt, output=out, previous=previous,
-                                    options=opts if t == 1 else {}))
-            previous = out
-        outs[label] = load(previous)
-    for n, v in outs["paper"].items():
-        torch.testing.assert_close(outs["radius"][n], v, atol=1e-6, rtol=1e-6)
+    paper = load(_chain(tiny, tmp_path, "paper", PAPER)[-1])
+    wide = load(_chain(tiny, tmp_path, "radius", {**PAPER, "trust_radius": 10.0})[-1])
+    for n, v in paper.items():
+        torch.testing.assert_close(wide[n], v, atol=1e-6, rtol=1e-6)
 
 
-def test_adapter_span_keeps_the_loss_and_drops_what_the_loss_never_saw():
-    tau_prev, tau_new = low_rank(24, 16, 5, 1), low_rank(24, 16, 4, 2)
-    a0 = seeded_normal((6, 16), 7) * 0.02
-    plain = nufilt_matrix(tau_prev, tau_new, a0, NufiltSettings(null_rank=4, lora_rank=6, task_rank=3))
-    span = nufilt_matrix(tau_prev, tau_new, a0, NufiltSettings(null_rank=4, lora_rank=6, task_rank=3,
-                                                                adapter_span=True))
-    assert span.loss_after == pytest.approx(plain.loss_after, rel=1e-5)
-    q = torch.linalg.qr(torch.cat([span.v_new, span.v_prev], dim=1)).Q
-    outside = span.a - (span.a @ q) @ q.T
-    assert outside.abs().max() < 1e-6  # the adapter's rows lie in span([V̂t, V̂p])
-    assert (plain.a - (plain.a @ q) @ q.T).norm() > 1e-3  # the paper's adapter does not
-
-
-def test_policy_sum_adds_unfiltered_tensors_and_rescales_them_with_the_rest(tiny, tmp_path):
-    base, t1, t2 = load(tiny["base"]), load(tiny["t1"]), load(tiny["t2"])
-    bias = "encoder.layer.0.attention.self.query.bias"
-    for opts in ({"policy": "sum"}, {"policy": "sum", "rescale": "matrix"}):
-        m1, m2 = tmp_path / "m1", tmp_path / "m2"
-        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1, options=opts, overwrite=True))
-        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=m2, previous=m1, overwrite=True))
-        got, u = load(m2)[bias], (t1[bias] - base[bias]) + (t2[bias] - base[bias])
-        if "rescale" not in opts:
-            torch.testing.assert_close(got, base[bias] + u)
-        else:  # its own unit: λ = max(1, ‖U‖ / mean(‖τ_1‖, ‖τ_2‖))
-            mean = ((t1[bias] - base[bias]).norm() + (t2[bias] - base[bias]).norm()) / 2
-            torch.testing.assert_close(got, base[bias] + u / max(1.0, float(u.norm() / mean)))
-
-
-def test_profile_plus_is_a_named_setting_that_explicit_settings_override(tiny, tmp_path):
-    from nufilt_core.methods.nufilt import PROFILES
+def test_the_default_is_plus_iso_and_explicit_settings_override_a_profile(tiny, tmp_path):
+    from nufilt_core.methods.profiles import PROFILES
 
     out = tmp_path / "m1"
     run_cli("merge", "--base", tiny["base"], "--checkpoint", tiny["t1"], "--output", out, "--quiet",
             "--profile", "plus", "--null-rank", "8")
-    import json
-
-    from nufilt_core.checkpoint import LINEAGE_NAME
-
-    settings = json.loads((out / LINEAGE_NAME).read_text())["settings"]
+    settings = _record(out)["settings"]
     assert settings["profile"] == "plus" and settings["null_rank"] == 8  # the explicit one wins
     assert {k: settings[k] for k in PROFILES["plus"] if k != "null_rank"} == \
         {k: v for k, v in PROFILES["plus"].items() if k != "null_rank"}
-    assert NufiltSettings().profile == "paper" and NufiltSettings().rescale == "none"  # the paper's by default
+    default = tmp_path / "default"
+    run_cli("merge", "--base", tiny["base"], "--checkpoint", tiny["t1"], "--output", default, "--quiet")
+    assert _record(default)["settings"] == NufiltSettings(profile="plus-iso").model_dump(mode="json")
+    assert NufiltSettings(profile="plus-iso").flat_spectrum and NufiltSettings(profile="plus-iso").trust_radius == 0.03
+    assert NufiltSettings(**PAPER).trust_radius is None and not NufiltSettings(**PAPER).flat_spectrum
 
 
-def test_the_benchmarks_plus_variants_are_the_profiles():
+def test_the_benchmarks_profile_variants_are_the_profiles():
     import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
-    from bench.quality.variants import LEVER_GRID, PLUS, PLUS_ISO
-    from nufilt_core.methods.nufilt import PROFILES
-
-    assert next(v for v in LEVER_GRID if v.name == PLUS).options == PROFILES["plus"]
-    assert next(v for v in LEVER_GRID if v.name == PLUS_ISO).options == PROFILES["plus-iso"]
     from typing import get_args
 
-    from nufilt_core.methods.nufilt import Profile
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
+    from bench.quality.variants import all_variants
+    from nufilt_core.methods.profiles import PROFILES, Profile
 
     assert set(get_args(Profile)) == set(PROFILES)  # the settings' type names every profile, and only those
-    plus_iso = NufiltSettings(profile="plus-iso")
-    assert plus_iso.spectrum_power == 0.0 and plus_iso.spectrum_when == "shrunk"
+    options = [v.options for v in all_variants() if v.method == "nufilt"]
+    for profile in PROFILES:
+        assert {"profile": profile} in options, profile
 
 
-@pytest.mark.parametrize("power", [0.0, 0.5])
-def test_spectrum_power_reshapes_the_merged_task_vector_and_keeps_its_norm(tiny, tmp_path, power):
-    # step 2 with the setting against the paper's step 2, reshaped by an independent SVD: same singular
-    # vectors, singular values ∝ σ^p, the same Frobenius norm; unfiltered tensors and step 1 untouched
-    outs = {}
-    for label, opts in (("paper", {}), ("shaped", {"spectrum_power": power})):
-        m1, m2 = tmp_path / f"{label}1", tmp_path / f"{label}2"
-        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1, options=opts))
-        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=m2, previous=m1))
-        outs[label] = (load(m1), load(m2))
-    base = load(tiny["base"])
-    names = _filtered(list(base))
+def test_a_flat_spectrum_applies_to_the_matrices_the_rescaling_shrank(tiny, tmp_path):
+    # a trust radius between the matrices' merged norms: some are shrunk (λ > 1), some not. The shrunk ones
+    # become the rescaled merge with a flat spectrum (an independent SVD: same singular vectors, equal
+    # singular values, the same norm); the others, unfiltered tensors and step 1 stay as rescaled
+    rescaled = _chain(tiny, tmp_path, "plain", {**PAPER, "trust_radius": 0.37})
+    flat = _chain(tiny, tmp_path, "flat", {**PAPER, "trust_radius": 0.37, "flat_spectrum": True})
+    lambdas = {n: v["lambda"] for n, v in _record(rescaled[1])["method_state"]["rescale"].items()}
+    base, plain, got = load(tiny["base"]), load(rescaled[1]), load(flat[1])
+    for n, v in load(rescaled[0]).items():
+        assert torch.equal(load(flat[0])[n], v), n
+    shrunk = 0
     for n in base:
-        torch.testing.assert_close(outs["shaped"][0][n], outs["paper"][0][n], rtol=0, atol=0)
-        if n not in names or base[n].ndim != 2:
-            assert torch.equal(outs["shaped"][1][n], outs["paper"][1][n]), n
+        if lambdas.get(n, 1.0) <= 1.0:
+            assert torch.equal(got[n], plain[n]), n
             continue
-        delta = (outs["paper"][1][n] - base[n]).double()
+        shrunk += 1
+        delta = (plain[n] - base[n]).double()
         u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
-        shaped = sv**power
-        expected = u @ torch.diag(shaped * sv.norm() / shaped.norm()) @ vh
-        got = (outs["shaped"][1][n] - base[n]).double()
-        torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-4)
-        torch.testing.assert_close(got.norm(), delta.norm(), atol=0, rtol=1e-5)
-        if power == 0.0:
-            got_sv = torch.linalg.svdvals(got)
-            assert float(got_sv.max() / got_sv.min()) < 1.001  # flat: every direction the same size
+        expected = u @ torch.diag(torch.full_like(sv, float(sv.norm()) / len(sv) ** 0.5)) @ vh
+        torch.testing.assert_close((got[n] - base[n]).double(), expected, atol=2e-6, rtol=1e-4)
+    assert 0 < shrunk < len(lambdas), (shrunk, len(lambdas))
 
 
-def test_clip_spectrum_meets_the_target_by_clipping_the_largest_singular_values():
-    from nufilt_core.methods.nufilt import clip_spectrum
+def test_a_flat_spectrum_without_a_trust_radius_is_refused():
+    # it would silently never flatten anything: without rescaling no matrix is ever shrunk
+    from nufilt_core.errors import SettingsError
+    from nufilt_core.methods import resolve_settings
+    from nufilt_core.methods.nufilt import Nufilt
 
-    g = torch.Generator().manual_seed(11)
-    delta = torch.randn(30, 12, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(1, -1, 12,
-                                                                                                dtype=torch.float64))
-    sv = torch.linalg.svdvals(delta)
-    for share in (0.9, 0.5, 0.1):
-        target = share * float(sv.norm())
-        lo, hi = 0.0, float(sv[0])  # the level c by bisection, independently of clip_spectrum's search
-        for _ in range(200):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if float(sv.clamp(max=mid).norm()) < target else (lo, mid)
-        got = clip_spectrum(delta, target)
-        torch.testing.assert_close(torch.linalg.svdvals(got), sv.clamp(max=hi), atol=1e-9, rtol=1e-9)
-        assert abs(float(got.norm()) - target) < 1e-9 * target
-        u, _, vh = torch.linalg.svd(delta, full_matrices=False)  # the same singular vectors
-        torch.testing.assert_close(got, (u * sv.clamp(max=hi)) @ vh, atol=1e-9, rtol=1e-9)
-    assert torch.equal(clip_spectrum(delta, 2 * float(sv.norm())), delta)  # within the target: unchanged
+    with pytest.raises(SettingsError, match="flat_spectrum needs trust_radius"):
+        resolve_settings(Nufilt, {}, {**PAPER, "flat_spectrum": True})
+    resolve_settings(Nufilt, {}, {"profile": "plus-iso"})
 
 
-def test_rescale_clip_shrinks_only_the_dominant_directions_of_the_merged_task_vector(tiny, tmp_path):
-    # an independent replay of step 2: U = τ_1 + update, target = mean(‖τ_1‖, ‖τ_2‖) per matrix, and U's
-    # singular values clipped to reach it; step 1 is the checkpoint
-    m1, m2 = tmp_path / "m1", tmp_path / "m2"
-    opts = {"rescale": "clip"}
-    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1, options=opts))
-    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=m2, previous=m1))
-    base, t1, t2, got = load(tiny["base"]), load(tiny["t1"]), load(tiny["t2"]), load(m2)
-    s = NufiltSettings(**opts)
-    clipped = 0
-    for n in (n for n in _filtered(list(base)) if base[n].ndim == 2):
-        a0 = seeded_normal((s.lora_rank, base[n].shape[1]), adapter_seed(0, n, 2)) * ADAPTER_INIT_SCALE
-        tau1, tau2 = (t1[n] - base[n]).double(), (t2[n] - base[n]).double()
-        u = tau1 + nufilt_matrix(tau1.float(), tau2.float(), a0, s).update.double()
-        target = (float(tau1.norm()) + float(tau2.norm())) / 2
-        sv = torch.linalg.svdvals(got[n].double() - base[n].double())
-        if float(u.norm()) > target:
-            clipped += 1
-            assert abs(float(sv.norm()) - target) < 1e-4 * target
-            top = torch.linalg.svdvals(u)
-            k = int((sv < top - 1e-4).sum())  # the clipped directions are the leading ones, all at one level
-            assert 0 < k < len(sv) and float(sv[:k].max() - sv[:k].min()) < 1e-4 * float(sv[0])
-            torch.testing.assert_close(sv[k:], top[k:], atol=1e-4, rtol=1e-4)
-    assert clipped > 0
-
-
-def test_a_new_profile_mid_lineage_replaces_the_inherited_settings(tiny, tmp_path):
+def test_a_lineage_recorded_with_the_retired_settings_continues_with_the_same_bytes(tiny, tmp_path):
+    # records written before the retired settings went name them all, at their values: rewritten that way,
+    # a plus-iso lineage continues exactly as one recorded with today's settings
     import json
 
     from nufilt_core.checkpoint import LINEAGE_NAME
+
+    now = _chain(tiny, tmp_path, "now", {"profile": "plus-iso"})
+    old1 = tmp_path / "old1"
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=old1, options={"profile": "plus-iso"}))
+    record = _record(old1)
+    settings = {k: v for k, v in record["settings"].items() if k not in ("trust_radius", "flat_spectrum")}
+    settings.update(rescale="matrix", rescale_radius=0.03, rescale_growth=0.0, adapter_span=False, null_energy=None,
+                    task_energy=None, spectrum_power=0.0, spectrum_when="shrunk")
+    record.update(settings=settings, record_sha256="")
+    (old1 / LINEAGE_NAME).write_text(json.dumps(record))
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=tmp_path / "old2", previous=old1))
+    assert (tmp_path / "old2" / "model.safetensors").read_bytes() == (now[1] / "model.safetensors").read_bytes()
+    assert _record(tmp_path / "old2")["settings"] == _record(now[1])["settings"]
+
+
+@pytest.mark.parametrize(("retired", "named"), [({"rescale": "model"}, "rescale = 'model'"),
+                                                ({"null_energy": 0.5}, "null_energy = 0.5"),
+                                                ({"spectrum_power": 0.5}, "spectrum_power = 0.5"),
+                                                ({"policy": "sum"}, "policy = 'sum'")])
+def test_a_retired_setting_that_mattered_is_refused_naming_it(retired, named):
+    from nufilt_core.errors import SettingsError
+    from nufilt_core.methods import resolve_settings
+    from nufilt_core.methods.nufilt import Nufilt
+
+    with pytest.raises(SettingsError, match="no longer has .*" + named.replace("(", r"\(")) as e:
+        resolve_settings(Nufilt, {**PAPER, "rescale": "none", "adapter_span": False, **retired}, {})
+    assert "start a new lineage" in str(e.value)
+
+
+def test_a_new_profile_mid_lineage_replaces_the_inherited_settings(tiny, tmp_path):
     from nufilt_core.errors import LineageError
-    from nufilt_core.methods.nufilt import PROFILES
+    from nufilt_core.methods.profiles import PROFILES
 
     m1, m2 = tmp_path / "m1", tmp_path / "m2"
     merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1, options={"profile": "plus"}))
     merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=m2, previous=m1,
                             options={"profile": "plus-iso"}))
-    settings = json.loads((m2 / LINEAGE_NAME).read_text())["settings"]
+    settings = _record(m2)["settings"]
     assert {k: settings[k] for k in PROFILES["plus-iso"]} == PROFILES["plus-iso"]
     # without a profile the inherited settings stay, whatever the defaults
     m3 = tmp_path / "m3"
     merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t3"], output=m3, previous=m2))
-    assert json.loads((m3 / LINEAGE_NAME).read_text())["settings"]["spectrum_power"] == 0.0
+    assert _record(m3)["settings"]["flat_spectrum"] is True
     # the paper's lineage has no rescale state: switching to a rescaling profile says how to do it
     p1 = tmp_path / "p1"
-    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=p1))
+    merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=p1, options=PAPER))
     with pytest.raises(LineageError, match="start a new lineage"):
         merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=tmp_path / "p2", previous=p1,
                                 options={"profile": "plus"}))
-
-
-def test_spectrum_when_shrunk_flattens_only_the_matrices_the_rescaling_shrank(tiny, tmp_path):
-    # a trust radius between the matrices' merged norms: some are shrunk (λ > 1), some not; with
-    # spectrum_when = shrunk the first are flattened as with "always", the others left as plus leaves them
-    outs = {}
-    for label, extra in (("plain", {}), ("always", {"spectrum_power": 0.0}),
-                         ("shrunk", {"spectrum_power": 0.0, "spectrum_when": "shrunk"})):
-        opts = {"rescale": "matrix", "rescale_radius": 0.37, **extra}
-        m1, m2 = tmp_path / f"{label}1", tmp_path / f"{label}2"
-        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=m1, options=opts))
-        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=m2, previous=m1))
-        outs[label] = load(m2)
-    base = load(tiny["base"])
-    kinds = {"always": 0, "plain": 0}
-    for n in (n for n in _filtered(list(base)) if base[n].ndim == 2):
-        same = next(k for k in ("always", "plain") if torch.allclose(outs["shrunk"][n], outs[k][n], atol=1e-6))
-        kinds[same] += 1
-        if same == "plain":  # not shrunk, so not flattened: its spectrum is as merged
-            assert not torch.allclose(outs["plain"][n], outs["always"][n], atol=1e-6)
-    assert kinds["always"] > 0 and kinds["plain"] > 0, kinds
-
-
-@pytest.mark.parametrize("rescale", ["none", "clip"])
-def test_spectrum_when_shrunk_is_refused_where_no_rescaling_records_a_shrink(rescale):
-    # it would silently never shape anything: clip and none leave λ_t = 1 on every matrix
-    from nufilt_core.errors import SettingsError
-    from nufilt_core.methods import resolve_settings
-    from nufilt_core.methods.nufilt import Nufilt
-
-    with pytest.raises(SettingsError, match=rf"spectrum_when 'shrunk' needs rescale .*not '{rescale}'"):
-        resolve_settings(Nufilt, {}, {"rescale": rescale, "spectrum_power": 0.0, "spectrum_when": "shrunk"})
-    resolve_settings(Nufilt, {}, {"rescale": rescale, "spectrum_power": 0.0})  # "always" is fine with either
-    resolve_settings(Nufilt, {}, {"profile": "plus-iso"})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -478,11 +371,12 @@ def test_a_flat_spectrum_keeps_low_rank_task_vectors_out_of_the_rounding_noise(t
             cols[n].append(b_)
         models[t] = state
     paths = {k: write_model({n: v.to(dtype) for n, v in m.items()}, tmp_path / k) for k, m in models.items()}
-    opts = {"spectrum_power": 0.0, "iters": 5}
+    opts = {**PAPER, "trust_radius": 0.0, "flat_spectrum": True, "iters": 5}  # two tasks: ‖U‖ > mean ‖τ_i‖
     m1, m2 = tmp_path / "m1", tmp_path / "m2"
     merge_step(MergeRequest(base=paths["base"], checkpoint=paths["t1"], output=m1, options=opts))
     merge_step(MergeRequest(base=paths["base"], checkpoint=paths["t2"], output=m2, previous=m1))
     stored_base, merged = load(paths["base"]), load(m2)
+    assert all(v["lambda"] > 1 for v in _record(m2)["method_state"]["rescale"].values())  # so each is flattened
     for n in names:
         delta = merged[n].double() - stored_base[n].double()
         span, _ = torch.linalg.qr(torch.cat(cols[n], dim=1).double())  # the tasks' column space, rank 4

@@ -37,7 +37,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=CACHE_DIR, help="stage cache (default bench/cache)")
     p.add_argument("--results", type=Path, default=RESULTS_DIR, help="where results go")
     p.add_argument("--runs", type=Path, help="per-order merge results (small JSON; default RESULTS/runs): kept in "
-                                             "git, so a run spread over sessions resumes where bench/cache is gone")
+                                             "git, so an interrupted run resumes, even where bench/cache is gone")
     p.add_argument("--methods", help="comma-separated registered methods (default: all in METHODS)")
     p.add_argument("--tasks", help="comma-separated subset of the preset's tasks")
     p.add_argument("--orders", type=int, help="number of task orders (default: the preset's)")
@@ -134,7 +134,7 @@ def daemon_default() -> dict:
     # the defaults as shipped (model_construct reads no NUFILT_* variables), and what their first merge step
     # passes: a new lineage's settings, which every later step inherits
     shipped = Settings.model_construct()
-    settings = get_method(shipped.method).Settings(**shipped.step_options(first_step=True))
+    settings = get_method(shipped.method).Settings(**shipped.step_options())
     return {"method": shipped.method, "settings": settings.model_dump(mode="json")}
 
 

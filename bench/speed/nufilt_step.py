@@ -41,6 +41,10 @@ def engine_args(base: Path, ckpt: Path, out: Path, previous: Path | None, device
             "--device", device, "--overwrite"]
     if previous:
         args += ["--previous", str(previous)]
+    elif not any(o.startswith("profile=") for o in options):
+        # a new lineage: the paper's NUFILT, the step reference_nufilt.py computes and the figures here measure
+        # (a later step inherits it); `--option profile=plus-iso` measures the default
+        options = ["profile=paper", *options]
     for opt in options:
         args += ["--option", opt]
     return args

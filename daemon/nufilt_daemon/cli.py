@@ -31,6 +31,7 @@ from nufilt_core.cli import run
 from nufilt_core.errors import NufiltError
 from nufilt_core.fsutil import rename_no_replace
 from nufilt_core.interrupts import check_for_stop, unwind_on_signals
+from nufilt_core.methods import get_method, resolve_settings
 
 from .config import CONFIG_ENV, Settings, load_settings
 from .intake import content_hash
@@ -225,10 +226,19 @@ def _open(settings: Settings) -> tuple[Store, Journal]:
     return Store(settings.store_dir), Journal.in_state_dir(state, create=False)
 
 
-def next_merge(settings: Settings, production: dict[str, Any] | None) -> dict[str, Any]:
-    """The method and the explicit settings the next merge step passes, and where they come from: after an
-    upgrade, the operator sees whether a running lineage keeps its settings."""
-    options = settings.step_options(first_step=production is None)
+def next_merge(settings: Settings, production: dict[str, Any] | None,
+               inherited: dict[str, Any] | None) -> dict[str, Any]:
+    """The method, the explicit settings the next merge step passes, the settings it will merge with (those over
+    what it inherits from the lineage, `inherited`, or the method's defaults at a first step), and where they come
+    from: after an upgrade, the operator sees whether a running lineage keeps its settings. `settings` is None
+    with an `error` when the step would refuse them."""
+    options = settings.step_options()
+    out: dict[str, Any] = {"method": settings.method, "options": options}
+    try:
+        resolved = resolve_settings(get_method(settings.method), inherited or {}, options)
+        out["settings"] = resolved.model_dump(mode="json")
+    except NufiltError as e:
+        out.update(settings=None, error=str(e))
     if settings.method_settings is not None:
         source = "method_settings, at every step"
     elif production is None:
@@ -237,13 +247,14 @@ def next_merge(settings: Settings, production: dict[str, Any] | None) -> dict[st
         unreadable = f", whose record is unreadable: {production['error']}" if "error" in production else ""
         source = f"inherited from the lineage of production {production.get('name', '?')}{unreadable} " \
                  "(method_settings unset)"
-    return {"method": settings.method, "options": options, "source": source}
+    return {**out, "source": source}
 
 
 def status_data(settings: Settings) -> dict[str, Any]:
     store, journal = _open(settings)
     try:
         production: dict[str, Any] | None = None
+        inherited: dict[str, Any] | None = None
         try:
             prod = store.production()
         except StoreError as e:  # show everything else all the same
@@ -252,6 +263,7 @@ def status_data(settings: Settings) -> dict[str, Any]:
             production = {"version": prod.number, "name": prod.name, "path": str(prod.path.absolute())}
             try:
                 rec = prod.lineage()
+                inherited = rec.settings
                 production.update(step=rec.step, method=rec.method, profile=rec.settings.get("profile"),
                                   created_at=rec.created_at,
                                   checkpoints=[merged_checkpoint(journal, c.sha256, c.path) for c in rec.checkpoints])
@@ -267,15 +279,15 @@ def status_data(settings: Settings) -> dict[str, Any]:
                 inbox.update(json.loads(state_paths(Path(settings.state_dir))["inbox"].read_text()))
             except (OSError, ValueError):
                 pass
-        for e in inbox["entries"]:  # one time format in the JSON: ISO 8601, UTC
-            if isinstance(e.get("seen_at"), int | float):
-                e["seen_at"] = _iso(e["seen_at"])
+        for entry in inbox["entries"]:  # one time format in the JSON: ISO 8601, UTC
+            if isinstance(entry.get("seen_at"), int | float):
+                entry["seen_at"] = _iso(entry["seen_at"])
         return {
             "production": production,
             "queue": {s: counts[s] for s in ACTIVE_STATES},
             "totals": counts,
             "last": job_dict(last) if last else None,
-            "next_merge": next_merge(settings, production),
+            "next_merge": next_merge(settings, production, inherited),
             "pending_publications": len(journal.outbox_pending()),
             "inbox": inbox,
             "daemon": daemon,
@@ -299,7 +311,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print("production  none yet (no checkpoint has been promoted)")
     n = data["next_merge"]
-    print(f"next merge  {n['method']} {json.dumps(n['options'])}: {n['source']}")
+    if n["settings"] is None:
+        merges_with = f"refused: {n['error']}"
+    else:
+        profile = n["settings"].get("profile")
+        merges_with = (f"profile {profile}" if profile else "settings") + \
+            (f", explicitly {json.dumps(n['options'])}" if n["options"] else "")
+    print(f"next merge  {n['method']} {merges_with}: {n['source']}")
     q = data["queue"]
     print("queue       " + ", ".join(f"{q[s]} {s}" for s in ACTIVE_STATES))
     last = data["last"]
@@ -496,10 +514,9 @@ def wait_for_outcome(settings: Settings, sha: str, after: int, timeout: float) -
             return 0 if first is not None and first.state == JobState.PROMOTED else 1
         if job is not None and job.state != last:
             last = job.state
-            if job.state == JobState.PROMOTED:
+            if job.state == JobState.PROMOTED and job.version is not None:
                 print(f"promoted as {version_name(job.version)} (step {job.step}) in {took}", flush=True)
-                if job.version is not None:
-                    wait_for_publication(settings, job.version, t0, timeout)
+                wait_for_publication(settings, job.version, t0, timeout)
                 return 0
             if job.state in FINAL_STATES:
                 print(f"{job.state} after {took}: {printable(job.reason or '')}")

@@ -39,12 +39,6 @@ ENV_PREFIX = "NUFILT_"
 CONFIG_ENV = "NUFILT_CONFIG"  # path of the TOML file, when --config is not given
 NESTED_DELIMITER = "__"
 
-# The settings a new lineage starts with when `method_settings` is unset. NUFILT's plus-iso profile led every
-# preset of the quality benchmark (bench/results, issue 9). Only a lineage's first step gets them: later steps
-# inherit the lineage's recorded settings, so an upgrade that changes this never changes a running lineage
-# (a rescaling profile cannot start mid-lineage: it needs its state from step 1).
-NEW_LINEAGE_SETTINGS: dict[str, dict[str, Any]] = {"nufilt": {"profile": "plus-iso"}}
-
 
 class ConfigError(NufiltError):
     """The daemon's configuration is invalid (unknown key, wrong type, missing file)."""
@@ -133,8 +127,9 @@ class Settings(BaseSettings):
     method: str = "nufilt"
     method_settings: dict[str, Any] | None = Field(
         default=None, description="passed to the method at every step, e.g. {profile = \"paper\", null_rank = 64}; "
-        "unknown keys are rejected by the method. Unset: a new lineage starts with NEW_LINEAGE_SETTINGS (nufilt: "
-        "profile plus-iso) and every later step inherits the lineage's recorded settings")
+        "unknown keys are rejected by the method. Unset: a new lineage starts with the method's defaults (nufilt: "
+        "profile plus-iso) and every later step inherits the lineage's recorded settings, so an upgrade that "
+        "changes a default never changes a running lineage")
     seed: int = 0
     max_shard_bytes: int | None = Field(
         default=None, gt=0, description="shard size of written versions (default: as the base, its largest shard "
@@ -211,11 +206,10 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_file))
         return tuple(sources)
 
-    def step_options(self, first_step: bool) -> dict[str, Any]:
-        """The explicit settings one merge step passes to the method (the rest it inherits from the lineage)."""
-        if self.method_settings is not None:
-            return self.method_settings
-        return dict(NEW_LINEAGE_SETTINGS.get(self.method, {})) if first_step else {}
+    def step_options(self) -> dict[str, Any]:
+        """The explicit settings every merge step passes to the method: the rest a step inherits from the
+        lineage, or, at a lineage's first step, takes from the method's defaults."""
+        return dict(self.method_settings or {})
 
     def redacted(self) -> dict[str, Any]:
         """For logs and `daemon --check`: JSON-safe, secrets masked (the webhook secret, and a password in the

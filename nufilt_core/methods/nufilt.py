@@ -16,33 +16,12 @@ Speed-ups that keep the numbers (the gradients are the loss's, in exact arithmet
     ∂B = 2 (G B)(X Xᵀ) − 2 H Xᵀ, ∂X = 2 Bᵀ(G B) X − 2 Bᵀ H — one d_in × d_in × r_l product per
     Adam step instead of two d_out × d_in × r_l ones. G (in fp64) also yields V̂t (linalg.py).
 
-Beyond the paper (issue 9; the defaults are the paper's method, profile "plus" a named combination):
-  * rescale = model | matrix: U = λ_{t-1} τ_{≤t-1} + fused update, W^m_t = W_0 + U / λ_t with
-    λ_t = max(1, ‖U‖ / target), target = max(mean_i ‖τ_i‖ · t^growth, κ‖W0‖) (OPCM's rule when
-    growth = κ = 0); κ = rescale_radius is a trust radius: updates that stay within κ‖W0‖ of θ0
-    (gentle fine-tunes) are never shrunk. λ_t and the norms per unit live in the lineage record.
-    `matrix` needs no extra pass; `model` needs ‖U‖ over the whole model first, so its statistics
-    pass runs the NUFILT step of every matrix and the merge pass runs it again (twice the work);
-  * rescale = clip: per matrix, U = τ_{≤t-1} + fused update; when ‖U‖ exceeds the same target, its
-    singular values are clipped at the level c where ‖min(σ, c)‖ = target, instead of all divided
-    by λ_t: the dominant directions shrink, the directions few tasks hold keep their size;
-  * null_energy: r_p = the fewest directions holding that share of ‖τ_{≤t-1}‖²;
-  * task_energy: τ_t → τ_t V_k V_kᵀ, its fewest top right singular directions holding that share of
-    ‖τ_t‖², before anything else: fine-tuning's small high-rank rest helps its task little and,
-    summed over tasks, reaches every other task's inputs (the low-rank task vectors of TSV / CART);
-  * adapter_span: A projected onto span([V̂t, V̂p]) after the loop (the loss only sees A V̂);
-  * policy sum: other float tensors take θ^m + τ_t (rescaled with the rest when rescale is on);
-  * spectrum_power p: from step 2, each filtered matrix's merged task vector U Σ Vᵀ becomes
-    c · U Σ^p Vᵀ with c keeping its Frobenius norm (p = 0: a flat spectrum, Iso-C's isotropic merge):
-    directions few tasks share are no longer drowned by the dominant ones; spectrum_when = shrunk
-    does it only where the rescaling shrank the matrix (λ_t > 1), the case it compensates. Singular
-    values below the weights' rounding noise (rounding_floor) are dropped, not raised: a low-rank task
-    vector (LoRA fine-tunes) would otherwise be flattened into noise.
+Beyond the paper: the profiles (profiles.py) add two post-steps on each filtered matrix, rescaling
+with a trust radius (trust_radius.py) and a flat spectrum where it shrank (flat_spectrum.py).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +31,6 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..errors import LineageError
 from ..interrupts import check_for_stop
 from ..linalg import (
     adapter_seed,
@@ -62,30 +40,19 @@ from ..linalg import (
     top_right_singular_vectors,
 )
 from ..selection import Selection
+from . import retired_settings
 from .base import LowRank, MergeMethod, MethodSettings, ScoredRule, Source, StepContext, UntouchedRule, every_tensor
+from .flat_spectrum import flatten_spectrum, rounding_floor
+from .profiles import DEFAULT_PROFILE, PROFILES, Profile
+from .trust_radius import TrustRadius
 
-Policy = Literal["keep_base", "keep_previous", "average", "sum"]
+Policy = Literal["keep_base", "keep_previous", "average"]
 Preset = Literal["auto", "all-linear", "clip", "vit", "bert", "t5", "llama"]  # selection.PRESETS and two rules
-Rescale = Literal["none", "model", "matrix", "clip"]
-# Named settings: "paper" is the paper's method (what the parity tests check); "plus" is the
-# combination chosen on the quality benchmark's dev split (bench/quality/README.md, issue 9):
-# every Linear weight filtered, the other tensors averaged, a trust radius of 0.03‖W0‖ per matrix
-# below which the merged task vector is never shrunk (OPCM's λ_t above it), and r_p = 32.
-# "plus-iso" is plus with a flat spectrum (spectrum_power 0, Iso-C's) on the merged task vectors its
-# rescaling shrank: the best of the 8-task dev study in both regimes (flattening every matrix led with
-# strong fine-tunes but cost 0.3 with gentle ones, where little is shrunk).
-PLUS = {"preset": "all-linear", "policy": "average", "rescale": "matrix", "rescale_radius": 0.03, "null_rank": 32}
-PROFILES: dict[str, dict[str, Any]] = {
-    "paper": {},
-    "plus": PLUS,
-    "plus-iso": {**PLUS, "spectrum_power": 0.0, "spectrum_when": "shrunk"},
-}
-Profile = Literal["paper", "plus", "plus-iso"]
 
 
 class NufiltSettings(MethodSettings):
-    profile: Profile = Field("paper", description="named settings: paper (the paper's NUFILT), plus or plus-iso "
-                             "(beyond the paper, see PROFILES); explicit settings override it")
+    profile: Profile = Field(DEFAULT_PROFILE, description="named settings (profiles.py): plus-iso (the default), "
+                             "plus, or paper (the paper's NUFILT); explicit settings override the profile's")
     null_rank: int = Field(128, ge=0, description="r_p: directions of earlier tasks filtered out")
     lora_rank: int = Field(64, ge=0, description="r_l: adapter rank (0 = null-space filter only)")
     task_rank: int = Field(8, ge=0, description="r_v: directions of the new task kept in the loss")
@@ -97,32 +64,16 @@ class NufiltSettings(MethodSettings):
     include: tuple[str, ...] = Field((), description="regexes of tensors to filter (re.search)")
     preset: Preset = Field("auto", description="which tensors are filtered: auto (detected from the names), "
                            "all-linear, or an architecture's")
-    policy: Policy = Field("keep_base", description="what other float tensors become; sum (beyond the paper): "
-                           "θ^m_{t-1} + τ_t, unfiltered but rescaled with the rest when rescale is on")
+    policy: Policy = Field("keep_base", description="what the other float tensors become: θ0 (keep_base), the "
+                           "first fine-tune's then frozen (keep_previous), or the running mean of the fine-tunes")
     first_step: Literal["paper", "published_code"] = Field(
         "paper", description="paper: θ_1^m = θ_1 (zero directions never filtered); published_code: filter the "
         "first r_p input coordinates at step 1, as the authors' code does through the SVD of a zero matrix")
-    # beyond the paper (issue 9's levers); the defaults above are the paper's method
-    rescale: Rescale = Field("none", description="none: fuse at full size (paper); model / matrix: OPCM's rule on the "
-                             "filtered tensors, U = λ_{t-1} τ_{≤t-1} + update, θ^m = θ0 + U / λ_t, λ_t = ‖U‖ / target, "
-                             "over the whole model or per matrix; clip: per matrix, the same target reached by "
-                             "clipping the largest singular values (only the dominant directions shrink)")
-    rescale_growth: float = Field(0.0, ge=-1, le=1, description="target = mean_i ‖τ_i‖ · t^growth (0: OPCM's mean "
-                                  "norm; 0.5: the norm of t orthogonal task vectors; < 0: shrinking with t); λ_t ≥ 1 "
-                                  "(never amplified)")
-    rescale_radius: float = Field(0.0, ge=0, description="κ: never shrink below κ‖W0‖ (a trust radius around θ0, "
-                                  "relative to the base weights): target = max(mean_i ‖τ_i‖ · t^growth, κ‖W0‖)")
-    adapter_span: bool = Field(False, description="keep the adapter inside span([V̂t, V̂p]), the only directions its "
-                               "loss sees: A's random start outside them is dropped (the loss is unchanged)")
-    null_energy: float | None = Field(None, gt=0, le=1, description="r_p by energy: the fewest directions holding this "
-                                      "share of ‖τ_{≤t-1}‖², at most null_rank (None: null_rank directions)")
-    task_energy: float | None = Field(None, gt=0, le=1, description="low-rank τ_t: keep only its top right singular "
-                                      "directions holding this share of ‖τ_t‖² before filtering (None: all of τ_t)")
-    spectrum_power: float | None = Field(None, ge=0, le=1, description="from step 2, the merged task vector's "
-                                         "singular values σ → σ^p per filtered matrix, its norm kept (0: flat, "
-                                         "Iso-C's isotropic spectrum; None: as merged)")
-    spectrum_when: Literal["always", "shrunk"] = Field("always", description="always: every filtered matrix from "
-                                                       "step 2; shrunk: only where the rescaling shrank it (λ_t > 1)")
+    trust_radius: float | None = Field(None, ge=0, description="κ: rescale each filtered matrix's merged task "
+                                       "vector to max(mean_i ‖τ_i‖, κ‖W0‖) when larger (trust_radius.py); None: "
+                                       "fused at full size, as the paper does")
+    flat_spectrum: bool = Field(False, description="flatten the spectrum of the merged task vectors the "
+                                "rescaling shrank, their norm kept (flat_spectrum.py; needs trust_radius)")
 
     @field_validator("include")
     @classmethod
@@ -138,17 +89,18 @@ class NufiltSettings(MethodSettings):
     @model_validator(mode="before")
     @classmethod
     def _profile_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("profile") in PROFILES:
-            return {**PROFILES[data["profile"]], **data}
+        if isinstance(data, dict):
+            data = retired_settings.translate(data)
+            profile = data.get("profile", DEFAULT_PROFILE)
+            if profile in PROFILES:
+                return {**PROFILES[profile], **data}
         return data
 
     @model_validator(mode="after")
-    def _shrunk_needs_a_shrinking_rescale(self) -> NufiltSettings:
-        # "shrunk" reads λ_t, which only model and matrix record (clip reaches its target without one):
-        # with any other rescale the spectrum would silently never be shaped
-        if self.spectrum_when == "shrunk" and self.rescale not in ("model", "matrix"):
-            raise ValueError(f"spectrum_when 'shrunk' needs rescale 'model' or 'matrix' (it reads their λ_t), "
-                             f"not {self.rescale!r}; use spectrum_when 'always'")
+    def _flat_needs_a_radius(self) -> NufiltSettings:
+        # the flat spectrum applies where the rescaling shrank a matrix: without rescaling it never would
+        if self.flat_spectrum and self.trust_radius is None:
+            raise ValueError("flat_spectrum needs trust_radius (it flattens the matrices the rescaling shrank)")
         return self
 
 
@@ -161,75 +113,6 @@ class MatrixResult:
     b: torch.Tensor  # [d_in, r_l]
     loss_before: float
     loss_after: float
-
-
-def rounding_floor(base: torch.Tensor, eps: float) -> float:
-    """The singular value below which a difference of two [m, n] models stored with machine epsilon `eps`
-    at `base`'s scale is rounding noise: eps · rms(base) · (√m + √n), about 3× the largest singular value
-    of the rounding errors (0.2-0.33× that, measured for fp32, bf16 and fp16)."""
-    m, n = base.shape
-    return eps * float(base.double().norm()) / math.sqrt(m * n) * (math.sqrt(m) + math.sqrt(n))
-
-
-def shape_spectrum(delta: torch.Tensor, power: float, floor: float = 0.0) -> torch.Tensor:
-    """delta = U Σ Vᵀ → c · U Σ^power Vᵀ over its singular values above `floor` (and 1e-7 σ_1), c keeping
-    ‖delta‖_F. Below the floor is rounding noise: a power < 1 would raise it towards the signal (a low-rank
-    task vector flattened over every direction is mostly noise).
-
-    fp32 and narrower go through the eigendecomposition of the fp64 Gram matrix of the smaller side, as
-    top_right_singular_vectors does (1.5-3.9× cheaper than an fp64 SVD, bench/speed/flatten.py; fp32's
-    rounding floor is far above fp64's √eps), with U Σ^p Vᵀ = delta V Σ^(p-1) Vᵀ; fp64 keeps the SVD."""
-    x = delta.double()
-    wide = x.shape[1] > x.shape[0]
-    if wide:
-        x = x.T  # [long side, short side]: V spans the short one
-    if delta.dtype == torch.float64:
-        _, sigma, vh = torch.linalg.svd(x, full_matrices=False)
-        v = vh.T
-    else:
-        evals, v = torch.linalg.eigh(gram64(x))  # x is already fp64 with the short side last
-        sigma = evals.clamp_min(0).sqrt()
-    keep = sigma > max(float(sigma.max()) * 1e-7, floor) if sigma.numel() else sigma.bool()
-    if not bool(keep.any()):
-        return delta
-    shaped = sigma[keep] ** power
-    shaped = shaped * (x.norm() / shaped.norm())
-    vk = v[:, keep]
-    out = ((x @ vk) * (shaped / sigma[keep])) @ vk.T
-    return (out.T if wide else out).to(delta.dtype)
-
-
-def clip_spectrum(delta: torch.Tensor, target: float) -> torch.Tensor:
-    """delta = U Σ Vᵀ → U min(Σ, c) Vᵀ with c such that ‖min(σ, c)‖ = target (delta itself if within it)."""
-    u, sigma, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    if float(sigma.norm()) <= target:
-        return delta
-    # with the top k clipped: k c² + Σ_{i≥k} σ_i² = target², valid when σ_k ≤ c ≤ σ_{k-1}
-    tail = sigma.square().flip(0).cumsum(0).flip(0)  # tail[k] = Σ_{i≥k} σ_i²
-    tail = torch.cat([tail, tail.new_zeros(1)])
-    c = 0.0
-    for k in range(1, sigma.numel() + 1):
-        rest = target**2 - float(tail[k])
-        if rest >= 0 and (k == sigma.numel() or math.sqrt(rest / k) >= float(sigma[k])):
-            c = math.sqrt(rest / k)
-            break
-    return ((u * sigma.clamp(max=c)) @ vh).to(delta.dtype)
-
-
-def energy_count(projected: torch.Tensor, total: float, share: float) -> int:
-    """Fewest leading columns of τ V̂ (in singular order) whose energy reaches `share` of ‖τ‖²."""
-    cumulative = projected.double().square().sum(0).cumsum(0)
-    return min(int((cumulative < share * total).sum()) + 1, projected.shape[1])
-
-
-def low_rank_by_energy(tau: torch.Tensor, share: float) -> torch.Tensor:
-    """τ V_k V_kᵀ with V_k the fewest top right singular vectors of τ holding `share` of ‖τ‖²."""
-    v = top_right_singular_vectors(tau, min(tau.shape))
-    if v.shape[1] == 0:
-        return tau
-    projected = tau @ v
-    k = energy_count(projected, float(tau.double().square().sum()), share)
-    return projected[:, :k] @ v[:, :k].T
 
 
 # A starts as ADAPTER_INIT_SCALE·N(0, 1) and B at 0 (the published FilterLoRA's init): B A = 0 at the
@@ -275,10 +158,7 @@ def earlier_task_directions(tau_prev: torch.Tensor, s: NufiltSettings) -> torch.
     if s.null_rank <= 0 or not bool(tau_prev.any()):
         return tau_prev.new_zeros((d_in, 0))
     gram = gram64(tau_prev) if tau_prev.dtype != torch.float64 else None  # fp64 keeps the SVD
-    v_prev = top_right_singular_vectors(tau_prev, s.null_rank, gram=gram)
-    if s.null_energy is not None and v_prev.shape[1]:
-        v_prev = v_prev[:, : energy_count(tau_prev @ v_prev, float(tau_prev.square().sum()), s.null_energy)]
-    return v_prev
+    return top_right_singular_vectors(tau_prev, s.null_rank, gram=gram)
 
 
 def new_task_directions(tau_new: torch.Tensor, s: NufiltSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -357,8 +237,6 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
     """One NUFILT step on one weight matrix (all inputs on one device, fp32 or fp64). `factors`: τ_t = L R of
     rank r (a LoRA arrival), so that V̂t, τ_t V̂ and the Adam loop's products cost what the rank does."""
     d_in = tau_new.shape[1]
-    if s.task_energy is not None:  # beyond the paper: the new task vector's low-rank part only
-        tau_new, factors = low_rank_by_energy(tau_new, s.task_energy), None
     v_prev = earlier_task_directions(tau_prev, s)
     if factors is not None:
         v_new, gram = low_rank_right_singular_vectors(*factors, s.task_rank), None
@@ -394,11 +272,6 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
     a, b = a.clone(), b.clone()
     with torch.no_grad():
         fit_adapter(tau_new, residual, v_weighted, a, b, s, gram, factors)
-        if s.adapter_span:
-            # ∂L/∂A = (∂L/∂X) V̂ᵀ lies in span(V̂), so A's part outside it is its random start, unseen by the
-            # loss (A Q Qᵀ V̂ = A V̂): dropping it leaves the loss as it is and adds nothing the loss did not check
-            q = torch.linalg.qr(v_hat).Q
-            a = (a @ q) @ q.T
         tau_b = tau_new @ b if factors is None else factors[0] @ (factors[1] @ b)
         loss_after = float((residual - tau_b @ (a @ v_weighted)).square().sum())
         update = filtered + tau_b @ a  # τ_t (P + B A) (Eq. 9–10)
@@ -407,12 +280,13 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
 
 class Nufilt(MergeMethod):
     name = "nufilt"
-    summary_line = "null-space filter + data-free LoRA adapter, fused (the paper's method)"
+    summary_line = "null-space filter + data-free LoRA adapter, fused (profiles: plus-iso, plus, paper)"
     Settings = NufiltSettings
     low_rank_aware = True
 
     def __init__(self, settings: NufiltSettings, ctx: StepContext):
         super().__init__(settings, ctx)
+        self.s = settings
         self.selection = self.selection_of(settings, ctx.names)
         self.filtered = 0
         self.loss_before = 0.0
@@ -420,94 +294,36 @@ class Nufilt(MergeMethod):
         self.null_dims = 0
         self._subspaces: tuple[str, torch.Tensor, torch.Tensor] | None = None  # the last filtered tensor's V̂p, V̂t
         self._factors: tuple[str, LowRank] | None = None  # the tensor being merged's τ_t as factors (merge_low_rank)
-        # rescaling (beyond the paper): λ_{t-1} and ‖τ_1‖…‖τ_{t-1}‖ per unit ("" = the whole model)
-        self.scales: dict[str, tuple[float, list[float]]] = {}
-        self.new_sq: dict[str, float] = {}
-        self.merged_sq: dict[str, float] = {}
-        self.base_sq: dict[str, float] = {}
-        self.lambdas: dict[str, float] = {}
-        if settings.rescale != "none" and ctx.step > 1:
-            self.scales = self._read_state(ctx.previous_state)
-        self.passes = 1 if settings.rescale == "model" and ctx.step > 1 else 0  # ‖U‖ over the model first
-
-    def _read_state(self, state: dict[str, Any]) -> dict[str, tuple[float, list[float]]]:
-        scales = state.get("rescale")
-        ok = isinstance(scales, dict) and all(
-            isinstance(v, dict) and isinstance(v.get("lambda"), int | float)
-            and isinstance(v.get("norms"), list) and len(v["norms"]) == self.ctx.step - 1 for v in scales.values())
-        if not ok or not scales:
-            raise LineageError(f"the previous merged model's lineage record lacks a valid NUFILT rescale state for "
-                               f"step {self.ctx.step} (expected 'rescale' with 'lambda' and {self.ctx.step - 1} "
-                               f"'norms' per unit, got {state.get('rescale')!r}); a setting that rescales "
-                               f"(rescale={self.settings.rescale!r}) needs every step of the lineage merged with one, "
-                               f"so start a new lineage (step 1) with it")
-        return {k: (float(v["lambda"]), [float(n) for n in v["norms"]]) for k, v in scales.items()}
+        self.rescaling = (TrustRadius(settings.trust_radius, ctx.step, ctx.previous_state)
+                          if settings.trust_radius is not None else None)
 
     def is_filtered(self, name: str, shape: tuple[int, ...]) -> bool:
         return self.selection.is_filtered(name, shape)
 
-    def _unit(self, name: str) -> str:
-        return "" if self.settings.rescale == "model" else name  # type: ignore[attr-defined]
-
     def _update(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> MatrixResult:
-        s: NufiltSettings = self.settings  # type: ignore[assignment]
-        a_init = adapter_init(s.lora_rank, base.shape[1], self.ctx.seed, name, self.ctx.step)
+        a_init = adapter_init(self.s.lora_rank, base.shape[1], self.ctx.seed, name, self.ctx.step)
         if a_init is not None:
             a_init = a_init.to(device=base.device, dtype=base.dtype)
         factors = self._factors[1] if self._factors is not None and self._factors[0] == name else None
-        return nufilt_matrix(previous - base, new - base, a_init, s, factors)
-
-    def _unscaled(self, name: str, base: torch.Tensor, previous: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-        """U = λ_{t-1} τ_{≤t-1} + update (the merged task vector before this step's λ_t)."""
-        lam = self.scales[self._unit(name)][0] if self.scales else 1.0
-        return lam * (previous - base) + update
-
-    def _lambda(self, unit: str) -> float:
-        """λ_t = ‖U‖ / target (at least 1), target = max(mean_i ‖τ_i‖ · t^growth, κ‖W0‖)."""
-        s: NufiltSettings = self.settings  # type: ignore[assignment]
-        norms = [*self.scales.get(unit, (1.0, []))[1], math.sqrt(self.new_sq[unit])]
-        target = max(fmean(norms) * self.ctx.step ** s.rescale_growth, s.rescale_radius * math.sqrt(self.base_sq[unit]))
-        return max(1.0, math.sqrt(self.merged_sq[unit]) / target) if target > 0 else 1.0
-
-    def _accumulate(self, unit: str, base: torch.Tensor, new: torch.Tensor, u: torch.Tensor) -> None:
-        for acc, x in ((self.new_sq, new - base), (self.merged_sq, u), (self.base_sq, base)):
-            acc[unit] = acc.get(unit, 0.0) + float(x.double().square().sum())
-
-    def _fused(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor | None:
-        """This step's addition to the merged task vector, None for tensors the policy sets directly."""
-        if self.is_filtered(name, tuple(base.shape)):
-            result = self._update(name, base, previous, new)
-            self.filtered += 1
-            self.loss_before += result.loss_before
-            self.loss_after += result.loss_after
-            self.null_dims += result.v_prev.shape[1]
-            self._subspaces = (name, result.v_prev, result.v_new)
-            return result.update
-        return new - base if self.settings.policy == "sum" else None  # type: ignore[attr-defined]
-
-    def observe(self, pass_index: int, name: str, base: torch.Tensor, previous: torch.Tensor,
-                new: torch.Tensor) -> None:
-        update = self._fused(name, base, previous, new)
-        if update is not None:
-            self._accumulate("", base, new, self._unscaled(name, base, previous, update))
-
-    def end_pass(self, pass_index: int) -> None:
-        if "" in self.new_sq:
-            self.lambdas[""] = self._lambda("")
-        self.filtered, self.loss_before, self.loss_after, self.null_dims = 0, 0.0, 0.0, 0  # counted in the merge pass
+        result = nufilt_matrix(previous - base, new - base, a_init, self.s, factors)
+        self.filtered += 1
+        self.loss_before += result.loss_before
+        self.loss_after += result.loss_after
+        self.null_dims += result.v_prev.shape[1]
+        self._subspaces = (name, result.v_prev, result.v_new)
+        return result
 
     def merge(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        s: NufiltSettings = self.settings  # type: ignore[assignment]
-        update = self._fused(name, base, previous, new)
-        if update is None:
+        if not self.is_filtered(name, tuple(base.shape)):
             return self._policy(base, previous, new)
-        merged = self._rescaled(name, base, previous, new, update)
-        if s.spectrum_power is None or self.ctx.step == 1:
-            return merged
-        if s.spectrum_when == "shrunk" and self.lambdas.get(self._unit(name), 1.0) <= 1.0:
+        update = self._update(name, base, previous, new).update
+        if self.rescaling is None:
+            return previous + update  # the paper: fused at full size
+        merged = self.rescaling.apply(name, base, previous, new, update)
+        if not self.s.flat_spectrum or self.ctx.step == 1 or not self.rescaling.shrank(name):
             return merged  # nothing was shrunk: the merged task vector keeps every task at full size
         floor = rounding_floor(base, self.ctx.eps.get(name, torch.finfo(base.dtype).eps))
-        return base + shape_spectrum(merged - base, s.spectrum_power, floor)
+        return base + flatten_spectrum(merged - base, floor)
 
     def merge_low_rank(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
                        factors: LowRank) -> torch.Tensor:
@@ -517,34 +333,16 @@ class Nufilt(MergeMethod):
         finally:
             self._factors = None
 
-    def _rescaled(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
-                  update: torch.Tensor) -> torch.Tensor:
-        """W^m_t of a filtered matrix: θ^m_{t-1} + update, or θ0 + U / λ_t when rescale is on."""
-        s: NufiltSettings = self.settings  # type: ignore[assignment]
-        if s.rescale == "none":
-            return previous + update
-        u = self._unscaled(name, base, previous, update)
-        unit = self._unit(name)
-        if s.rescale == "clip":  # λ stays 1: the next step adds to the clipped merged task vector as it is
-            self._accumulate(unit, base, new, u)
-            self.lambdas[unit] = 1.0
-            shrink = 1.0 if self.ctx.step == 1 else self._lambda(unit)
-            return base + (clip_spectrum(u, math.sqrt(self.merged_sq[unit]) / shrink) if shrink > 1 else u)
-        if s.rescale == "matrix" or self.ctx.step == 1:  # step 1: λ_1 = 1, only ‖τ_1‖ is recorded
-            self._accumulate(unit, base, new, u)
-            self.lambdas[unit] = 1.0 if self.ctx.step == 1 else self._lambda(unit)
-        return base + u / self.lambdas[unit]
-
     def _policy(self, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         t = self.ctx.step
-        kept = self.policy_source(self.settings, t)  # type: ignore[arg-type]
+        kept = self.policy_source(self.s, t)
         if kept is not None:
             return {"base": base, "previous": previous, "new": new}[kept]
         return previous * ((t - 1) / t) + new / t  # average: running mean of the fine-tuned models
 
     @staticmethod
     def policy_source(settings: NufiltSettings, step: int) -> Source | None:
-        """The input an unfiltered float tensor is left as, None where the policy computes it (average, sum)."""
+        """The input an unfiltered float tensor is left as, None where the policy computes it (average)."""
         if settings.policy == "keep_base":
             return "base"
         if settings.policy == "keep_previous":  # θ_1^m = θ_1 (paper), then frozen
@@ -557,32 +355,29 @@ class Nufilt(MergeMethod):
 
     @classmethod
     def untouched(cls, settings: MethodSettings, step: int, names: Sequence[str]) -> UntouchedRule:
-        kept = cls.policy_source(settings, step)  # type: ignore[arg-type]
+        assert isinstance(settings, NufiltSettings)
+        kept = cls.policy_source(settings, step)
         if kept is None:
             return every_tensor(None)
-        selection = cls.selection_of(settings, names)  # type: ignore[arg-type]
+        selection = cls.selection_of(settings, names)
         return lambda name, shape: None if selection.is_filtered(name, shape) else kept
 
     @classmethod
     def scored(cls, settings: MethodSettings, names: Sequence[str]) -> tuple[ScoredRule, int, int] | None:
-        s: NufiltSettings = settings  # type: ignore[assignment]
-        return cls.selection_of(s, names).is_filtered, s.null_rank, s.task_rank
+        assert isinstance(settings, NufiltSettings)
+        return cls.selection_of(settings, names).is_filtered, settings.null_rank, settings.task_rank
 
     def subspaces(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        s: NufiltSettings = self.settings  # type: ignore[assignment]
-        plain = s.null_energy is None and s.task_energy is None and s.first_step != "published_code"
         last = self._subspaces
-        return (last[1], last[2]) if plain and last is not None and last[0] == name else None
+        if self.s.first_step == "published_code" or last is None or last[0] != name:
+            return None
+        return last[1], last[2]
 
     def state(self) -> dict[str, Any]:
-        if self.settings.rescale == "none":  # type: ignore[attr-defined]
-            return {}
-        return {"rescale": {unit: {"lambda": lam, "norms": [*self.scales.get(unit, (1.0, []))[1],
-                                                            math.sqrt(self.new_sq[unit])]}
-                            for unit, lam in self.lambdas.items()}}
+        return self.rescaling.state() if self.rescaling is not None else {}
 
     def summary(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {
             "selection": self.selection.source,
             "patterns": list(self.selection.patterns),
             "filtered_tensors": self.filtered,
@@ -590,6 +385,6 @@ class Nufilt(MergeMethod):
             "adapter_loss_before": self.loss_before,
             "adapter_loss_after": self.loss_after,
         }
-        if self.lambdas:
-            out["lambda_mean"] = fmean(self.lambdas.values())
+        if self.rescaling is not None and self.rescaling.lambdas:
+            out["lambda_mean"] = fmean(self.rescaling.lambdas.values())
         return out

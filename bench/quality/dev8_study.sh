@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 8-task dev study of issue 9: the 4 dev tasks plus 4 proxy tasks that are not among the
+# The 8-task dev study: the 4 dev tasks plus 4 proxy tasks that are not among the
 # benchmark's 8 (config.DEV_TASKS + config.PROXY_TASKS), orders 0-2, so that settings are chosen
 # under 8-task interference without looking at the 4 held-out tasks.
 # Writes bench/results/dev8-<preset>.{json,md,png}. Two runs side by side share the jobs.
@@ -8,13 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 TASKS=rotten,debates,fortunes_b,wn_verb,bbc,fortunes_c,roget,moral  # config.DEV_TASKS + config.PROXY_TASKS
-# the paper's NUFILT, profile plus, the trust radius (0.03, 0.05), OPCM's λ_t over the model, OPCM,
-# and plus with the merged task vector's spectrum flattened (everywhere, or where it was shrunk:
-# plus-iso) or square-rooted
-VARIANTS=nufilt,nufilt_plus_rp32,nufilt_radius03,opcm,nufilt_rescale_model,nufilt_radius05,nufilt_plus_iso,nufilt_plus_sqrt
-VARIANTS=$VARIANTS,nufilt_plus_iso_shrunk
-# third screen: flat everywhere with more magnitude (trust radius 0.05, target growing as t^0.25), plus-iso without the adapter
-VARIANTS=$VARIANTS,nufilt_plus_iso_r05,nufilt_plus_iso_g25,nufilt_plus_iso_null_only
+# the paper's NUFILT, profiles plus and plus-iso, the trust radius alone (0.03, 0.05), OPCM, and
+# plus-iso without the adapter (the levers that lost here were removed: bench/quality/README.md)
+VARIANTS=nufilt,nufilt_plus,nufilt_plus_iso,nufilt_radius03,nufilt_radius05,opcm,nufilt_plus_iso_null_only
 presets=("$@")
 [ ${#presets[@]} -gt 0 ] || presets=(paper-protocol paper-protocol-gentle)
 for p in "${presets[@]}"; do

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full run of one preset (all 8 tasks, issue 9), in priority order, so that a run stopped early
+# The full run of one preset (all 8 tasks), in priority order, so that a run stopped early
 # still covers what matters most:
 #   1. NUFILT (paper, plus and plus-iso profiles) and the baselines that cost seconds a step, 10 orders;
 #   2. DOP (≈ 2 min a step on one core), TIES and WUDI, orders 0-2;
@@ -14,10 +14,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 P=${1:-paper-protocol}
-MAIN=nufilt,nufilt_plus_rp32,nufilt_plus_iso_shrunk,opcm,magmax,weight_average,task_arithmetic
+MAIN=nufilt,nufilt_plus,nufilt_plus_iso,opcm,magmax,weight_average,task_arithmetic
 SLOW=dop,ties,wudi
 ABLATION=naive,nufilt_null_only,nufilt_adapter_only
-LEVERS=nufilt_plus_iso,nufilt_rp32,nufilt_rescale_model,nufilt_all_linear_avg,nufilt_all_linear_avg_rp32,nufilt_radius03
+LEVERS=nufilt_rp32,nufilt_all_linear_avg,nufilt_all_linear_avg_rp32,nufilt_radius03
 SETTINGS=nufilt_first_published,nufilt_all_linear,nufilt_keep_previous,nufilt_average
 run() { .venv/bin/python -m bench.quality --preset "$P" "$@"; }
 [ -z "${FIRST:-}" ] || run --stage merge --only "$FIRST" --orders 3

@@ -85,7 +85,7 @@ def lapack_top_eigenpairs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     (tridiagonalisation, then k eigenvectors): 1.5× torch's full eigh for 128 of 768, 3× for 128 of 2048,
     as accurate (projectors within 1e-11). None where torch's eigh is used instead: off the CPU, k > n/2,
     torch on more than one thread (SciPy's OpenBLAS is held to one: its threads spin-wait beside busy
-    processes as OpenMP's did, issue 11), or without SciPy."""
+    processes as OpenMP's did), or without SciPy."""
     n = gram.shape[0]
     if gram.device.type != "cpu" or 2 * k > n or torch.get_num_threads() != 1:
         return None

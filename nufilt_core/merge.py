@@ -11,7 +11,7 @@ layer, not three models. Order of work:
      only when complete (weights, side files, lineage record, all fsynced).
 With `check_first` off (the daemon), part 2 checks only the layouts and part 4's merge pass hashes and
 checks every input tensor as it reads it, reads once what no pass needed, and runs the lineage checks
-and the observers' verdicts before publishing: each input byte is read once (issue 11).
+and the observers' verdicts before publishing: each input byte is read once.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Work that rides along the merge pass instead of reading the models again (issue 11).
+"""Work that rides along the merge pass instead of reading the models again, so each input byte is read once.
 
 A caller that wants figures about the step (the gate's surrogate scores, the distance from the base)
 hands the engine observers: the merge pass shows each one the tensors it wants, already decoded on

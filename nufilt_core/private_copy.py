@@ -1,4 +1,4 @@
-"""A private copy of a checkpoint and its content hash from one read of its bytes (issue 11).
+"""A private copy of a checkpoint and its content hash from one read of its bytes.
 
 The daemon's intake must own what it merges: a hard link shares the inode, so a writer that
 rewrites the inbox file in place would change the staged copy too. A real copy reads every byte,

@@ -16,7 +16,7 @@ from nufilt_core.lineage import LineageRecord
 
 pytestmark = pytest.mark.slow
 
-N_CHECKPOINTS, N_KILLS = 6, 8  # issue 10: 6 queued, 8 kills 0.5–4 s apart
+N_CHECKPOINTS, N_KILLS = 6, 8  # 6 queued, 8 kills 0.5–4 s apart
 
 
 def test_repeated_kill_9_never_fails_a_checkpoint_and_merges_each_exactly_once(tmp_path: Path):

@@ -272,7 +272,7 @@ def test_a_journal_from_before_the_new_columns_is_upgraded_on_open(tmp_path: Pat
 
 
 def test_job_states_and_gate_outcomes_are_named_only_in_the_states_module():
-    """One vocabulary (issue 13): the package compares and writes states through the enums, never literals."""
+    """One vocabulary: the package compares and writes states through the enums, never literals."""
     import re
 
     package = Path(__file__).resolve().parent.parent / "daemon" / "nufilt_daemon"

@@ -1,4 +1,4 @@
-"""The engine's I/O shortcuts (issue 11) against the plain ways: the read-ahead thread and the finite check."""
+"""The engine's I/O shortcuts against the plain ways: the read-ahead thread and the finite check."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def quickstart(env: dict[str, str], watched: Path, mlflow: bool = True) -> Itera
     """scripts/quickstart.sh running, once its daemon serves metrics; afterwards nothing that names
     `watched` (the daemon, MLflow) is left running, whatever happened."""
     args = ["bash", str(ROOT / "scripts" / "quickstart.sh"), *([] if mlflow else ["--no-mlflow"])]
-    # a session of its own, so that whatever happens the test can clean up the whole group at the end
+    # a process group of its own, so that whatever happens the test can clean up the whole group at the end
     script = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
     try:

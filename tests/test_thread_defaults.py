@@ -1,4 +1,4 @@
-"""The default thread behaviour: torch loads with a passive OpenMP wait policy (issue 11).
+"""The default thread behaviour: torch loads with a passive OpenMP wait policy.
 
 OpenMP reads OMP_WAIT_POLICY once, when torch loads its runtime; so what counts is the value at
 the moment `torch` is imported by each entry point, seen here by an import hook in a fresh process.

@@ -1,4 +1,4 @@
-"""The daemon's different-base check on real fine-tunes and on unrelated same-shape models (issue 10).
+"""The daemon's different-base check on real fine-tunes and on unrelated same-shape models.
 
     python -m bench.quality.base_distance        # → bench/results/base-distance.{json,md}
 

@@ -1,4 +1,4 @@
-"""Per step and per layer figures of a NUFILT chain, replayed in memory (issue 9's diagnosis).
+"""Per step and per layer figures of a NUFILT chain, replayed in memory, to see where the merge loses accuracy.
 
 For every filtered matrix at every step t of one task order, with the settings given:
   ‖τ_t‖, ‖τ_{≤t-1}‖ and ‖τ_{≤t}‖ (the merged task vector after the step), so the merged vector's

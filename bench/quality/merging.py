@@ -2,8 +2,8 @@
 each merged body evaluated with every task's own fine-tuned head.
 
 Per (variant, order) one JSON file under the run's results folder (bench/results/runs, kept in git),
-written when the order is complete, so an interrupted run resumes where it stopped, even in another
-session on another machine, and the report can use what exists.
+written when the order is complete, so an interrupted run resumes where it stopped, even on another
+machine, and the report can use what exists.
 Evaluation: after step t the new task's accuracy a_t(θ_t^m) (for BWT), and after the last step
 every task (ACC); on the first `curve_orders` orders every seen task after every step (the plot).
 """

@@ -1,4 +1,7 @@
-"""ACC and BWT (definitions in shared/reference/algorithms.md) from one order's step records."""
+"""ACC and BWT from one order's step records.
+
+ACC is the mean accuracy over all tasks after the last merge; BWT the mean over the earlier tasks of the
+final accuracy minus the accuracy right after the task was merged."""
 
 from __future__ import annotations
 

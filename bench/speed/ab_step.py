@@ -1,4 +1,4 @@
-"""One engine step from two versions of the code, side by side in one run (issue 11: each change measured).
+"""One engine step from two versions of the code, side by side in one run, so each change is measured.
 
 The inputs are nufilt_step.py's (make_models.ensure_models and the engine's step-1 output). `--before REV`
 is exported from git (`git archive REV nufilt_core bench/speed`) into a temporary folder; `--after` is the

@@ -2,7 +2,7 @@
 
 Two figures, each as one aggregate over all tensors, ‖Σ diff‖ / ‖Σ ref‖ (norms of the
 concatenation), and as the maximum over tensors:
-  * weights: ‖W_ours − W_ref‖ / ‖W_ref‖ — what the issue's tolerance is stated on;
+  * weights: ‖W_ours − W_ref‖ / ‖W_ref‖ — what the 1e-4 relative parity target is stated on;
   * update:  ‖W_ours − W_ref‖ / ‖W_ref − W_prev‖ — the same difference measured against this
     step's change of the weights, about 50× stricter on these models since the base dominates W.
 """

@@ -1,4 +1,4 @@
-"""One daemon step against `nufilt merge` alone, side by side on the same inputs: time and bytes read (issue 11).
+"""One daemon step against `nufilt merge` alone, side by side on the same inputs: time and bytes read.
 
 Inputs: a base θ0 and fine-tunes of a shape from make_models.py (written once under bench/cache/, or
 --models-root). Then, in a temporary folder:
@@ -19,7 +19,7 @@ Inputs: a base θ0 and fine-tunes of a shape from make_models.py (written once u
 `read_bytes` counts what a step really fetches from storage (with a warm cache it is ~0); `rchar`
 counts every byte through a read call, page cache included.
 
-Targets (issue 11): drop→production ≤ 1.15 × `nufilt merge`; bytes the daemon read ≤ 1.3 × the
+Targets: drop→production ≤ 1.15 × `nufilt merge`; bytes the daemon read ≤ 1.3 × the
 weight files of base + previous + new. With --repeat N (checkpoints 2 … N+1, production rolled back
 to v1 between repeats with `nufilt rollback`, daemon and merge alternating in order) medians count.
 Exit status 1 when a target is missed.

@@ -1,6 +1,6 @@
 """CPU-vs-CUDA parity of the merge engine, and the time of a NUFILT step on each device.
 
-The CPU result is the reference; a CUDA run must match it within 1e-4 relative (issue 2). On
+The CPU result is the reference; a CUDA run must match it within 1e-4 relative. On
 the same small CLIP-ViT-shaped inputs (make_models.py), each device runs step 1 and then
 step 2 from the *same* step-1 output (the first device's), so the two step-2 runs see
 identical inputs. Every float tensor is compared: ‖W_dev − W_cpu‖ / ‖W_cpu‖ (the target,

@@ -17,7 +17,7 @@ per-tensor peak of the layer's tensors (the kernel's high-water mark, reset afte
     .venv/bin/python bench/speed/llm_step.py --shape llama-7b-wide --threads 1 --tied
 
 Exit status 1 when the output's dtype or sharding does not follow the inputs, the llama preset
-did not filter the expected matrices, or a peak-RSS target of issue 11 is missed.
+did not filter the expected matrices, or a peak-RSS target (TARGET_RSS_BYTES) is missed.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from nufilt_step import engine_args, folder_bytes, gb, verdict
 
 from nufilt_core.checkpoint import INDEX_NAME, Checkpoint
 
-# issue 11: one layer of fp32 work plus the runtime, whatever the number of layers
+# peak RSS: one layer of fp32 work plus the runtime, whatever the number of layers
 TARGET_RSS_BYTES = {"llama-1b": 1.5e9, "llama-7b-wide": 2.5e9}
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 FILTERED_PER_LAYER = 6  # the llama preset: q, k, v, o_proj and gate, up_proj

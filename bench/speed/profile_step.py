@@ -1,4 +1,4 @@
-"""Where the time of one NUFILT step goes, and how far it is from this machine's limit (issue 11).
+"""Where the time of one NUFILT step goes, and how far it is from this machine's limit.
 
 The step is nufilt_step.py's: the ViT-B/32-shaped step 2 (base, previous = the engine's step-1
 output, checkpoint = θ_2; make_models.ensure_models), run through the engine (`merge_step`, what

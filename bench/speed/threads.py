@@ -1,4 +1,4 @@
-"""Does the default thread behaviour of `nufilt merge` hold up beside a busy process? (issue 11)
+"""Does the default thread behaviour of `nufilt merge` hold up beside a busy process?
 
 torch's OpenMP threads spin-wait for each other; with a core taken by another process, a spinning
 thread burns the time its descheduled sibling needs. nufilt_core sets OMP_WAIT_POLICY=PASSIVE

@@ -122,7 +122,7 @@ def run(request: ChildRequest, events: Events) -> int:
     try:
         set_threads(r.threads)
         check_tree(r.checkpoint)  # the staged copy: regular files only (intake checked; never trust)
-        # one pass over the bytes (issue 11): the merge hashes and checks what it reads, and the different-base
+        # one pass over the bytes: the merge hashes and checks what it reads, and the different-base
         # check and the surrogate scores ride along it instead of reading the models again
         distance = DistanceObserver(r.checkpoint, gate.max_relative_distance) if gate.max_relative_distance else None
         req = MergeRequest(

@@ -18,19 +18,19 @@ from .ties import Ties
 from .weight_average import WeightAverage
 from .wudi import Wudi
 
-METHODS: dict[str, type[MergeMethod]] = {
+METHODS: dict[str, type[MergeMethod[Any]]] = {
     m.name: m for m in (Nufilt, WeightAverage, TaskArithmetic, Ties, MagMax, Opcm, Wudi, Dop)
 }
 
 
-def get_method(name: str) -> type[MergeMethod]:
+def get_method(name: str) -> type[MergeMethod[Any]]:
     try:
         return METHODS[name]
     except KeyError:
         raise SettingsError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
 
 
-def resolve_settings(method_cls: type[MergeMethod], inherited: dict[str, Any], options: dict[str, Any]) -> Any:
+def resolve_settings(method_cls: type[MergeMethod[Any]], inherited: dict[str, Any], options: dict[str, Any]) -> Any:
     """The method's Settings from inherited values overridden by explicit ones; SettingsError names each problem.
 
     An explicit named setting (`profile`) other than the inherited one replaces the inherited values: they were
@@ -44,7 +44,7 @@ def resolve_settings(method_cls: type[MergeMethod], inherited: dict[str, Any], o
         raise SettingsError(f"settings for method {method_cls.name}: {problems}") from None
 
 
-def recorded(record: LineageRecord) -> tuple[type[MergeMethod], MethodSettings]:
+def recorded(record: LineageRecord) -> tuple[type[MergeMethod[Any]], MethodSettings]:
     """The method and settings a lineage record was merged with, for asking the method's hooks."""
     method_cls = get_method(record.method)
     return method_cls, resolve_settings(method_cls, record.settings, {})

@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -61,13 +61,18 @@ class StepContext:
     eps: dict[str, float] = field(default_factory=dict)
 
 
-class MergeMethod(ABC):
+S = TypeVar("S", bound=MethodSettings)
+
+
+class MergeMethod(ABC, Generic[S]):
+    """A merge method with its settings' type S (`Settings` is that class, for the registry)."""
+
     name: ClassVar[str]
     summary_line: ClassVar[str]  # one line for `--help`
     Settings: ClassVar[type[MethodSettings]] = MethodSettings
     passes: ClassVar[int] = 0
 
-    def __init__(self, settings: MethodSettings, ctx: StepContext):
+    def __init__(self, settings: S, ctx: StepContext):
         self.settings = settings
         self.ctx = ctx
 

@@ -130,7 +130,7 @@ def dop_matrix(w0: torch.Tensor, w_prev: torch.Tensor, w_new: torch.Tensor,
                         "alpha": alpha}
 
 
-class Dop(MergeMethod):
+class Dop(MergeMethod[DopSettings]):
     name = "dop"
     summary_line = "Adam on two projected losses (previous, new) weighed by MGDA (DOP, FusionBench's dop.yaml)"
     Settings = DopSettings
@@ -147,7 +147,7 @@ class Dop(MergeMethod):
             return new
         if not is_linear_weight(name, tuple(base.shape)):
             return (previous + new) / 2
-        merged, figures = dop_matrix(base, previous, new, self.settings)  # type: ignore[arg-type]
+        merged, figures = dop_matrix(base, previous, new, self.settings)
         self.optimized += 1
         self.alphas.append(figures["alpha"])
         for i in range(2):

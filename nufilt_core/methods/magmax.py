@@ -13,13 +13,13 @@ class MagMaxSettings(MethodSettings):
     scale: float = Field(0.5, gt=0, description="λ")
 
 
-class MagMax(MergeMethod):
+class MagMax(MergeMethod[MagMaxSettings]):
     name = "magmax"
     summary_line = "per-entry maximum-magnitude task vector, scaled by λ"
     Settings = MagMaxSettings
 
     def merge(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        lam = self.settings.scale  # type: ignore[attr-defined]
+        lam = self.settings.scale
         old = (previous - base) / lam  # the unscaled running maximum
         tau = new - base
         return base + lam * torch.where(tau.abs() >= old.abs(), tau, old)

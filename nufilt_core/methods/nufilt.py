@@ -278,7 +278,7 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
     return MatrixResult(update, v_prev, v_new, a, b, loss_before, loss_after)
 
 
-class Nufilt(MergeMethod):
+class Nufilt(MergeMethod[NufiltSettings]):
     name = "nufilt"
     summary_line = "null-space filter + data-free LoRA adapter, fused (profiles: plus-iso, plus, paper)"
     Settings = NufiltSettings
@@ -286,7 +286,6 @@ class Nufilt(MergeMethod):
 
     def __init__(self, settings: NufiltSettings, ctx: StepContext):
         super().__init__(settings, ctx)
-        self.s = settings
         self.selection = self.selection_of(settings, ctx.names)
         self.filtered = 0
         self.loss_before = 0.0
@@ -301,11 +300,11 @@ class Nufilt(MergeMethod):
         return self.selection.is_filtered(name, shape)
 
     def _update(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> MatrixResult:
-        a_init = adapter_init(self.s.lora_rank, base.shape[1], self.ctx.seed, name, self.ctx.step)
+        a_init = adapter_init(self.settings.lora_rank, base.shape[1], self.ctx.seed, name, self.ctx.step)
         if a_init is not None:
             a_init = a_init.to(device=base.device, dtype=base.dtype)
         factors = self._factors[1] if self._factors is not None and self._factors[0] == name else None
-        result = nufilt_matrix(previous - base, new - base, a_init, self.s, factors)
+        result = nufilt_matrix(previous - base, new - base, a_init, self.settings, factors)
         self.filtered += 1
         self.loss_before += result.loss_before
         self.loss_after += result.loss_after
@@ -320,7 +319,7 @@ class Nufilt(MergeMethod):
         if self.rescaling is None:
             return previous + update  # the paper: fused at full size
         merged = self.rescaling.apply(name, base, previous, new, update)
-        if not self.s.flat_spectrum or self.ctx.step == 1 or not self.rescaling.shrank(name):
+        if not self.settings.flat_spectrum or self.ctx.step == 1 or not self.rescaling.shrank(name):
             return merged  # nothing was shrunk: the merged task vector keeps every task at full size
         floor = rounding_floor(base, self.ctx.eps.get(name, torch.finfo(base.dtype).eps))
         return base + flatten_spectrum(merged - base, floor)
@@ -335,7 +334,7 @@ class Nufilt(MergeMethod):
 
     def _policy(self, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         t = self.ctx.step
-        kept = self.policy_source(self.s, t)
+        kept = self.policy_source(self.settings, t)
         if kept is not None:
             return {"base": base, "previous": previous, "new": new}[kept]
         return previous * ((t - 1) / t) + new / t  # average: running mean of the fine-tuned models
@@ -369,7 +368,7 @@ class Nufilt(MergeMethod):
 
     def subspaces(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         last = self._subspaces
-        if self.s.first_step == "published_code" or last is None or last[0] != name:
+        if self.settings.first_step == "published_code" or last is None or last[0] != name:
             return None
         return last[1], last[2]
 

@@ -65,7 +65,7 @@ def orthogonal_clean(tau_prev: torch.Tensor, tau_new: torch.Tensor, alpha: float
     return tau_new - (u @ (coords * mask)) @ vh
 
 
-class Opcm(MergeMethod):
+class Opcm(MergeMethod[OpcmSettings]):
     name = "opcm"
     summary_line = "orthogonal projection onto earlier singular directions + norm rescaling (OPCM)"
     Settings = OpcmSettings
@@ -93,7 +93,7 @@ class Opcm(MergeMethod):
     def unscaled(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         tau_prev, tau_new = previous - base, new - base
         if is_linear_weight(name, tuple(base.shape)):
-            tau_new = orthogonal_clean(tau_prev, tau_new, self.settings.alpha)  # type: ignore[attr-defined]
+            tau_new = orthogonal_clean(tau_prev, tau_new, self.settings.alpha)
         return self.previous_lambda * tau_prev + tau_new
 
     def observe(self, pass_index: int, name: str, base: torch.Tensor, previous: torch.Tensor,

@@ -12,10 +12,10 @@ class ScaleSettings(MethodSettings):
     scale: float = Field(0.3, description="λ (0.3 for 8 tasks, 0.1 for 14 or 20 in the paper)")
 
 
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(MergeMethod[ScaleSettings]):
     name = "task_arithmetic"
     summary_line = "add λ × each task vector"
     Settings = ScaleSettings
 
     def merge(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        return previous + self.settings.scale * (new - base)  # type: ignore[attr-defined]
+        return previous + self.settings.scale * (new - base)

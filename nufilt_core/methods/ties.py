@@ -50,7 +50,7 @@ def elect_and_merge(trimmed: list[torch.Tensor], majority: float, merge_func: st
     return total / (selected != 0).sum(dim=0).clamp(min=1)
 
 
-class Ties(MergeMethod):
+class Ties(MergeMethod[TiesSettings]):
     name = "ties"
     summary_line = "trim, elect sign, disjoint mean of [merged, new] task vectors, added × λ"
     Settings = TiesSettings
@@ -84,7 +84,7 @@ class Ties(MergeMethod):
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index == 0 and not self.plain_first_step:
-            topk = self.settings.topk  # type: ignore[attr-defined]
+            topk = self.settings.topk
             for sel in self.selectors:
                 sel.choose(sel.numel - int(sel.numel * topk))  # the k of the TIES code's kthvalue
 
@@ -93,10 +93,10 @@ class Ties(MergeMethod):
         return float((self.sign_balance > 0) - (self.sign_balance < 0))
 
     def merge(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        lam = self.settings.scale  # type: ignore[attr-defined]
+        lam = self.settings.scale
         if self.plain_first_step:
             return previous + lam * (new - base)
-        merge_func = self.settings.merge_func  # type: ignore[attr-defined]
+        merge_func = self.settings.merge_func
         out = base.new_empty(base.numel())
         for o, b, p, n in zip(flat_chunks(out), *map(flat_chunks, (base, previous, new)), strict=True):
             o.copy_(p + lam * elect_and_merge(self.trimmed(b, p, n), self.majority, merge_func))

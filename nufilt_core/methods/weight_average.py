@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import MergeMethod
+from .base import MergeMethod, MethodSettings
 
 
-class WeightAverage(MergeMethod):
+class WeightAverage(MergeMethod[MethodSettings]):
     name = "weight_average"
     summary_line = "running mean of all fine-tuned models"
 

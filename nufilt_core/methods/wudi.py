@@ -83,7 +83,7 @@ def wudi_matrix(task_vectors: list[torch.Tensor], iters: int, lr: float) -> tupl
     return merged, loss_before, interference_loss(merged, active, weights)
 
 
-class Wudi(MergeMethod):
+class Wudi(MergeMethod[WudiSettings]):
     name = "wudi"
     summary_line = "Adam on the data-free interference loss of [merged, new] task vectors (WUDI)"
     Settings = WudiSettings
@@ -100,8 +100,7 @@ class Wudi(MergeMethod):
         tau_prev, tau_new = previous - base, new - base
         if not is_linear_weight(name, tuple(base.shape)):
             return base + (tau_prev + tau_new) / 2
-        s: WudiSettings = self.settings  # type: ignore[assignment]
-        merged, before, after = wudi_matrix([tau_prev, tau_new], s.iters, s.lr)
+        merged, before, after = wudi_matrix([tau_prev, tau_new], self.settings.iters, self.settings.lr)
         self.optimized += 1
         self.loss_before += before
         self.loss_after += after

@@ -156,7 +156,8 @@ def cached_diagnosis(runs: Path, checkpoints: dict[str, Path], log) -> dict:
     path = diagnosis_path(runs)
     if not path.exists():
         log("diagnosis: replaying the paper's NUFILT on order 0")
-        write_json(path, diagnose(base_weights(), checkpoints, task_order(list(checkpoints), 0), NufiltSettings()))
+        order = task_order(list(checkpoints), 0)
+        write_json(path, diagnose(base_weights(), checkpoints, order, NufiltSettings(profile="paper")))
     return json.loads(path.read_text())
 
 

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     torch.set_num_threads(1)
     d = diagnose(base_weights(), {t: dirs[t] / "body" for t in tasks}, task_order(tasks, args.order),
-                 NufiltSettings(**options))
+                 NufiltSettings(**{"profile": "paper", **options}))  # the filter alone: the paper's step
     print(markdown(d))
     if args.json:
         args.json.write_text(json.dumps(d, indent=1))

@@ -12,7 +12,14 @@ import torch
 from daemon_harness import wait_for
 from models import base_state, finetune, load, write_model
 from nufilt_daemon.config import GateSettings, Threshold
-from nufilt_daemon.gate import check_candidate, check_untouched, decide, parse_metrics
+from nufilt_daemon.gate import (
+    apply_thresholds,
+    check_candidate,
+    check_untouched,
+    decide,
+    parse_metrics,
+    recorded_metrics,
+)
 from nufilt_daemon.states import GateOutcome
 
 from nufilt_core.checkpoint import Checkpoint
@@ -208,6 +215,23 @@ def test_user_command_and_thresholds_decide(tmp_path: Path):
                                                                    "number"], d.reasons
     chatty = script(tmp_path, "print('no json here')\n")
     assert decide(ok, cand, GateSettings(command=chatty)).outcome == GateOutcome.FAILED
+
+
+def test_relative_thresholds_compare_with_production():
+    relative = GateSettings(thresholds={"harmonic_mean": Threshold(min_delta=-0.01, max_delta=0.2)})
+    now = {"harmonic_mean": 0.5}
+    assert apply_thresholds(now, relative, {"harmonic_mean": 0.505}) == ([], [])  # 0.005 worse: within
+    violations, notes = apply_thresholds(now, relative, {"harmonic_mean": 0.6})
+    assert violations == ["harmonic_mean = 0.5 is -0.1 against production's 0.6, below min_delta -0.01"] and not notes
+    violations, _ = apply_thresholds(now, relative, {"harmonic_mean": 0.2})
+    assert violations == ["harmonic_mean = 0.5 is +0.3 against production's 0.2, above max_delta 0.2"]
+    # nothing to compare with: not a violation, said in the notes
+    assert apply_thresholds(now, relative, None) == ([], ["harmonic_mean: no production value to compare with "
+                                                          "(no production yet)"])
+    assert apply_thresholds(now, relative, {})[1] == ["harmonic_mean: no production value to compare with "
+                                                      "(production did not record it)"]
+    assert recorded_metrics({"metrics": {"accuracy": 0.9, "flag": True, "name": "x"}}) == {"accuracy": 0.9}
+    assert recorded_metrics({}) == {}
 
 
 def test_parse_metrics_takes_the_object_or_its_last_json_line():

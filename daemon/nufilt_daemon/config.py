@@ -66,8 +66,13 @@ class FolderSettings(_Section):
 
 
 class Threshold(_Section):
+    """Bounds on one metric: absolute (`min`, `max`), and relative to production (`min_delta`, `max_delta`: the
+    candidate's value minus the production version's recorded one, e.g. `min_delta = -0.01`: at most 0.01 worse)."""
+
     min: float | None = None
     max: float | None = None
+    min_delta: float | None = None
+    max_delta: float | None = None
 
 
 class GateSettings(_Section):
@@ -92,7 +97,9 @@ class GateSettings(_Section):
         "NUFILT_CANDIDATE), prints a JSON object of numeric metrics")
     command_timeout_seconds: float = Field(default=3600.0, gt=0)
     thresholds: dict[str, Threshold] = Field(
-        default_factory=dict, description="metric name → {min, max}; a missing metric with a threshold rejects")
+        default_factory=dict, description="metric name → {min, max, min_delta, max_delta}; the deltas compare with "
+        "the production version's recorded value (none at a lineage's first step, or where production has not "
+        "recorded the metric: then the delta is not checked, and the report says so); a missing metric rejects")
 
 
 class MlflowSettings(_Section):

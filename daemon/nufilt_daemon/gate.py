@@ -169,6 +169,7 @@ class Decision:
     reasons: list[str]
     metrics: dict[str, float] = field(default_factory=dict)  # what thresholds and the score gauge see
     command: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)  # relative bounds that had nothing to compare with
 
 
 # the daemon's own secrets, which a validation command has no business with
@@ -240,8 +241,20 @@ def parse_metrics(stdout: str) -> dict[str, float] | None:
     return None
 
 
-def apply_thresholds(metrics: dict[str, float], settings: GateSettings) -> list[str]:
-    out = []
+def recorded_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The metrics a version's validation.json recorded (what its thresholds saw: the scores and the command's)."""
+    metrics = report.get("metrics")
+    if not isinstance(metrics, dict):
+        return {}
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def apply_thresholds(metrics: dict[str, float], settings: GateSettings,
+                     production: dict[str, float] | None = None) -> tuple[list[str], list[str]]:
+    """The violations of the thresholds, and notes on relative bounds that could not be checked. `production`:
+    the production version's recorded metrics (None: no production yet)."""
+    out: list[str] = []
+    notes: list[str] = []
     for name, t in settings.thresholds.items():
         if name not in metrics:
             out.append(f"metric '{name}' has a threshold but was not reported")
@@ -254,12 +267,28 @@ def apply_thresholds(metrics: dict[str, float], settings: GateSettings) -> list[
             out.append(f"{name} = {v:.6g} is below the minimum {t.min:g}")
         if t.max is not None and v > t.max:
             out.append(f"{name} = {v:.6g} is above the maximum {t.max:g}")
-    return out
+        if t.min_delta is None and t.max_delta is None:
+            continue
+        before = (production or {}).get(name)
+        if before is None or not math.isfinite(before):
+            notes.append(f"{name}: no production value to compare with " +
+                         ("(no production yet)" if production is None else "(production did not record it)"))
+            continue
+        delta = v - before
+        if t.min_delta is not None and delta < t.min_delta:
+            out.append(f"{name} = {v:.6g} is {delta:+.6g} against production's {before:.6g}, below min_delta "
+                       f"{t.min_delta:g}")
+        if t.max_delta is not None and delta > t.max_delta:
+            out.append(f"{name} = {v:.6g} is {delta:+.6g} against production's {before:.6g}, above max_delta "
+                       f"{t.max_delta:g}")
+    return out, notes
 
 
 def decide(builtin: dict[str, Any], candidate: Path, settings: GateSettings,
-           cancel: threading.Event | None = None) -> Decision:
-    """Combine the child's checks with the user command and thresholds."""
+           cancel: threading.Event | None = None, production: dict[str, float] | None = None) -> Decision:
+    """Combine the child's checks with the user command and thresholds. `production`: the metrics the production
+    version recorded (its validation.json), for the relative bounds; None when there is no production."""
+
     problems = list(builtin.get("problems", []))
     scores = builtin.get("scores") or {}
     metrics = {k: float(scores[k]) for k in ("stability", "plasticity", "harmonic_mean") if k in scores}
@@ -274,5 +303,5 @@ def decide(builtin: dict[str, Any], candidate: Path, settings: GateSettings,
         if rejection:
             return Decision(GateOutcome.REJECTED, [rejection], metrics, command)
         metrics.update(command.get("metrics", {}))
-    violations = apply_thresholds(metrics, settings)
-    return Decision(GateOutcome.REJECTED if violations else GateOutcome.ACCEPTED, violations, metrics, command)
+    violations, notes = apply_thresholds(metrics, settings, production)
+    return Decision(GateOutcome.REJECTED if violations else GateOutcome.ACCEPTED, violations, metrics, command, notes)

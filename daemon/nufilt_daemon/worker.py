@@ -31,7 +31,7 @@ from nufilt_core.errors import NufiltError
 
 from .child_protocol import ChildError, ChildEvent, ChildRequest, Merged, Progress, Validated
 from .config import ConfigError, Settings
-from .gate import decide
+from .gate import decide, recorded_metrics
 from .intake import content_hash
 from .journal import Job, Journal
 from .logging import Logger
@@ -199,7 +199,8 @@ class MergeWorker:
         outcome, reasons = self._outcome_before_gate(job, res)
         if outcome is None:  # merged and checked: the gate decides
             assert res.validation is not None and res.merged_at is not None
-            decision = decide(res.validation, candidate, self.settings.gate, self._abandon)
+            decision = decide(res.validation, candidate, self.settings.gate, self._abandon,
+                              recorded_metrics(prod.report()) if prod else None)
             if self._abandon.is_set():  # the user command was cancelled by a stop
                 return self._requeue(job, candidate, "abandoned when the daemon stopped; redone after restart", jlog)
             outcome, reasons = decision.outcome, decision.reasons
@@ -207,6 +208,9 @@ class MergeWorker:
             report.update(checks=res.validation.get("checks"), scores=res.validation.get("scores"),
                           command=decision.command, metrics=decision.metrics,
                           validation_seconds=round(validation_seconds, 3))
+            if decision.notes:
+                report["threshold_notes"] = decision.notes
+                jlog.warning("relative_threshold_not_checked", notes=decision.notes)
             declared = (res.validation.get("checks") or {}).get("declared_base")
             if declared and not declared["matches"] and self.settings.gate.declared_base == "warn":
                 jlog.warning("adapter_of_another_base", declared=declared["declared"], expected=declared["expected"])

@@ -105,7 +105,8 @@ def test_three_drops_become_versions_and_bad_or_duplicate_drops_do_not(tiny: dic
         status = json.loads(d.cli("status", "--json").stdout)
         assert status["production"]["version"] == 3 and status["production"]["step"] == 3
         assert status["production"]["profile"] == "paper"  # the harness sets it in method_settings
-        assert status["next_merge"]["options"] == {"iters": 3} and status["next_merge"]["settings"]["iters"] == 3
+        assert status["next_merge"]["options"] == {"profile": "paper", "iters": 3}
+        assert status["next_merge"]["settings"]["iters"] == 3
         assert status["next_merge"]["settings"]["profile"] == "paper"  # inherited: the lineage's own
         assert status["next_merge"]["source"] == "method_settings, at every step"
         assert status["queue"] == {"queued": 0, "merging": 0, "validating": 0}

@@ -223,19 +223,19 @@ def test_two_submits_under_one_name_never_lose_a_checkpoint(tiny: dict[str, Path
     """Two trainers submit a `model.safetensors` each: the second one to finish its copy finds the name taken
     and fails, instead of its rename silently replacing the first one's checkpoint. The interleaving is made
     for real: while this process's submit has copied and not yet renamed, another `nufilt submit` runs."""
-    import nufilt_daemon.cli as cli
+    import nufilt_daemon.submit as submit
 
     for k in [k for k in os.environ if k.startswith("NUFILT_")]:
         monkeypatch.delenv(k)
     inbox = tmp_path / "inbox"
     monkeypatch.setenv("NUFILT_WATCH_DIR", str(inbox))
-    copied = cli._fsync_tree
+    copied = submit._fsync_tree
 
     def then_another_submit(path: Path) -> None:
         copied(path)
         run_cli("submit", tiny["t2"] / "model.safetensors")  # the other trainer, done first
 
-    monkeypatch.setattr(cli, "_fsync_tree", then_another_submit)
+    monkeypatch.setattr(submit, "_fsync_tree", then_another_submit)
     rc = main(["submit", str(tiny["t1"] / "model.safetensors")])
     err = capsys.readouterr().err
     assert rc == 1 and "already in the inbox" in err, err

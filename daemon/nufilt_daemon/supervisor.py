@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -49,6 +49,8 @@ log = structlog.get_logger("nufilt.supervisor")
 DAEMON_INFO = "daemon.json"  # pid, metrics URL: read by `nufilt status`
 INBOX_INFO = "inbox.json"  # entries not journaled yet and the sources' health: read by `nufilt status`
 STORAGE_CHECK_TICKS, STORAGE_CHECK_MAX_SECONDS = 5, 10.0  # writability probe: every 5 ticks, at most 10 s apart
+
+T = TypeVar("T")
 
 
 def check_writable(directory: Path, create: bool = False) -> str | None:
@@ -114,7 +116,17 @@ class _Supervised:
             log.exception("restart_failed", part=self.name)
 
 
+def _built(part: T | None, name: str) -> T:
+    """A part the daemon builds at start, for the code that runs once it has."""
+    if part is None:
+        raise RuntimeError(f"the daemon's {name} is built at start (Daemon.run), not yet")
+    return part
+
+
 class Daemon:
+    """The parts that use the state dir are built in `run` once its locks are held (a second daemon must not
+    touch the journal): None until then, which `_shutdown` checks; the code that runs after uses the properties."""
+
     def __init__(self, settings: Settings):
         if settings.base_model is None:
             raise ConfigError("base_model is required to run the daemon (set it in the config file or as "
@@ -123,6 +135,11 @@ class Daemon:
         self.paths = state_paths(Path(settings.state_dir))
         self.stop_event = threading.Event()
         self.notifier = Notifier()
+        self.store = Store(settings.store_dir)  # its folders are made at start
+        self._journal: Journal | None = None
+        self._metrics: Metrics | None = None
+        self._worker: MergeWorker | None = None
+        self._intake: Intake | None = None
         self._lock_files: list[Any] = []
         self.sources: list[Source] = []
         self.supervised: list[_Supervised] = []
@@ -134,6 +151,22 @@ class Daemon:
         self._storage_problems: dict[str, str] = {}
         self._next_storage_check = 0.0
         self._inbox_written: str | None = None
+
+    @property
+    def journal(self) -> Journal:
+        return _built(self._journal, "journal")
+
+    @property
+    def metrics(self) -> Metrics:
+        return _built(self._metrics, "metrics")
+
+    @property
+    def worker(self) -> MergeWorker:
+        return _built(self._worker, "merge worker")
+
+    @property
+    def intake(self) -> Intake:
+        return _built(self._intake, "intake")
 
     # --- start -----------------------------------------------------------------------------
 
@@ -164,9 +197,9 @@ class Daemon:
             Checkpoint.open(s.base_model)  # type: ignore[arg-type]
         except NufiltError as e:
             raise ConfigError(f"base_model: {e}") from None
-        self.store = Store(s.store_dir).ensure()
+        self.store.ensure()
         try:
-            self.journal = Journal.in_state_dir(Path(s.state_dir))
+            self._journal = Journal.in_state_dir(Path(s.state_dir))
         except JournalError as e:
             if isinstance(e.__cause__, sqlite3.OperationalError):  # locked, I/O: a restart may get through
                 raise
@@ -176,10 +209,10 @@ class Daemon:
                               "(the store keeps its versions)") from None
         source_names = (["folder"] if s.folder.enabled else []) + (["mlflow"] if s.mlflow.source_model else [])
         gpu = s.device != "cpu" and _cuda_available()
-        self.metrics = Metrics(sources=source_names or ["folder"], gpu=gpu)
-        self.promoter = Promoter(self.store, self.journal, s.keep_versions, s.keep_quarantine, publishing_enabled(s))
-        self.worker = MergeWorker(s, self.journal, self.store, self.promoter, self.metrics, self.paths["logs"])
-        self.intake = Intake(self.journal, self.paths["staged"], self._on_journaled)
+        self._metrics = Metrics(sources=source_names or ["folder"], gpu=gpu)
+        promoter = Promoter(self.store, self._journal, s.keep_versions, s.keep_quarantine, publishing_enabled(s))
+        self._worker = MergeWorker(s, self._journal, self.store, promoter, self._metrics, self.paths["logs"])
+        self._intake = Intake(self._journal, self.paths["staged"], self._on_journaled)
 
     def _on_journaled(self, job: Job, arrival: Arrival) -> None:
         self.metrics.detected.labels(arrival.source).inc()
@@ -407,16 +440,16 @@ class Daemon:
                 src.stop()
             except Exception:
                 log.exception("source_stop_failed", source=src.name)
-        if hasattr(self, "worker"):
-            self.worker.stop(self.settings.shutdown_grace_seconds)
+        if self._worker is not None:
+            self._worker.stop(self.settings.shutdown_grace_seconds)
         if self.outbox is not None:
             self.outbox.stop()
         if self.webhook is not None:
             self.webhook.stop()
-        if hasattr(self, "metrics"):
-            self.metrics.shutdown()
-        if hasattr(self, "journal"):
-            self.journal.close()
+        if self._metrics is not None:
+            self._metrics.shutdown()
+        if self._journal is not None:
+            self._journal.close()
         self.paths["info"].unlink(missing_ok=True)
         self.paths["inbox"].unlink(missing_ok=True)
         for f in self._lock_files:

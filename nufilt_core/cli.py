@@ -88,8 +88,9 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--method", choices=list(METHODS))
     m.add_argument("--seed", type=int, help="seed of NUFILT's adapter init (default: previous step's, else 0)")
     m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    m.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores); on a shared host "
-                   "give only the free cores, busy ones make torch's threads wait for each other")
+    m.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use): NUFILT "
+                   "merges that many matrices at once, one thread each, with the same output for any number; other "
+                   "methods use them inside each matrix. On a shared host give only the free cores")
     n = p.add_argument_group("NUFILT settings (a new lineage: the profile's; a later step: the previous step's)")
     n.add_argument("--profile", choices=list(PROFILES),
                    help=f"named settings: {DEFAULT_PROFILE} (default), the paper's method with every Linear weight "
@@ -159,7 +160,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     req = MergeRequest(
         base=args.base, checkpoint=args.checkpoint, output=args.output, previous=args.previous,
         method=args.method, options=merge_options(args), seed=args.seed, device=args.device,
-        max_shard_bytes=args.max_shard_size, overwrite=args.overwrite, check_first=not args.one_pass)
+        max_shard_bytes=args.max_shard_size, overwrite=args.overwrite, check_first=not args.one_pass,
+        workers=args.threads)
     result = merge_step(req, ProgressPrinter(args.quiet))
     r = result.record
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())

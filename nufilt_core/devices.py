@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from .errors import SettingsError
@@ -32,3 +36,23 @@ def set_threads(threads: int | None) -> None:
     if threads < 1:
         raise SettingsError(f"--threads {threads}: must be at least 1")
     torch.set_num_threads(threads)
+
+
+def cpu_workers(requested: int | None) -> int:
+    """How many matrices a CPU merge works on at once: `requested`, else the cores this process may use."""
+    if requested is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested < 1:
+        raise SettingsError(f"--threads {requested}: must be at least 1")
+    return requested
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` inside the block (threads started there see it too), then back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -78,6 +80,19 @@ def _blas_threads() -> Any:
     from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """SciPy's BLAS held to one thread inside the block: matrices merged in parallel each get one, and the
+    limit `lapack_top_eigenpairs` sets and restores per call cannot be undone by another thread's exit."""
+    try:
+        import scipy.linalg  # noqa: F401  (loads its BLAS before threadpoolctl looks)
+    except ImportError:
+        yield
+        return
+    with _blas_threads().limit(limits=1, user_api="blas"):
+        yield
 
 
 def lapack_top_eigenpairs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:

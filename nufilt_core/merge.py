@@ -20,7 +20,10 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -32,9 +35,10 @@ import torch
 from . import interrupts
 from ._version import __version__
 from .checkpoint import Checkpoint, all_finite
-from .devices import resolve_device
+from .devices import cpu_workers, resolve_device, torch_threads
 from .errors import CheckpointError, LineageError, NufiltError, SettingsError
 from .fsutil import fsync_dir
+from .linalg import one_blas_thread
 from .lineage import CheckpointRef, LineageRecord
 from .methods import MergeMethod, StepContext, get_method, resolve_settings
 from .methods.base import LowRank, Source, UntouchedRule, source_input
@@ -95,6 +99,9 @@ class MergeRequest:
     check_first: bool = True
     observers: Sequence[TensorObserver] = ()  # work that rides along the merge pass (observers.py)
     scores: ScoreRequest | None = None  # the surrogate scores (scores.py), computed in the merge pass
+    # on the CPU, matrices a parallel-safe method (NUFILT) merges at once, one torch and BLAS thread each; the
+    # output's bytes do not depend on it. None: the cores this process may use. Other methods and CUDA: one
+    workers: int | None = None
 
 
 @dataclass
@@ -158,6 +165,7 @@ class _Step:
     # one pass (check_first False): every input tensor's content-hash line, filled as the passes read it
     digests: dict[str, dict[str, str]] | None = None
     watchers: dict[str, list[TensorObserver]] = field(default_factory=dict)  # float tensor → observers wanting it
+    workers: int = 1  # tensors merged at once (MergeRequest.workers, for a parallel-safe method on the CPU)
 
     def __post_init__(self) -> None:
         if not self.req.check_first:
@@ -362,46 +370,91 @@ def _statistics(s: _Step, method: MergeMethod, report: Callable[[str, int, int, 
 SOURCE_POSITION = {"base": 0, "previous": 1, "new": 2}  # in _Step.load's (base, previous, new)
 
 
-def _merged(s: _Step, method: MergeMethod, name: str, stored: list[torch.Tensor] | None) -> torch.Tensor:
-    """One tensor of the output, as it is written; the observers that want it see it."""
+def _done(value: torch.Tensor) -> Future[torch.Tensor]:
+    f: Future[torch.Tensor] = Future()
+    f.set_result(value)
+    return f
+
+
+def _begin(s: _Step, method: MergeMethod, name: str, stored: list[torch.Tensor] | None,
+           pool: ThreadPoolExecutor | None) -> Callable[[], torch.Tensor]:
+    """Start one tensor of the output: its merge runs on `pool` when there is one. Returns the call that
+    finishes it, in the caller's thread and in the base's order: the tensor as it is written, the observers
+    that want it having seen it."""
     info = s.base.tensors[name]
     copied = s.copied_from(name)
     if copied is not None:  # as stored in that input (scanned finite by the pre-flight, or as it was read);
         # an adapter's value is made in fp32 and stored in the base's dtype
-        return (stored[0] if stored else s.stored(name, writing=True)[0]).to(info.torch_dtype)
+        out = (stored[0] if stored else s.stored(name, writing=True)[0]).to(info.torch_dtype)
+        return lambda: out
     loaded = s.load(name, stored)
     stored = None  # narrow stored copies are not needed once converted
     kept = s.untouched(name, info.shape)  # an observed tensor the method leaves as an input: that input
     factors = s.factors(name) if not kept and method.low_rank_aware else None
+
+    def merge() -> torch.Tensor:
+        with torch.no_grad():  # grad mode is per thread
+            if factors is not None:
+                return method.merge_low_rank(name, *loaded, factors)
+            return method.merge(name, *loaded)
+
     if kept:
-        merged = loaded[SOURCE_POSITION[kept]]
-    elif factors is not None:
-        merged = method.merge_low_rank(name, *loaded, factors)
+        work = _done(loaded[SOURCE_POSITION[kept]])
     else:
-        merged = method.merge(name, *loaded)
-    if not all_finite(merged):
-        raise NufiltError(f"method {s.method_name} produced NaN/Inf for tensor '{name}'")
-    out = merged.to(device="cpu", dtype=info.torch_dtype)
-    watching = s.watchers.get(name, [])
-    if watching:
-        as_written = out.to(device=merged.device, dtype=merged.dtype)
-        subspaces = None if kept else method.subspaces(name)
-        for observer in watching:
-            observer.observe(name, *loaded, as_written, subspaces)
-    return out
+        work = pool.submit(merge) if pool is not None else _done(merge())
+
+    def finish() -> torch.Tensor:
+        merged = work.result()
+        subspaces = None if kept else method.subspaces(name)  # asked once, so the method can let them go
+        if not all_finite(merged):
+            raise NufiltError(f"method {s.method_name} produced NaN/Inf for tensor '{name}'")
+        out = merged.to(device="cpu", dtype=info.torch_dtype)
+        watching = s.watchers.get(name, [])
+        if watching:
+            as_written = out.to(device=merged.device, dtype=merged.dtype)
+            for observer in watching:
+                observer.observe(name, *loaded, as_written, subspaces)
+        return out
+
+    return finish
+
+
+@contextmanager
+def _matrix_pool(workers: int) -> Iterator[ThreadPoolExecutor | None]:
+    """`workers` threads for the merges (None for one: merged in the caller's thread). On the way out, work
+    not started is dropped and running merges finish (a stop reaches their loops: interrupts.py)."""
+    if workers <= 1:
+        yield None
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="nufilt-merge")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _merge_pass(s: _Step, method: MergeMethod, tmp: Path,
                 report: Callable[[str, int, int, str], None]) -> tuple[str, dict[str, str]]:
     """The output's tensors, written in the base's order into `tmp`; returns the output's content hash and
-    its tensors' hash lines."""
+    its tensors' hash lines. Reading and writing stay in order; with workers, up to that many tensors are
+    merged at once (each holding its inputs: the peak grows by about one layer per worker)."""
     plan = [(n, i.dtype, i.shape) for n, i in s.base.tensors.items()]
     writer = StreamingWriter(tmp, plan, output_shard_bytes(s.req.max_shard_bytes, s.base))
-    with torch.no_grad():
+    pending: deque[tuple[int, str, Callable[[], torch.Tensor]]] = deque()
+
+    def write_oldest() -> None:
+        i, name, finish = pending.popleft()
+        writer.write(name, finish())
+        report("merge", i, len(plan), name)
+
+    with torch.no_grad(), _matrix_pool(s.workers) as pool:
         for i, (name, stored) in enumerate(read_ahead(list(s.base.tensors), partial(s.stored, writing=True),
                                                       partial(s.stored_bytes, writing=True)), 1):
-            writer.write(name, _merged(s, method, name, stored))
-            report("merge", i, len(plan), name)
+            pending.append((i, name, _begin(s, method, name, stored, pool)))
+            while len(pending) > (s.workers if pool else 0):
+                write_oldest()
+        while pending:
+            write_oldest()
     return writer.close(), writer.digests
 
 
@@ -502,12 +555,17 @@ def merge_step(req: MergeRequest, progress: ProgressFn | None = None) -> MergeRe
                                                   names=list(s.base.tensors),
                                                   previous_state=s.prev_record.method_state if s.prev_record else {},
                                                   eps=stored_eps(s)))
-    t = time.perf_counter()
-    _statistics(s, method, report)
-    seconds["statistics"] = time.perf_counter() - t
-    t = time.perf_counter()
-    record, written = _write(s, method, hashes, report, t0)
-    seconds["merge"] = time.perf_counter() - t
+    # matrices in parallel, one torch and one BLAS thread each: a matrix's result is the same for any number
+    # of workers (one thread's arithmetic), so the output's bytes are too
+    parallel = s.device.type == "cpu" and method.parallel_safe
+    s.workers = cpu_workers(req.workers) if parallel else 1
+    with torch_threads(1) if parallel else nullcontext(), one_blas_thread() if parallel else nullcontext():
+        t = time.perf_counter()
+        _statistics(s, method, report)
+        seconds["statistics"] = time.perf_counter() - t
+        t = time.perf_counter()
+        record, written = _write(s, method, hashes, report, t0)
+        seconds["merge"] = time.perf_counter() - t
     digests = StepDigests(s.digests, written) if s.digests is not None else None
     return MergeResult(Path(req.output), record, seconds, s.scores.scores() if s.scores else None, digests)
 

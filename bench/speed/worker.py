@@ -65,8 +65,9 @@ class Timeline:
 def run_engine(args: argparse.Namespace) -> None:
     if args.overwrite and args.output.exists():
         shutil.rmtree(args.output)
+    # as `nufilt merge --threads N`: the threads the parent gave (OMP_NUM_THREADS, else every core) are the workers
     req = MergeRequest(base=args.base, previous=args.previous, checkpoint=args.checkpoint, output=args.output,
-                       device=args.device, seed=args.seed, options=dict(args.option))
+                       device=args.device, seed=args.seed, options=dict(args.option), workers=torch.get_num_threads())
     timeline = Timeline() if args.timeline else None
     profiler = None
     if args.profile:  # profile_step.py groups these by function; the thread's CPU clock ignores the neighbours

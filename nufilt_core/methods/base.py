@@ -89,6 +89,9 @@ class MergeMethod(ABC, Generic[S]):
 
     # whether `merge_low_rank` does less work than `merge`: the engine then hands it a LoRA arrival's factors
     low_rank_aware: ClassVar[bool] = False
+    # whether `merge` may run for several tensors at once, from several threads (its state kept per tensor name,
+    # its results not depending on the order): the engine then merges matrices in parallel
+    parallel_safe: ClassVar[bool] = False
 
     def merge_low_rank(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
                        factors: LowRank) -> torch.Tensor:
@@ -98,9 +101,9 @@ class MergeMethod(ABC, Generic[S]):
         return self.merge(name, base, previous, new)
 
     def subspaces(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(V̂_{≤t-1}, V̂_t) of the tensor `merge` just handled, when the method computed them as the surrogate
-        scores define them (the top right singular vectors of τ̃_{≤t-1} and τ_t at the ranks `scored` names),
-        so the scores need not compute them again; None (the default) otherwise."""
+        """(V̂_{≤t-1}, V̂_t) of a tensor `merge` handled (asked once, after it), when the method computed them as
+        the surrogate scores define them (the top right singular vectors of τ̃_{≤t-1} and τ_t at the ranks
+        `scored` names), so the scores need not compute them again; None (the default) otherwise."""
         return None
 
     def state(self) -> dict[str, Any]:

@@ -283,39 +283,41 @@ class Nufilt(MergeMethod[NufiltSettings]):
     summary_line = "null-space filter + data-free LoRA adapter, fused (profiles: plus-iso, plus, paper)"
     Settings = NufiltSettings
     low_rank_aware = True
+    parallel_safe = True  # per-matrix state only, kept by name
 
     def __init__(self, settings: NufiltSettings, ctx: StepContext):
         super().__init__(settings, ctx)
         self.selection = self.selection_of(settings, ctx.names)
-        self.filtered = 0
-        self.loss_before = 0.0
-        self.loss_after = 0.0
-        self.null_dims = 0
-        self._subspaces: tuple[str, torch.Tensor, torch.Tensor] | None = None  # the last filtered tensor's V̂p, V̂t
-        self._factors: tuple[str, LowRank] | None = None  # the tensor being merged's τ_t as factors (merge_low_rank)
+        self.results: dict[str, tuple[float, float, int]] = {}  # per filtered matrix: adapter losses, dim of V̂p
+        self._subspaces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # V̂p, V̂t until `subspaces` takes them
         self.rescaling = (TrustRadius(settings.trust_radius, ctx.step, ctx.previous_state)
                           if settings.trust_radius is not None else None)
 
     def is_filtered(self, name: str, shape: tuple[int, ...]) -> bool:
         return self.selection.is_filtered(name, shape)
 
-    def _update(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> MatrixResult:
+    def _update(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
+                factors: LowRank | None) -> MatrixResult:
         a_init = adapter_init(self.settings.lora_rank, base.shape[1], self.ctx.seed, name, self.ctx.step)
         if a_init is not None:
             a_init = a_init.to(device=base.device, dtype=base.dtype)
-        factors = self._factors[1] if self._factors is not None and self._factors[0] == name else None
         result = nufilt_matrix(previous - base, new - base, a_init, self.settings, factors)
-        self.filtered += 1
-        self.loss_before += result.loss_before
-        self.loss_after += result.loss_after
-        self.null_dims += result.v_prev.shape[1]
-        self._subspaces = (name, result.v_prev, result.v_new)
+        self.results[name] = (result.loss_before, result.loss_after, result.v_prev.shape[1])
+        self._subspaces[name] = (result.v_prev, result.v_new)
         return result
 
     def merge(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return self._merge(name, base, previous, new, None)
+
+    def merge_low_rank(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
+                       factors: LowRank) -> torch.Tensor:
+        return self._merge(name, base, previous, new, factors)
+
+    def _merge(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
+               factors: LowRank | None) -> torch.Tensor:
         if not self.is_filtered(name, tuple(base.shape)):
             return self._policy(base, previous, new)
-        update = self._update(name, base, previous, new).update
+        update = self._update(name, base, previous, new, factors).update
         if self.rescaling is None:
             return previous + update  # the paper: fused at full size
         merged = self.rescaling.apply(name, base, previous, new, update)
@@ -323,14 +325,6 @@ class Nufilt(MergeMethod[NufiltSettings]):
             return merged  # nothing was shrunk: the merged task vector keeps every task at full size
         floor = rounding_floor(base, self.ctx.eps.get(name, torch.finfo(base.dtype).eps))
         return base + flatten_spectrum(merged - base, floor)
-
-    def merge_low_rank(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
-                       factors: LowRank) -> torch.Tensor:
-        self._factors = (name, factors)
-        try:
-            return self.merge(name, base, previous, new)
-        finally:
-            self._factors = None
 
     def _policy(self, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         t = self.ctx.step
@@ -367,22 +361,21 @@ class Nufilt(MergeMethod[NufiltSettings]):
         return cls.selection_of(settings, names).is_filtered, settings.null_rank, settings.task_rank
 
     def subspaces(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        last = self._subspaces
-        if self.settings.first_step == "published_code" or last is None or last[0] != name:
-            return None
-        return last[1], last[2]
+        got = self._subspaces.pop(name, None)
+        return None if self.settings.first_step == "published_code" else got
 
     def state(self) -> dict[str, Any]:
         return self.rescaling.state() if self.rescaling is not None else {}
 
     def summary(self) -> dict[str, Any]:
+        done = [self.results[n] for n in self.ctx.names if n in self.results]  # summed in the model's order
         out: dict[str, Any] = {
             "selection": self.selection.source,
             "patterns": list(self.selection.patterns),
-            "filtered_tensors": self.filtered,
-            "null_space_dims": self.null_dims,
-            "adapter_loss_before": self.loss_before,
-            "adapter_loss_after": self.loss_after,
+            "filtered_tensors": len(done),
+            "null_space_dims": sum(r[2] for r in done),
+            "adapter_loss_before": sum((r[0] for r in done), 0.0),
+            "adapter_loss_after": sum((r[1] for r in done), 0.0),
         }
         if self.rescaling is not None and self.rescaling.lambdas:
             out["lambda_mean"] = fmean(self.rescaling.lambdas.values())

@@ -62,4 +62,6 @@ class TrustRadius:
         return self.lambdas.get(name, 1.0) > 1.0
 
     def state(self) -> dict[str, Any]:
-        return {"rescale": {name: {"lambda": lam, "norms": self.norms[name]} for name, lam in self.lambdas.items()}}
+        """By matrix name: the same record whatever order the matrices were merged in."""
+        return {"rescale": {name: {"lambda": self.lambdas[name], "norms": self.norms[name]}
+                            for name in sorted(self.lambdas)}}

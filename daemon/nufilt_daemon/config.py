@@ -129,7 +129,8 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         default=9180, ge=0, le=65535, description="0: any free port (see STATE/daemon.json)")
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
-    threads: int | None = Field(default=None, ge=1, description="CPU threads of a merge (default: all cores); on a "
+    threads: int | None = Field(default=None, ge=1, description="CPU threads of a merge (default: the cores the "
+                                "daemon may use): NUFILT merges that many matrices at once, one thread each; on a "
                                 "shared host, the cores really free")
     method: str = "nufilt"
     method_settings: dict[str, Any] | None = Field(

@@ -11,38 +11,12 @@ from pathlib import Path
 import pytest
 from daemon_harness import wait_for
 from models import base_state, finetune, write_model
-from nufilt_daemon.config import Settings
-from nufilt_daemon.intake import Intake
-from nufilt_daemon.journal import Journal
-from nufilt_daemon.metrics import Metrics
-from nufilt_daemon.promoter import Promoter
 from nufilt_daemon.sources.base import Arrival
 from nufilt_daemon.states import FINAL_STATES, JobState
 from nufilt_daemon.status import status_data
-from nufilt_daemon.store import Store
-from nufilt_daemon.worker import MergeWorker
 from pydantic import ValidationError
+from worker_harness import make_worker, run_until
 
-
-def make_worker(tmp_path: Path, base: Path, **settings: object) -> tuple[MergeWorker, Intake, Journal, Store]:
-    s = Settings(base_model=base, store_dir=tmp_path / "store", state_dir=tmp_path / "state", device="cpu",
-                 **{"method_settings": {"iters": 2}, **settings})
-    journal = Journal.in_state_dir(tmp_path / "state")
-    store = Store(tmp_path / "store").ensure()
-    worker = MergeWorker(s, journal, store, Promoter(store, journal, 5, 5, publish=False), Metrics(),
-                         tmp_path / "state" / "logs")
-    intake = Intake(journal, tmp_path / "state" / "staged", lambda job, arrival: worker.wake())
-    return worker, intake, journal, store
-
-
-
-def run_until(worker, what: str, done, timeout: float = 120) -> None:
-    """Start the worker, wait for `done()`, and stop the worker whatever happened."""
-    worker.start()
-    try:
-        wait_for(what, done, timeout=timeout)
-    finally:
-        worker.stop(0)
 
 def test_a_merge_process_killed_like_the_oom_killer_fails_only_its_job(tiny: dict[str, Path], tmp_path: Path):
     worker, intake, journal, store = make_worker(tmp_path, tiny["base"], max_attempts=2)

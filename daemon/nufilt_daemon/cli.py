@@ -25,6 +25,7 @@ from nufilt_core.cli import run
 from nufilt_core.errors import NufiltError
 from nufilt_core.interrupts import unwind_on_signals
 
+from . import evaluate
 from .config import CONFIG_ENV, load_settings
 from .promoter import Promoter
 from .status import (
@@ -117,6 +118,30 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                    "(default 3600); the checkpoint stays queued")
     p.set_defaults(func=cmd_submit)
 
+    add_eval_parsers(sub)
+
+
+def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model folder, printing JSON metrics (a ready gate.command)",
+                       description="Evaluate a Hugging Face model folder and print one JSON object of metrics: the "
+                       "form the gate reads from its command, which appends the candidate folder.",
+                       epilog=evaluate.EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="{accuracy,perplexity}")
+    a = kinds.add_parser("accuracy", help="a sequence classifier's accuracy on a labelled JSONL or CSV file")
+    a.add_argument("--data", type=Path, required=True, help="JSON lines or CSV (with a header) of text and label; "
+                   "a label is one of the model's label names or a class index")
+    a.add_argument("--text-field", default="text", help="the text's field (default text)")
+    a.add_argument("--label-field", default="label", help="the label's field (default label)")
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--max-length", type=int, default=256, help="tokens per text, longer ones truncated (256)")
+    lm = kinds.add_parser("perplexity", help="a causal LM's perplexity on a text file")
+    lm.add_argument("--data", type=Path, required=True, help="a UTF-8 text file")
+    lm.add_argument("--max-length", type=int, default=512, help="tokens per window (512)")
+    for k in (a, lm):
+        k.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the model folder's)")
+        k.add_argument("model", type=Path, help="the model folder (the gate appends the candidate's)")
+    p.set_defaults(func=cmd_eval)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = build_core_parser()
@@ -206,6 +231,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
           f"({store.production_link} → {os.readlink(store.production_link)})")
     if publishing_enabled(settings):
         print("the MLflow alias follows as soon as the daemon reaches the registry")
+    return 0
+
+
+# --- eval --------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.kind == "accuracy":
+        metrics = evaluate.accuracy(args.model, args.data, args.tokenizer, args.text_field, args.label_field,
+                                    args.batch_size, args.max_length)
+    else:
+        metrics = evaluate.perplexity(args.model, args.data, args.tokenizer, args.max_length)
+    print(json.dumps(metrics))
     return 0
 
 

@@ -1,0 +1,142 @@
+"""`nufilt eval`: ready-made validation commands on real Hugging Face models written by `transformers`, run as
+the gate runs them (the model folder last, one JSON object printed), and as the gate's command of a worker."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft_models import tiny_llama
+from safetensors.torch import load_file, save_file
+
+WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "good", "bad"]
+
+
+def with_tokenizer(folder: Path) -> Path:
+    """A word-level tokenizer for the tiny models' 64-entry vocabulary, saved beside their weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+    return folder
+
+
+def nufilt(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "import sys; from nufilt_daemon.cli import main; sys.exit(main())",
+                           *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def noisy(model: Path, folder: Path, scale: float, seed: int = 9) -> Path:
+    """A copy of `model` whose weight matrices carry noise of `scale` × each one's spread."""
+    shutil.copytree(model, folder)
+    weights = folder / "model.safetensors"
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v + scale * float(v.std()) * torch.randn(v.shape, generator=g) if v.ndim == 2 else v
+             for k, v in load_file(str(weights)).items()}
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return folder
+
+
+def markov_text(n: int) -> str:
+    """`n` words, each followed by one of two others at random: learnable, not memorised by its period."""
+    import random
+
+    pick, word, out = random.Random(0), 0, []
+    for _ in range(n):
+        out.append(WORDS[word])
+        word = (word + pick.choice((1, 3))) % len(WORDS)
+    return " ".join(out)
+
+
+def trained_llama(folder: Path, text: Path, steps: int = 100) -> Path:
+    """A tiny Llama (and its tokenizer) trained on `text` for a few Adam steps."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(with_tokenizer(tiny_llama(folder)))
+    model = LlamaForCausalLM.from_pretrained(folder)
+    ids = tokenizer(text.read_text(), return_tensors="pt").input_ids
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        optimiser.step()
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_perplexity_is_printed_as_json_and_rises_on_a_damaged_model(tmp_path: Path):
+    model = with_tokenizer(tiny_llama(tmp_path / "llama"))
+    text = tmp_path / "held-out.txt"
+    text.write_text(" ".join(WORDS[i % 7] for i in range(300)))
+    done = nufilt("eval", "perplexity", "--data", text, "--max-length", 64, model)
+    assert done.returncode == 0, done.stderr
+    good = json.loads(done.stdout)
+    assert good["tokens"] == 299 and good["loss"] == pytest.approx(torch.tensor(good["perplexity"]).log().item())
+    bad = json.loads(nufilt("eval", "perplexity", "--data", text, noisy(model, tmp_path / "bad", 20.0)).stdout)
+    assert bad["perplexity"] > 2 * good["perplexity"]
+
+
+def test_accuracy_counts_the_classifier_s_answers_on_jsonl_and_csv(tmp_path: Path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=2,
+                        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():  # a classifier that answers "positive" whatever the text
+        model.classifier.bias.copy_(torch.tensor([-100.0, 100.0]))
+    folder = with_tokenizer(tmp_path / "clf")
+    model.save_pretrained(folder)
+    labels = ["positive", "negative", "positive", "positive", "1"]  # a class index is a label too
+    jsonl = tmp_path / "dev.jsonl"
+    jsonl.write_text("".join(json.dumps({"sentence": f"the {w} sat", "y": y}) + "\n"
+                             for w, y in zip(WORDS, labels, strict=False)))
+    done = nufilt("eval", "accuracy", "--data", jsonl, "--text-field", "sentence", "--label-field", "y",
+                  "--batch-size", 2, folder)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"accuracy": 0.8, "examples": 5}
+    csv = tmp_path / "dev.csv"
+    labels = ["negative"] * 3 + ["positive"]
+    csv.write_text("text,label\n" + "".join(f"the {w},{y}\n" for w, y in zip(WORDS, labels, strict=False)))
+    assert json.loads(nufilt("eval", "accuracy", "--data", csv, folder).stdout) == {"accuracy": 0.25, "examples": 4}
+    # what cannot be evaluated is said, naming the file
+    jsonl.write_text(json.dumps({"text": "the cat", "label": "neutral"}) + "\n")
+    refused = nufilt("eval", "accuracy", "--data", jsonl, folder)
+    assert refused.returncode != 0 and f"{jsonl}: label 'neutral'" in refused.stderr, refused.stderr
+
+
+def test_the_gate_promotes_a_good_merge_and_refuses_a_damaged_one_by_perplexity(tmp_path: Path):
+    """`nufilt eval perplexity` as the gate's command of a real worker, relative to production."""
+    from nufilt_daemon.config import GateSettings, Threshold
+    from nufilt_daemon.sources.base import Arrival
+    from nufilt_daemon.states import FINAL_STATES, JobState
+    from worker_harness import make_worker, run_until
+
+    text = tmp_path / "held-out.txt"
+    text.write_text(markov_text(300))
+    base = trained_llama(tmp_path / "base", text)  # a model that has learnt the text: its perplexity is low
+    good = [noisy(base, tmp_path / f"ft{i}", 0.01, seed=i) for i in (1, 2)]  # fine-tunes: small changes
+    bad = noisy(good[1], tmp_path / "ft-bad", 0.3, seed=9)  # plausible for the distance check, yet broken
+    command = [sys.executable, "-c", "import sys; from nufilt_daemon.cli import main; sys.exit(main())",
+               "eval", "perplexity", "--data", str(text), "--tokenizer", str(base)]
+    gate = GateSettings(scores=False, command=command, thresholds={"perplexity": Threshold(max_delta=0.2)})
+    for job, arrival in enumerate((good[0], bad, good[1]), 1):
+        # weight averaging: NUFILT would filter most of the damage out of these 16-wide matrices
+        worker, intake, journal, store = make_worker(tmp_path / "svc", base, gate=gate, method="weight_average",
+                                                     method_settings={})
+        intake.emit(Arrival(arrival, "folder", arrival.name))
+        run_until(worker, f"job {job} decided", lambda j=job, jn=journal: jn.job(j).state in FINAL_STATES)
+    first, broken, second = (journal.job(j) for j in (1, 2, 3))
+    assert first.state == JobState.PROMOTED and second.state == JobState.PROMOTED, (first.reason, second.reason)
+    assert broken.state == JobState.REJECTED and "perplexity" in broken.reason and "max_delta 0.2" in broken.reason
+    perplexities = [store.version(v).report()["metrics"]["perplexity"] for v in (1, 2)]
+    assert perplexities[1] <= perplexities[0] + 0.2

@@ -253,30 +253,3 @@ def test_unset_method_settings_start_new_lineages_with_the_recommended_profile_a
     assert [r.step for r in records] == [1, 2] and {r.settings["profile"] for r in records} == {recommended}
     assert records[0].settings == records[1].settings
 
-
-def test_a_relative_threshold_compares_with_what_production_recorded(tiny: dict[str, Path], tmp_path: Path):
-    """`min_delta`: the candidate's metric against the production version's validation.json, through real merges."""
-    import sys
-
-    from nufilt_daemon.config import GateSettings, Threshold
-
-    accuracy = tmp_path / "accuracy"  # what the validation command reports for the next candidate
-    validate = tmp_path / "validate.py"
-    validate.write_text(f"import json, pathlib\nprint(json.dumps({{'accuracy': float(pathlib.Path({str(accuracy)!r})"
-                        ".read_text())}))\n")
-    gate = GateSettings(scores=False, command=[sys.executable, str(validate)],
-                        thresholds={"accuracy": Threshold(min=0.5, min_delta=-0.01)})
-    for job, (name, value) in enumerate((("t1", 0.90), ("t2", 0.85), ("t3", 0.895)), 1):
-        accuracy.write_text(str(value))
-        worker, intake, journal, store = make_worker(tmp_path, tiny["base"], gate=gate)  # a stopped one stays so
-        intake.emit(Arrival(tiny[name], "folder", name))
-        run_until(worker, f"job {job} decided", lambda j=job, jn=journal: jn.job(j).state in FINAL_STATES)
-    first, worse, close = (journal.job(j) for j in (1, 2, 3))
-    assert first.state == JobState.PROMOTED  # no production yet: the delta is not checked, and the report says so
-    assert store.version(1).report()["threshold_notes"] == ["accuracy: no production value to compare with "
-                                                            "(no production yet)"]
-    assert worse.state == JobState.REJECTED  # 0.85 passes min 0.5 but is 0.05 worse than v000001's 0.9
-    assert "against production's 0.9, below min_delta -0.01" in worse.reason
-    assert close.state == JobState.PROMOTED and close.version == 2  # 0.005 worse: within the bound
-    second = store.version(2).report()
-    assert second["metrics"]["accuracy"] == 0.895 and "threshold_notes" not in second

@@ -124,19 +124,20 @@ def test_the_gate_promotes_a_good_merge_and_refuses_a_damaged_one_by_perplexity(
     text = tmp_path / "held-out.txt"
     text.write_text(markov_text(300))
     base = trained_llama(tmp_path / "base", text)  # a model that has learnt the text: its perplexity is low
-    good = [noisy(base, tmp_path / f"ft{i}", 0.01, seed=i) for i in (1, 2)]  # fine-tunes: small changes
-    bad = noisy(good[1], tmp_path / "ft-bad", 0.3, seed=9)  # plausible for the distance check, yet broken
+    good = noisy(base, tmp_path / "ft-good", 0.01, seed=1)  # a fine-tune: small changes
+    bad = noisy(base, tmp_path / "ft-bad", 0.3, seed=9)  # plausible for the distance check, yet broken
     command = [sys.executable, "-c", "import sys; from nufilt_daemon.cli import main; sys.exit(main())",
                "eval", "perplexity", "--data", str(text), "--tokenizer", str(base)]
     gate = GateSettings(scores=False, command=command, thresholds={"perplexity": Threshold(max_delta=0.2)})
-    for job, arrival in enumerate((good[0], bad, good[1]), 1):
+    for job, arrival in enumerate((good, bad), 1):
         # weight averaging: NUFILT would filter most of the damage out of these 16-wide matrices
         worker, intake, journal, store = make_worker(tmp_path / "svc", base, gate=gate, method="weight_average",
                                                      method_settings={})
         intake.emit(Arrival(arrival, "folder", arrival.name))
         run_until(worker, f"job {job} decided", lambda j=job, jn=journal: jn.job(j).state in FINAL_STATES)
-    first, broken, second = (journal.job(j) for j in (1, 2, 3))
-    assert first.state == JobState.PROMOTED and second.state == JobState.PROMOTED, (first.reason, second.reason)
+    first, broken = journal.job(1), journal.job(2)
+    assert first.state == JobState.PROMOTED, first.reason  # no production to compare with: said in the report
+    assert store.version(1).report()["threshold_notes"] == ["perplexity: no production value to compare with "
+                                                            "(no production yet)"]
     assert broken.state == JobState.REJECTED and "perplexity" in broken.reason and "max_delta 0.2" in broken.reason
-    perplexities = [store.version(v).report()["metrics"]["perplexity"] for v in (1, 2)]
-    assert perplexities[1] <= perplexities[0] + 0.2
+    assert "against production's" in broken.reason and store.production().number == 1

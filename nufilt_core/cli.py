@@ -17,7 +17,7 @@ from .demo import add_demo_parser
 from .devices import set_threads
 from .errors import NufiltError
 from .lineage import LineageRecord
-from .merge import MergeRequest, Progress, merge_step
+from .merge import EXECUTORS, MergeRequest, Progress, merge_step
 from .methods import METHODS
 from .methods.profiles import DEFAULT_PROFILE, PROFILES
 from .selection import PRESETS
@@ -91,6 +91,12 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use): NUFILT "
                    "merges that many matrices at once, one thread each, with the same output for any number; other "
                    "methods use them inside each matrix. On a shared host give only the free cores")
+    m.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="where NUFILT's matrices are merged: local (this process, --threads) or ray (one Ray task each "
+                   "on the cluster at --ray-address; pip install 'nufilt[ray]'); the same output either way")
+    m.add_argument("--ray-address", dest="ray_address", metavar="HOST:PORT",
+                   help="the Ray head (`ray start --head` prints it) or ray://HOST:PORT; default: RAY_ADDRESS, else a "
+                   "Ray instance started on this host for the step. An unreachable head fails at once (exit 78)")
     n = p.add_argument_group("NUFILT settings (a new lineage: the profile's; a later step: the previous step's)")
     n.add_argument("--profile", choices=list(PROFILES),
                    help=f"named settings: {DEFAULT_PROFILE} (default), the paper's method with every Linear weight "
@@ -161,7 +167,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         base=args.base, checkpoint=args.checkpoint, output=args.output, previous=args.previous,
         method=args.method, options=merge_options(args), seed=args.seed, device=args.device,
         max_shard_bytes=args.max_shard_size, overwrite=args.overwrite, check_first=not args.one_pass,
-        workers=args.threads)
+        workers=args.threads, executor=args.executor, ray_address=args.ray_address)
     result = merge_step(req, ProgressPrinter(args.quiet))
     r = result.record
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())

@@ -33,3 +33,9 @@ class LineageError(NufiltError):
 
 class SettingsError(NufiltError):
     """A method setting or option that is out of range or unknown."""
+
+
+class ClusterError(NufiltError):
+    """The Ray cluster a merge was told to use cannot be reached or joined: a configuration error."""
+
+    exit_code = 78  # EX_CONFIG, as the daemon's other configuration errors

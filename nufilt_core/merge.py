@@ -22,13 +22,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -44,6 +44,7 @@ from .methods import MergeMethod, StepContext, get_method, resolve_settings
 from .methods.base import LowRank, Source, UntouchedRule, source_input
 from .observers import TensorObserver
 from .peak_memory import peak_rss_bytes
+from .ray_executor import RayPool, check_ray
 from .readahead import read_ahead
 from .safetensors_io import (
     StreamingWriter,
@@ -58,6 +59,8 @@ from .scores import ScoreObserver, SurrogateScores, method_scope
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DEFAULT_METHOD = "nufilt"
+Executor = Literal["local", "ray"]
+EXECUTORS: tuple[Executor, ...] = ("local", "ray")
 
 
 @dataclass
@@ -102,6 +105,10 @@ class MergeRequest:
     # on the CPU, matrices a parallel-safe method (NUFILT) merges at once, one torch and BLAS thread each; the
     # output's bytes do not depend on it. None: the cores this process may use. Other methods and CUDA: one
     workers: int | None = None
+    # where those matrices are merged: this process's threads (local), or Ray tasks (ray_executor.py) on the
+    # cluster at ray_address (None: RAY_ADDRESS, else a Ray instance started on this host); same bytes
+    executor: Executor = "local"
+    ray_address: str | None = None
 
 
 @dataclass
@@ -293,6 +300,13 @@ def _resolve(req: MergeRequest) -> _Step:
     if Path(req.output).exists() and not req.overwrite:
         raise NufiltError(f"{req.output}: already exists (pass --overwrite to replace it)")
     device = resolve_device(req.device)
+    if req.executor not in EXECUTORS:
+        raise SettingsError(f"executor {req.executor!r}: use one of {', '.join(EXECUTORS)}")
+    if req.executor == "ray":
+        if device.type != "cpu":
+            raise SettingsError(f"the ray executor merges on the cluster's CPUs; this step's device is {device} "
+                                "(--device cpu, or the local executor for a GPU)")
+        check_ray(req.ray_address)  # before any heavy work
     base, new = Checkpoint.open(req.base), Checkpoint.open(req.checkpoint)
     previous = Checkpoint.open(req.previous) if req.previous else None
     for role, opened in (("the base", base), ("--previous", previous)):
@@ -305,6 +319,9 @@ def _resolve(req: MergeRequest) -> _Step:
     if prev_record and prev_record.method != method_name:
         raise LineageError(f"{req.previous} was merged with method '{prev_record.method}'; a continual "
                            f"run cannot switch to '{method_name}' (start again from step 1)", culprit="settings")
+    if req.executor == "ray" and not method_cls.parallel_safe:
+        raise SettingsError(f"the ray executor merges with a parallel-safe method (nufilt); {method_name} runs on "
+                            "the local executor")
     settings = resolve_settings(method_cls, prev_record.settings if prev_record else {}, req.options)
     seed = req.seed if req.seed is not None else (prev_record.seed if prev_record else 0)
     step = prev_record.step + 1 if prev_record else 1
@@ -370,14 +387,12 @@ def _statistics(s: _Step, method: MergeMethod, report: Callable[[str, int, int, 
 SOURCE_POSITION = {"base": 0, "previous": 1, "new": 2}  # in _Step.load's (base, previous, new)
 
 
-def _done(value: torch.Tensor) -> Future[torch.Tensor]:
-    f: Future[torch.Tensor] = Future()
-    f.set_result(value)
-    return f
+def _done(value: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: value
 
 
 def _begin(s: _Step, method: MergeMethod, name: str, stored: list[torch.Tensor] | None,
-           pool: ThreadPoolExecutor | None) -> Callable[[], torch.Tensor]:
+           pool: MatrixPool | None) -> Callable[[], torch.Tensor]:
     """Start one tensor of the output: its merge runs on `pool` when there is one. Returns the call that
     finishes it, in the caller's thread and in the base's order: the tensor as it is written, the observers
     that want it having seen it."""
@@ -391,20 +406,15 @@ def _begin(s: _Step, method: MergeMethod, name: str, stored: list[torch.Tensor] 
     stored = None  # narrow stored copies are not needed once converted
     kept = s.untouched(name, info.shape)  # an observed tensor the method leaves as an input: that input
     factors = s.factors(name) if not kept and method.low_rank_aware else None
-
-    def merge() -> torch.Tensor:
-        with torch.no_grad():  # grad mode is per thread
-            if factors is not None:
-                return method.merge_low_rank(name, *loaded, factors)
-            return method.merge(name, *loaded)
-
     if kept:
         work = _done(loaded[SOURCE_POSITION[kept]])
+    elif pool is not None:
+        work = pool.submit(name, loaded, factors)
     else:
-        work = pool.submit(merge) if pool is not None else _done(merge())
+        work = _done(method.merge_tensor(name, *loaded, factors))
 
     def finish() -> torch.Tensor:
-        merged = work.result()
+        merged = work()
         subspaces = None if kept else method.subspaces(name)  # asked once, so the method can let them go
         if not all_finite(merged):
             raise NufiltError(f"method {s.method_name} produced NaN/Inf for tensor '{name}'")
@@ -419,25 +429,58 @@ def _begin(s: _Step, method: MergeMethod, name: str, stored: list[torch.Tensor] 
     return finish
 
 
+class MatrixPool(Protocol):
+    """Where a step's matrices are merged while the caller reads and writes in order."""
+
+    @property
+    def slots(self) -> int:
+        """Matrices worth having in flight."""
+
+    def submit(self, name: str, loaded: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               factors: LowRank | None) -> Callable[[], torch.Tensor]:
+        """Start one matrix's merge; the call returned waits for it."""
+
+    def close(self) -> None:
+        """Drop work not started; running merges finish or are cancelled."""
+
+
+class ThreadPool:
+    """`workers` threads of this process (merge_step holds torch and BLAS to one thread each)."""
+
+    def __init__(self, method: MergeMethod, workers: int):
+        self.method, self.slots = method, workers
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="nufilt-merge")
+
+    def submit(self, name: str, loaded: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               factors: LowRank | None) -> Callable[[], torch.Tensor]:
+        return self.executor.submit(self.method.merge_tensor, name, *loaded, factors).result
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)  # a stop reaches running loops: interrupts.py
+
+
 @contextmanager
-def _matrix_pool(workers: int) -> Iterator[ThreadPoolExecutor | None]:
-    """`workers` threads for the merges (None for one: merged in the caller's thread). On the way out, work
-    not started is dropped and running merges finish (a stop reaches their loops: interrupts.py)."""
-    if workers <= 1:
+def _matrix_pool(s: _Step, method: MergeMethod) -> Iterator[MatrixPool | None]:
+    """The step's pool: Ray tasks, `s.workers` threads, or none (one worker: merged in the caller's thread)."""
+    pool: MatrixPool
+    if s.req.executor == "ray":
+        pool = RayPool(s.req.ray_address, method)
+    elif s.workers > 1:
+        pool = ThreadPool(method, s.workers)
+    else:
         yield None
         return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="nufilt-merge")
     try:
         yield pool
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.close()
 
 
 def _merge_pass(s: _Step, method: MergeMethod, tmp: Path,
                 report: Callable[[str, int, int, str], None]) -> tuple[str, dict[str, str]]:
     """The output's tensors, written in the base's order into `tmp`; returns the output's content hash and
-    its tensors' hash lines. Reading and writing stay in order; with workers, up to that many tensors are
-    merged at once (each holding its inputs: the peak grows by about one layer per worker)."""
+    its tensors' hash lines. Reading and writing stay in order; with a pool, up to its slots of tensors are
+    merged at once (each holding its inputs: the peak grows by about one layer per slot)."""
     plan = [(n, i.dtype, i.shape) for n, i in s.base.tensors.items()]
     writer = StreamingWriter(tmp, plan, output_shard_bytes(s.req.max_shard_bytes, s.base))
     pending: deque[tuple[int, str, Callable[[], torch.Tensor]]] = deque()
@@ -447,11 +490,12 @@ def _merge_pass(s: _Step, method: MergeMethod, tmp: Path,
         writer.write(name, finish())
         report("merge", i, len(plan), name)
 
-    with torch.no_grad(), _matrix_pool(s.workers) as pool:
+    with torch.no_grad(), _matrix_pool(s, method) as pool:
+        in_flight = pool.slots if pool else 0
         for i, (name, stored) in enumerate(read_ahead(list(s.base.tensors), partial(s.stored, writing=True),
                                                       partial(s.stored_bytes, writing=True)), 1):
             pending.append((i, name, _begin(s, method, name, stored, pool)))
-            while len(pending) > (s.workers if pool else 0):
+            while len(pending) > in_flight:
                 write_oldest()
         while pending:
             write_oldest()

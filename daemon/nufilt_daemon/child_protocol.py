@@ -35,6 +35,8 @@ class ChildRequest(_Message):
     seed: int
     device: str
     threads: int | None
+    executor: Literal["local", "ray"]
+    ray_address: str | None
     max_shard_bytes: int | None  # None: sharded as the base
     gate: GateSettings
 

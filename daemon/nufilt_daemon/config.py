@@ -132,6 +132,12 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=None, ge=1, description="CPU threads of a merge (default: the cores the "
                                 "daemon may use): NUFILT merges that many matrices at once, one thread each; on a "
                                 "shared host, the cores really free")
+    executor: Literal["local", "ray"] = Field(
+        default="local", description="where a merge's matrices are merged: local (the daemon host's cores, `threads`) "
+        "or ray (Ray tasks on the cluster at ray_address; nufilt only; needs nufilt[ray]); the same bytes either way")
+    ray_address: str | None = Field(
+        default=None, description="HOST:PORT of the Ray head (or ray://HOST:PORT); unset: RAY_ADDRESS, else a Ray "
+        "instance started on this host for each merge. An unreachable head stops the daemon at start (exit 78)")
     method: str = "nufilt"
     method_settings: dict[str, Any] | None = Field(
         default=None, description="passed to the method at every step, e.g. {profile = \"paper\", null_rank = 64}; "
@@ -186,6 +192,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.executor == "ray" and not get_method(self.method).parallel_safe:
+            raise ValueError(f"executor ray merges with a parallel-safe method (nufilt), not {self.method}")
         m = self.mlflow
         if m.tracking_uri and not (m.source_model or m.target_model):
             raise ValueError("mlflow.tracking_uri is set but neither mlflow.source_model nor mlflow.target_model")

@@ -129,7 +129,8 @@ def run(request: ChildRequest, events: Events) -> int:
             base=r.base, checkpoint=r.checkpoint, output=r.output, previous=r.previous, method=r.method,
             options=r.options, seed=r.seed, device=r.device, max_shard_bytes=r.max_shard_bytes,
             reserved_names=(VALIDATION_NAME,), check_first=False, observers=[distance] if distance else [],
-            scores=ScoreRequest(gate.null_rank, gate.task_rank) if gate.scores else None, workers=r.threads)
+            scores=ScoreRequest(gate.null_rank, gate.task_rank) if gate.scores else None, workers=r.threads,
+            executor=r.executor, ray_address=r.ray_address)
         result = merge_step(req, events.progress)
         gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None
         events.send(Merged(record=json.loads(result.record.to_json()), seconds=result.seconds,

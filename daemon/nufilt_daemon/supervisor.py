@@ -27,7 +27,8 @@ from typing import Any, TypeVar
 import structlog
 
 from nufilt_core.checkpoint import Checkpoint
-from nufilt_core.errors import NufiltError
+from nufilt_core.errors import ClusterError, NufiltError
+from nufilt_core.ray_executor import check_ray
 
 from .config import ConfigError, Settings
 from .intake import Intake
@@ -197,6 +198,11 @@ class Daemon:
             Checkpoint.open(s.base_model)  # type: ignore[arg-type]
         except NufiltError as e:
             raise ConfigError(f"base_model: {e}") from None
+        if s.executor == "ray":
+            try:
+                check_ray(s.ray_address)  # each merge would fail on it: refused at start instead
+            except ClusterError as e:
+                raise ConfigError(f"ray_address: {e}") from None
         self.store.ensure()
         try:
             self._journal = Journal.in_state_dir(Path(s.state_dir))

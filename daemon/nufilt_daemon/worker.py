@@ -325,7 +325,8 @@ class MergeWorker:
             raise RuntimeError(f"job {job.id} is queued without a staged copy")
         return ChildRequest(base=self.base_model, checkpoint=Path(job.staged_path), output=candidate, previous=previous,
                             method=s.method, options=s.step_options(), seed=s.seed,
-                            device=s.device, threads=s.threads, max_shard_bytes=s.max_shard_bytes, gate=s.gate)
+                            device=s.device, threads=s.threads, executor=s.executor, ray_address=s.ray_address,
+                            max_shard_bytes=s.max_shard_bytes, gate=s.gate)
 
     def _log_path(self, job: Job) -> Path:
         return self.logs_dir / f"job-{job.id:06d}-a{job.attempts}.log"

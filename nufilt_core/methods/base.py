@@ -100,6 +100,22 @@ class MergeMethod(ABC, Generic[S]):
         `merge` up to rounding."""
         return self.merge(name, base, previous, new)
 
+    def merge_tensor(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
+                     factors: LowRank | None = None) -> torch.Tensor:
+        """`merge_low_rank` when the new task vector's factors are known, else `merge` (what the executors call)."""
+        with torch.no_grad():  # grad mode is per thread
+            if factors is not None:
+                return self.merge_low_rank(name, base, previous, new, factors)
+            return self.merge(name, base, previous, new)
+
+    def tensor_state(self, name: str) -> Any:
+        """What `merge` recorded about tensor `name` (a parallel-safe method's per-tensor state), for a copy of
+        the method in another process to hand back: the step's own object then `keep_tensor_state`s it."""
+        return None
+
+    def keep_tensor_state(self, name: str, state: Any) -> None:
+        """Record what another copy of this method's `merge` recorded about tensor `name` (`tensor_state`)."""
+
     def subspaces(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(V̂_{≤t-1}, V̂_t) of a tensor `merge` handled (asked once, after it), when the method computed them as
         the surrogate scores define them (the top right singular vectors of τ̃_{≤t-1} and τ_t at the ranks

@@ -360,6 +360,21 @@ class Nufilt(MergeMethod[NufiltSettings]):
         assert isinstance(settings, NufiltSettings)
         return cls.selection_of(settings, names).is_filtered, settings.null_rank, settings.task_rank
 
+    def tensor_state(self, name: str) -> Any:
+        if name not in self.results:
+            return None
+        rescaled = (self.rescaling.lambdas[name], self.rescaling.norms[name]) if self.rescaling is not None else None
+        return self.results[name], self._subspaces.get(name), rescaled
+
+    def keep_tensor_state(self, name: str, state: Any) -> None:
+        if state is None:
+            return
+        self.results[name], subspaces, rescaled = state
+        if subspaces is not None:
+            self._subspaces[name] = subspaces
+        if rescaled is not None and self.rescaling is not None:
+            self.rescaling.lambdas[name], self.rescaling.norms[name] = rescaled
+
     def subspaces(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         got = self._subspaces.pop(name, None)
         return None if self.settings.first_step == "published_code" else got

@@ -1,8 +1,8 @@
 """A real Ray head for tests: on loopback only, a free port, a short temporary folder.
 
 `ray start --head` leaves its daemons (GCS, raylet, agents) running and returns; the raylet's worker processes
-each make their own process group. All of them keep the session `ray start` ran in, so the head starts in a
-session of its own and `stop()` kills every process of that session: this head's and nothing else of the
+each make their own process group. All of them keep the SID (setsid(2)) `ray start` ran with, so the head starts
+with a SID of its own and `stop()` kills every process with that SID: this head's and nothing else of the
 machine's (never `ray stop`, which stops every Ray on the host). Also at interpreter exit.
 """
 
@@ -21,13 +21,15 @@ from types import TracebackType
 
 from mlflow_server import free_port
 
-# the head on loopback: without the variable Ray 2.60 binds every interface and replaces 127.0.0.1 with the host's
-# address; the tests' drivers get it from nufilt (ray_executor.import_ray) for a loopback address
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# For the head and its drivers. On loopback: without the first, Ray 2.60 binds every interface and replaces
+# 127.0.0.1 with the host's address (nufilt sets it itself for a loopback address: ray_executor.import_ray). No
+# token authentication: otherwise whether a head wants a token depends on whether some earlier local Ray instance
+# left one in ~/.ray/auth_token, and a driver joining it without one is refused
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 
 
-def session_processes(sid: int) -> list[int]:
-    """Every live process of session `sid` (a zombie is dead: its parent, init here, reaps it)."""
+def processes_with_sid(sid: int) -> list[int]:
+    """Every live process whose SID is `sid` (a zombie is dead: its parent, init here, reaps it)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -48,8 +50,9 @@ def process_title(pid: int) -> str:
 
 
 class RayHead:
-    def __init__(self, cpus: int = 2):
+    def __init__(self, cpus: int = 2, object_store_bytes: int = 100_000_000):
         self.cpus = cpus
+        self.object_store_bytes = object_store_bytes  # Ray's default, 30 % of memory, is a lot for a test
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         # Ray's unix sockets live under the temp folder and must stay under 108 bytes: a short one, not tmp_path
@@ -60,8 +63,8 @@ class RayHead:
         ray = str(Path(sys.executable).with_name("ray"))
         proc = subprocess.Popen(
             [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}", f"--num-cpus={self.cpus}",
-             "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", "--object-store-memory=100000000",
-             f"--temp-dir={self.temp}"],
+             "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+             f"--object-store-memory={self.object_store_bytes}", f"--temp-dir={self.temp}"],
             env={**os.environ, **LOOPBACK_ENV}, start_new_session=True, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
         self.sid = proc.pid
@@ -73,7 +76,7 @@ class RayHead:
         return self
 
     def processes(self) -> list[int]:
-        return session_processes(self.sid) if self.sid is not None else []
+        return processes_with_sid(self.sid) if self.sid is not None else []
 
     def running_tasks(self, function: str) -> list[int]:
         """Worker processes of this head running `function` now (Ray titles them ray::FUNCTION)."""

@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from nufilt_daemon.config import Settings
 from nufilt_daemon.intake import Arrival
 from nufilt_daemon.states import JobState
 from nufilt_daemon.supervisor import Daemon
-from ray_head import RayHead
+from ray_head import LOOPBACK_ENV, RayHead
 from worker_harness import make_worker, run_until
 
 from nufilt_core.errors import NufiltError
@@ -28,8 +29,10 @@ from nufilt_core.merge import MergeRequest, MergeResult, ScoreRequest, merge_ste
 
 
 @pytest.fixture(scope="module")
-def ray_head() -> RayHead:
-    with RayHead(cpus=2) as head:
+def ray_head() -> Iterator[RayHead]:
+    with pytest.MonkeyPatch.context() as env, RayHead(cpus=2) as head:
+        for key, value in LOOPBACK_ENV.items():  # the drivers: this process and the daemon's merge child
+            env.setenv(key, value)
         yield head
 
 

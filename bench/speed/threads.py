@@ -9,13 +9,17 @@ merge` step 2 on the same inputs, in fresh processes, side by side in one run:
   idle   nothing else running
   busy   beside one process that keeps one core busy (a Python spin loop)
 
-with three thread settings: the default (no OMP_* variables: what a user gets), `--threads 1`,
-and spinning threads (OMP_WAIT_POLICY=ACTIVE, what torch does without our default at its worst).
+with these settings: the default (no OMP_* variables: what a user gets), `--threads 1`, spinning
+threads (OMP_WAIT_POLICY=ACTIVE, what torch does without our default at its worst), and with
+`--executors local,ray` the ray executor twice: on a Ray head this script starts on loopback with
+one CPU per core (the driver joins it for the step; its workers start with the step), and with no
+address (the step starts a Ray instance of its own, what `--executor ray` alone does).
 Each (situation, setting) runs `--repeats` times, interleaved; the median is reported, and the
 ratios against `--threads 1` in the same situation are what the targets judge:
   busy: default ≤ 1.2 × --threads 1;  idle: default ≤ 0.65 × --threads 1 (two cores: 0.5 is the limit).
 
     .venv/bin/python bench/speed/threads.py --shape vit-b-32     # ≈ 6 min here
+    .venv/bin/python bench/speed/threads.py --shape vit-b-32 --executors local,ray --situations idle
 """
 
 from __future__ import annotations
@@ -32,11 +36,19 @@ from pathlib import Path
 
 from make_models import CACHE, ensure_models
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the tests' loopback Ray head
+from ray_head import LOOPBACK_ENV, RayHead
+
 NUFILT = Path(sys.executable).with_name("nufilt")
 SETTINGS = {
     "default": ([], {}),
     "--threads 1": (["--threads", "1"], {}),
     "spinning (OMP_WAIT_POLICY=ACTIVE)": ([], {"OMP_WAIT_POLICY": "ACTIVE"}),
+}
+RAY_HEAD = "ray executor, loopback head"
+RAY_SETTINGS = {
+    RAY_HEAD: (["--executor", "ray"], {}),  # --ray-address added once the head is up
+    "ray executor, an instance per step": (["--executor", "ray"], LOOPBACK_ENV),
 }
 TARGETS = {"busy": 1.2, "idle": 0.65}
 
@@ -78,7 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="vit-b-32", help="vit-b-32, vit-b-16, vit-l-14, vit-tiny")
     ap.add_argument("--repeats", type=int, default=2, help="runs per (situation, setting); the median counts")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--executors", default="local", help="local, or local,ray to add the ray executor's settings")
+    ap.add_argument("--situations", default="idle,busy", help="idle, busy, or both")
     args = ap.parse_args(argv)
+    settings = dict(SETTINGS)
+    head = None
+    if "ray" in args.executors.split(","):
+        head = RayHead(cpus=os.cpu_count() or 1).start()
+        settings.update(RAY_SETTINGS)
+        settings[RAY_HEAD] = ([*settings[RAY_HEAD][0], "--ray-address", head.address], {})
+    situations = [x for x in TARGETS if x in args.situations.split(",")]
+    try:
+        return measure(args, settings, situations)
+    finally:
+        if head is not None:
+            head.stop()
+
+
+def measure(args: argparse.Namespace, settings: dict[str, tuple[list[str], dict[str, str]]],
+            situations: list[str]) -> int:
 
     models = ensure_models(args.shape, 2, 0)
     work = CACHE / f"{args.shape}-s0"
@@ -89,17 +119,18 @@ def main(argv: list[str] | None = None) -> int:
                        capture_output=True)
     out = work / "merged-2-threads"
     print(f"shape {args.shape}, {os.cpu_count()} CPUs, load average before: {os.getloadavg()[0]:.2f}")
-    times: dict[str, dict[str, list[float]]] = {s: {k: [] for k in SETTINGS} for s in TARGETS}
+    times: dict[str, dict[str, list[float]]] = {s: {k: [] for k in settings} for s in situations}
     for _ in range(args.repeats):
-        for situation in ("idle", "busy"):
+        for situation in situations:
             with busy_core(situation == "busy"):
-                for name, (cli_args, extra) in SETTINGS.items():
+                for name, (cli_args, extra) in settings.items():
                     times[situation][name].append(merge_seconds(models["base"], merged1, models["ft-2"], out,
                                                                 cli_args, clean_env(extra)))
     ok = True
     print(f"{'situation':<10}{'setting':<36}{'wall s (median)':>16}{'vs --threads 1':>16}")
     figures = {}
-    for situation, target in TARGETS.items():
+    for situation in situations:
+        target = TARGETS[situation]
         one = statistics.median(times[situation]["--threads 1"])
         for name, runs in times[situation].items():
             med = statistics.median(runs)

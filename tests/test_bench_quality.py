@@ -209,3 +209,25 @@ def test_the_different_base_check_accepts_real_fine_tunes_and_rejects_unrelated_
     assert len(tunes) == 2 and len(unrelated) == 3
     assert not any(r["rejected"] for r in tunes) and all(0 < r["median"] < 0.05 for r in tunes)
     assert all(r["rejected"] and r["median"] > 1.0 for r in unrelated)
+
+
+def test_a_long_stream_s_order_and_metrics_follow_their_definitions() -> None:
+    """Two rounds: the first is the paper's order, the second every task again as `T@2` in an order of its own;
+    BWT counts each task from its newest arrival, and ACC is taken at the end of each round."""
+    from bench.quality.merging import arrival_task, stream_order, task_order
+    from bench.quality.metrics import bwt, round_accs
+
+    tasks = ["a", "b", "c"]
+    order = stream_order(tasks, 4, rounds=2)
+    assert order[:3] == task_order(tasks, 4) and sorted(order[3:]) == ["a@2", "b@2", "c@2"]
+    assert [arrival_task(a) for a in order[3:]] == task_order(tasks, 1004)
+    assert stream_order(tasks, 4) == task_order(tasks, 4)  # one round: the benchmark's order as it was
+
+    def step(task: str, **acc: float) -> dict:
+        return {"task": task, "acc": acc}
+
+    record = {"steps": [step("a", a=80), step("b", b=70), step("c", a=60, b=60, c=90),  # end of round 1
+                        step("b", b=75), step("a", a=85), step("c", a=81, b=72, c=88)]}  # end of round 2
+    # a: 81 − 85 (its second arrival), b: 72 − 75; c arrives last, so it is not counted
+    assert bwt(record) == pytest.approx(((81 - 85) + (72 - 75)) / 2)
+    assert round_accs(record) == pytest.approx([70.0, (81 + 72 + 88) / 3])

@@ -58,6 +58,9 @@ class MergeConfig:
     ablation_orders: int | None = None  # orders for NUFILT's ablation (None: all)
     seed: int = 0  # NUFILT adapter seed (lineage seed)
     eval_batch: int = 64
+    # each task arrives this many times, once a round, every round in its own order; its arrival in round r
+    # (0-based) is its fine-tune with train seed + r: another seed and data order, a retrained version of the task
+    rounds: int = 1
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,9 @@ PAPER_GENTLE = BenchConfig(name="paper-protocol-gentle", train=TrainConfig(freez
 # The paper's protocol with PEFT LoRA fine-tunes (rank 16 on every projection, lr 1e-3, as LoRA recipes
 # commonly use a learning rate above full fine-tuning's): each checkpoint is an adapter folder.
 LORA = BenchConfig(name="lora", train=TrainConfig(freeze_head=True, lr_body=1e-3, lora_rank=16))
+# A long stream: the LoRA fine-tunes of the 8 tasks, then each task retrained (seed 1), 16 arrivals in two
+# shuffled rounds; every task is scored at the end of each round, and on the first order after every arrival.
+LONG_STREAM = BenchConfig(name="long-stream", train=LORA.train, merge=MergeConfig(orders=5, curve_orders=1, rounds=2))
 # Heads trained with their bodies and every merged body scored with them (the first benchmark's "full").
 COADAPTED = BenchConfig(name="coadapted-heads")
 # The CI version: two cheap tasks (Debian fortunes, PyPI chatterbot-corpus), tiny subsets, short texts.
@@ -95,7 +101,7 @@ SMALL = BenchConfig(
     train=TrainConfig(epochs=2, batch_size=32, lr_body=1e-4, lr_head=3e-3, probe_steps=50),
     merge=MergeConfig(orders=2, curve_orders=1, settings_orders=1, ablation_orders=1),
 )
-PRESETS = {c.name: c for c in (PAPER, PAPER_GENTLE, COADAPTED, LORA, SMALL)}
+PRESETS = {c.name: c for c in (PAPER, PAPER_GENTLE, COADAPTED, LORA, LONG_STREAM, SMALL)}
 # Settings are chosen on these 4 of the 8 tasks and on orders 0..DEV_ORDERS-1 only; every number
 # is reported on all 8 tasks and 10 orders, so that no setting is tuned to the test.
 DEV_TASKS = ("rotten", "debates", "fortunes_b", "wn_verb")

@@ -41,6 +41,24 @@ def task_order(tasks: list[str], v: int) -> list[str]:
     return order
 
 
+ROUND_MARK = "@"  # a later round's arrival of task T is named T@2, T@3, ...
+ROUND_SEED_STRIDE = 1000  # round r of order v is shuffled as the paper's order v + r·1000
+
+
+def arrival_name(task: str, round_index: int) -> str:
+    return task if round_index == 0 else f"{task}{ROUND_MARK}{round_index + 1}"
+
+
+def arrival_task(arrival: str) -> str:
+    return arrival.split(ROUND_MARK)[0]
+
+
+def stream_order(tasks: list[str], v: int, rounds: int = 1) -> list[str]:
+    """The arrivals of order v: round 0 is the paper's order v (so a long stream starts as the 8-task
+    benchmark does), each later round the tasks again in an order of its own."""
+    return [arrival_name(t, r) for r in range(rounds) for t in task_order(tasks, v + r * ROUND_SEED_STRIDE)]
+
+
 @dataclass
 class EvalSet:
     test: Split
@@ -48,7 +66,8 @@ class EvalSet:
 
 
 def run_key(cfg: BenchConfig) -> str:
-    return key(cfg.data, cfg.train, cfg.merge.seed)
+    rounds = () if cfg.merge.rounds == 1 else (cfg.merge.rounds,)  # the key of one-round runs as it was
+    return key(cfg.data, cfg.train, cfg.merge.seed, *rounds)
 
 
 def result_path(runs: Path, variant: Variant, v: int) -> Path:
@@ -57,8 +76,8 @@ def result_path(runs: Path, variant: Variant, v: int) -> Path:
 
 def run_order(variant: Variant, v: int, checkpoints: dict[str, Path], evals: dict[str, EvalSet],
               work: Path, cfg: BenchConfig, curve: bool, encoder: torch.nn.Module | None = None) -> dict:
-    """Merge all tasks in order v with one variant; returns the record written to the cache."""
-    order = task_order(list(checkpoints), v)
+    """Merge all arrivals in order v with one variant; returns the record written to the cache."""
+    order = stream_order(list(evals), v, cfg.merge.rounds)
     encoder = encoder or new_encoder()
     if work.exists():
         shutil.rmtree(work)
@@ -66,25 +85,29 @@ def run_order(variant: Variant, v: int, checkpoints: dict[str, Path], evals: dic
     steps = []
     previous: Path | None = None
     try:
-        for t, task in enumerate(order, 1):
+        for t, arrival in enumerate(order, 1):
+            task = arrival_task(arrival)
             output = work / f"step-{t}"
             t0 = time.perf_counter()
             result = merge_step(MergeRequest(
-                base=base_weights(), checkpoint=checkpoints[task], output=output, previous=previous,
+                base=base_weights(), checkpoint=checkpoints[arrival], output=output, previous=previous,
                 method=variant.method, options=variant.options if t == 1 else {}, seed=cfg.merge.seed,
                 device="cpu"))
             merge_seconds = time.perf_counter() - t0
             # the daemon gate's data-free scores, on the orders where every seen task is evaluated
             # after every step (so their power to predict the measured drop and gain can be reported)
-            scores = gate_scores(result.record, previous, checkpoints[task], output) if curve else None
+            scores = gate_scores(result.record, previous, checkpoints[arrival], output) if curve else None
             if previous is not None:
                 shutil.rmtree(previous)
             previous = output
-            seen = order[:t] if (curve or t == len(order)) else [task]
+            # every task seen so far on curve orders and at the end of each round; else the new one (for BWT)
+            whole = curve or t % len(evals) == 0
+            seen = list(dict.fromkeys(arrival_task(a) for a in order[:t])) if whole else [task]
             t1 = time.perf_counter()
             load_body(encoder, output / "model.safetensors")
             acc = {name: accuracy(encoder, evals[name].test, evals[name].head, cfg.merge.eval_batch) for name in seen}
-            steps.append({"task": task, "acc": acc, "merge_seconds": round(merge_seconds, 3),
+            steps.append({"task": task, **({"arrival": arrival} if arrival != task else {}), "acc": acc,
+                          "merge_seconds": round(merge_seconds, 3),
                           "phase_seconds": {k: round(s, 3) for k, s in result.seconds.items()},
                           "eval_seconds": round(time.perf_counter() - t1, 2), "summary": result.record.summary,
                           **({"scores": scores} if scores else {})})

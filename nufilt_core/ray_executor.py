@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import torch
 
 from .devices import torch_threads
-from .errors import ClusterError
+from .errors import ClusterError, NufiltError
 from .linalg import one_blas_thread
 from .methods.base import LowRank, MergeMethod
 
@@ -114,7 +114,7 @@ class RayPool:
                 options.update(include_dashboard=False, _node_ip_address="127.0.0.1")
             try:
                 self.ray.init(address=address, **options)
-            except (ConnectionError, RuntimeError) as e:
+            except Exception as e:  # Ray's own kinds (connection, authentication, version): a configuration error
                 raise ClusterError(f"cannot join the Ray cluster at {address or 'RAY_ADDRESS/local'}: {e}") from None
         self.method = method
         self.method_ref = self.ray.put(method)
@@ -134,6 +134,10 @@ class RayPool:
         def result() -> torch.Tensor:
             try:
                 merged, state = self.ray.get(ref)
+            except self.ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, NufiltError):  # the method's own error, as the local executor raises it
+                    raise e.cause from None
+                raise
             finally:
                 self.pending.discard(ref)
             self.method.keep_tensor_state(name, state)

@@ -24,7 +24,7 @@ from nufilt_daemon.supervisor import Daemon
 from ray_head import LOOPBACK_ENV, RayHead
 from worker_harness import make_worker, run_until
 
-from nufilt_core.errors import NufiltError
+from nufilt_core.errors import LineageError, NufiltError
 from nufilt_core.merge import MergeRequest, MergeResult, ScoreRequest, merge_step
 
 
@@ -85,6 +85,20 @@ def test_a_worker_killed_mid_step_is_retried_and_writes_the_same_bytes(ray_head:
     assert victim not in ray_head.processes()  # it really died; Ray ran its task again elsewhere
     assert weights_hash(tmp_path / "ray") == weights_hash(local.output)
     assert result[0].record.summary == local.record.summary
+
+
+def test_a_method_s_error_in_a_task_is_the_error_the_local_executor_raises(ray_head: RayHead,
+                                                                           tiny: dict[str, Path], tmp_path: Path):
+    """A step that filters a matrix its lineage never rescaled: the trust radius refuses it inside the task."""
+    step(tiny, tmp_path / "m1", "t1", None, {"iters": 2, "include": ["query"], "preset": "auto"}, workers=2)
+    errors = []
+    for where in ({"workers": 2}, {"executor": "ray", "ray_address": ray_head.address}):
+        with pytest.raises(LineageError) as refused:
+            step(tiny, tmp_path / "m2", "t2", tmp_path / "m1", {"include": ["query", "key"]}, **where)
+        errors.append(str(refused.value))
+        assert not (tmp_path / "m2").exists()
+    assert errors[0] == errors[1] and "no rescale state for this matrix" in errors[0]
+    assert leftovers(tmp_path) == []
 
 
 def test_an_unreachable_head_fails_at_once_with_exit_78(tiny: dict[str, Path], tmp_path: Path):

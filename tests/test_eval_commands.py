@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,6 +73,21 @@ def trained_llama(folder: Path, text: Path, steps: int = 100) -> Path:
     return folder
 
 
+def gate_decides(svc: Path, base: Path, gate: Any, arrivals: list[Path]) -> tuple[Any, Any]:
+    """Each arrival merged by a real worker with `gate` until decided, in turn (weight averaging: NUFILT would
+    filter much of a deliberate damage out); returns the journal and the store."""
+    from nufilt_daemon.sources.base import Arrival
+    from nufilt_daemon.states import FINAL_STATES
+    from worker_harness import make_worker, run_until
+
+    for job, arrival in enumerate(arrivals, 1):
+        worker, intake, journal, store = make_worker(svc, base, gate=gate, method="weight_average",
+                                                     method_settings={})
+        intake.emit(Arrival(arrival, "folder", arrival.name))
+        run_until(worker, f"job {job} decided", lambda j=job, jn=journal: jn.job(j).state in FINAL_STATES)
+    return journal, store
+
+
 def test_perplexity_is_printed_as_json_and_rises_on_a_damaged_model(tmp_path: Path):
     model = with_tokenizer(tiny_llama(tmp_path / "llama"))
     text = tmp_path / "held-out.txt"
@@ -117,9 +133,7 @@ def test_accuracy_counts_the_classifier_s_answers_on_jsonl_and_csv(tmp_path: Pat
 def test_the_gate_promotes_a_good_merge_and_refuses_a_damaged_one_by_perplexity(tmp_path: Path):
     """`nufilt eval perplexity` as the gate's command of a real worker, relative to production."""
     from nufilt_daemon.config import GateSettings, Threshold
-    from nufilt_daemon.sources.base import Arrival
-    from nufilt_daemon.states import FINAL_STATES, JobState
-    from worker_harness import make_worker, run_until
+    from nufilt_daemon.states import JobState
 
     text = tmp_path / "held-out.txt"
     text.write_text(markov_text(300))
@@ -129,12 +143,7 @@ def test_the_gate_promotes_a_good_merge_and_refuses_a_damaged_one_by_perplexity(
     command = [sys.executable, "-c", "import sys; from nufilt_daemon.cli import main; sys.exit(main())",
                "eval", "perplexity", "--data", str(text), "--tokenizer", str(base)]
     gate = GateSettings(scores=False, command=command, thresholds={"perplexity": Threshold(max_delta=0.2)})
-    for job, arrival in enumerate((good, bad), 1):
-        # weight averaging: NUFILT would filter most of the damage out of these 16-wide matrices
-        worker, intake, journal, store = make_worker(tmp_path / "svc", base, gate=gate, method="weight_average",
-                                                     method_settings={})
-        intake.emit(Arrival(arrival, "folder", arrival.name))
-        run_until(worker, f"job {job} decided", lambda j=job, jn=journal: jn.job(j).state in FINAL_STATES)
+    journal, store = gate_decides(tmp_path / "svc", base, gate, [good, bad])
     first, broken = journal.job(1), journal.job(2)
     assert first.state == JobState.PROMOTED, first.reason  # no production to compare with: said in the report
     assert store.version(1).report()["threshold_notes"] == ["perplexity: no production value to compare with "
@@ -180,9 +189,7 @@ def minilm_classifier(folder: Path) -> Path:
 def test_the_gate_promotes_a_good_merge_and_refuses_a_damaged_one_by_accuracy_on_minilm(tmp_path: Path):
     """`nufilt eval accuracy` as the gate's command of a real worker on the real MiniLM, relative to production."""
     from nufilt_daemon.config import GateSettings, Threshold
-    from nufilt_daemon.sources.base import Arrival
-    from nufilt_daemon.states import FINAL_STATES, JobState
-    from worker_harness import make_worker, run_until
+    from nufilt_daemon.states import JobState
 
     held_out = tmp_path / "held-out.jsonl"  # other sentences than the head was fitted on
     held_out.write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
@@ -195,11 +202,7 @@ def test_the_gate_promotes_a_good_merge_and_refuses_a_damaged_one_by_accuracy_on
     # the distance check off: it would refuse the damaged checkpoint on its own, and the evaluation is under test
     gate = GateSettings(scores=False, max_relative_distance=0, command=command,
                         thresholds={"accuracy": Threshold(min_delta=-0.05)})
-    for job, arrival in enumerate((good, bad), 1):
-        worker, intake, journal, store = make_worker(tmp_path / "svc", base, gate=gate, method="weight_average",
-                                                     method_settings={})
-        intake.emit(Arrival(arrival, "folder", arrival.name))
-        run_until(worker, f"job {job} decided", lambda j=job, jn=journal: jn.job(j).state in FINAL_STATES)
+    journal, store = gate_decides(tmp_path / "svc", base, gate, [good, bad])
     first, broken = journal.job(1), journal.job(2)
     assert first.state == JobState.PROMOTED, first.reason
     assert store.version(1).report()["metrics"]["accuracy"] >= 0.9  # the merge of a good fine-tune still classifies

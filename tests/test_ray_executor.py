@@ -14,17 +14,15 @@ from pathlib import Path
 
 import pytest
 from cli_runner import run_cli
-from daemon_harness import wait_for
+from daemon_harness import DaemonProcess, wait_for
 from engine_checks import leftovers
 from mlflow_server import free_port
-from nufilt_daemon.config import Settings
 from nufilt_daemon.intake import Arrival
 from nufilt_daemon.states import JobState
-from nufilt_daemon.supervisor import Daemon
 from ray_head import LOOPBACK_ENV, RayHead
 from worker_harness import make_worker, run_until
 
-from nufilt_core.errors import LineageError, NufiltError
+from nufilt_core.errors import LineageError
 from nufilt_core.merge import MergeRequest, MergeResult, ScoreRequest, merge_step
 
 
@@ -111,11 +109,12 @@ def test_an_unreachable_head_fails_at_once_with_exit_78(tiny: dict[str, Path], t
     assert time.monotonic() - t0 < 60  # not Ray's minutes of retrying
     assert not (tmp_path / "m1").exists() and leftovers(tmp_path) == []
 
-    settings = Settings(base_model=tiny["base"], store_dir=tmp_path / "store", state_dir=tmp_path / "state",
-                        watch_dir=tmp_path / "inbox", executor="ray", ray_address=address)
-    with pytest.raises(NufiltError, match=r"ray_address: cannot reach the Ray cluster") as refused:
-        Daemon(settings)._build()
-    assert refused.value.exit_code == 78  # EX_CONFIG: systemd does not restart it
+    daemon = DaemonProcess(tmp_path / "svc", tiny["base"], executor="ray", ray_address=address)
+    for command in (["daemon", "--check"], ["daemon"]):  # validating the settings, and starting
+        proc = daemon.cli(*command, check=False)
+        assert proc.returncode == 78, proc.stderr  # EX_CONFIG: systemd does not restart it
+        assert f"cannot reach the Ray cluster at {address}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (daemon.state / "journal.db").exists()  # refused before anything started
 
 
 def test_the_daemon_s_merge_child_uses_the_ray_executor(ray_head: RayHead, tiny: dict[str, Path], tmp_path: Path):

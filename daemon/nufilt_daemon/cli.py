@@ -24,6 +24,7 @@ from nufilt_core.cli import build_parser as build_core_parser
 from nufilt_core.cli import run
 from nufilt_core.errors import NufiltError
 from nufilt_core.interrupts import unwind_on_signals
+from nufilt_core.ray_executor import check_ray
 
 from . import evaluate
 from .config import CONFIG_ENV, load_settings
@@ -173,6 +174,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             print("nufilt: error: base_model is not set (NUFILT_BASE_MODEL)", file=sys.stderr)
             return 1
         Checkpoint.open(settings.base_model)  # what the daemon opens at start: a missing base fails here too
+        if settings.executor == "ray":
+            check_ray(settings.ray_address)  # and the Ray head it would use
         return 0
     # what the daemon writes (journal, versions, logs) is its group's to read at most, as under the systemd unit
     os.umask(os.umask(DAEMON_UMASK) | DAEMON_UMASK)

@@ -95,8 +95,8 @@ def import_ray(address: str | None) -> ModuleType:
 def merge_matrix_task(method: MergeMethod, name: str, loaded: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                       factors: LowRank | None) -> tuple[torch.Tensor, Any]:
     """One matrix's merge in a Ray worker, on one torch and one BLAS thread as the local executor's workers."""
-    with torch.no_grad(), torch_threads(1), one_blas_thread():
-        merged = method.merge_low_rank(name, *loaded, factors) if factors is not None else method.merge(name, *loaded)
+    with torch_threads(1), one_blas_thread():
+        merged = method.merge_tensor(name, *loaded, factors)
     return merged, method.tensor_state(name)
 
 
@@ -117,9 +117,14 @@ class RayPool:
             except Exception as e:  # Ray's own kinds (connection, authentication, version): a configuration error
                 raise ClusterError(f"cannot join the Ray cluster at {address or 'RAY_ADDRESS/local'}: {e}") from None
         self.method = method
-        self.method_ref = self.ray.put(method)
-        self.task = self.ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=False)(merge_matrix_task)
         self.pending: set[Any] = set()
+        try:
+            self.method_ref = self.ray.put(method)
+            self.task = self.ray.remote(num_cpus=1, max_retries=TASK_RETRIES,
+                                        retry_exceptions=False)(merge_matrix_task)
+        except BaseException:
+            self.close()  # never left connected: an error leaving a process joined to Ray hangs in Ray's excepthook
+            raise
 
     @property
     def slots(self) -> int:

@@ -17,7 +17,8 @@ from .demo import add_demo_parser
 from .devices import set_threads
 from .errors import NufiltError
 from .lineage import LineageRecord
-from .merge import EXECUTORS, MergeRequest, Progress, merge_step
+from .matrix_pool import EXECUTORS
+from .merge import MergeRequest, Progress, merge_step
 from .methods import METHODS
 from .methods.profiles import DEFAULT_PROFILE, PROFILES
 from .selection import PRESETS

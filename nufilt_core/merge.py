@@ -21,14 +21,13 @@ import shutil
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
 
@@ -40,11 +39,12 @@ from .errors import CheckpointError, LineageError, NufiltError, SettingsError
 from .fsutil import fsync_dir
 from .linalg import one_blas_thread
 from .lineage import CheckpointRef, LineageRecord
+from .matrix_pool import EXECUTORS, Executor, MatrixPool, matrix_pool
 from .methods import MergeMethod, StepContext, get_method, resolve_settings
 from .methods.base import LowRank, Source, UntouchedRule, source_input
 from .observers import TensorObserver
 from .peak_memory import peak_rss_bytes
-from .ray_executor import RayPool, check_ray
+from .ray_executor import check_ray
 from .readahead import read_ahead
 from .safetensors_io import (
     StreamingWriter,
@@ -59,8 +59,6 @@ from .scores import ScoreObserver, SurrogateScores, method_scope
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DEFAULT_METHOD = "nufilt"
-Executor = Literal["local", "ray"]
-EXECUTORS: tuple[Executor, ...] = ("local", "ray")
 
 
 @dataclass
@@ -429,53 +427,6 @@ def _begin(s: _Step, method: MergeMethod, name: str, stored: list[torch.Tensor] 
     return finish
 
 
-class MatrixPool(Protocol):
-    """Where a step's matrices are merged while the caller reads and writes in order."""
-
-    @property
-    def slots(self) -> int:
-        """Matrices worth having in flight."""
-
-    def submit(self, name: str, loaded: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-               factors: LowRank | None) -> Callable[[], torch.Tensor]:
-        """Start one matrix's merge; the call returned waits for it."""
-
-    def close(self) -> None:
-        """Drop work not started; running merges finish or are cancelled."""
-
-
-class ThreadPool:
-    """`workers` threads of this process (merge_step holds torch and BLAS to one thread each)."""
-
-    def __init__(self, method: MergeMethod, workers: int):
-        self.method, self.slots = method, workers
-        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="nufilt-merge")
-
-    def submit(self, name: str, loaded: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-               factors: LowRank | None) -> Callable[[], torch.Tensor]:
-        return self.executor.submit(self.method.merge_tensor, name, *loaded, factors).result
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)  # a stop reaches running loops: interrupts.py
-
-
-@contextmanager
-def _matrix_pool(s: _Step, method: MergeMethod) -> Iterator[MatrixPool | None]:
-    """The step's pool: Ray tasks, `s.workers` threads, or none (one worker: merged in the caller's thread)."""
-    pool: MatrixPool
-    if s.req.executor == "ray":
-        pool = RayPool(s.req.ray_address, method)
-    elif s.workers > 1:
-        pool = ThreadPool(method, s.workers)
-    else:
-        yield None
-        return
-    try:
-        yield pool
-    finally:
-        pool.close()
-
-
 def _merge_pass(s: _Step, method: MergeMethod, tmp: Path,
                 report: Callable[[str, int, int, str], None]) -> tuple[str, dict[str, str]]:
     """The output's tensors, written in the base's order into `tmp`; returns the output's content hash and
@@ -490,7 +441,7 @@ def _merge_pass(s: _Step, method: MergeMethod, tmp: Path,
         writer.write(name, finish())
         report("merge", i, len(plan), name)
 
-    with torch.no_grad(), _matrix_pool(s, method) as pool:
+    with torch.no_grad(), matrix_pool(method, s.req.executor, s.workers, s.req.ray_address) as pool:
         in_flight = pool.slots if pool else 0
         for i, (name, stored) in enumerate(read_ahead(list(s.base.tensors), partial(s.stored, writing=True),
                                                       partial(s.stored_bytes, writing=True)), 1):

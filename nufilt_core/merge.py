@@ -304,7 +304,6 @@ def _resolve(req: MergeRequest) -> _Step:
         if device.type != "cpu":
             raise SettingsError(f"the ray executor merges on the cluster's CPUs; this step's device is {device} "
                                 "(--device cpu, or the local executor for a GPU)")
-        check_ray(req.ray_address)  # before any heavy work
     base, new = Checkpoint.open(req.base), Checkpoint.open(req.checkpoint)
     previous = Checkpoint.open(req.previous) if req.previous else None
     for role, opened in (("the base", base), ("--previous", previous)):
@@ -320,6 +319,8 @@ def _resolve(req: MergeRequest) -> _Step:
     if req.executor == "ray" and not method_cls.parallel_safe:
         raise SettingsError(f"the ray executor merges with a parallel-safe method (nufilt); {method_name} runs on "
                             "the local executor")
+    if req.executor == "ray":
+        check_ray(req.ray_address)  # the cluster, before any heavy work
     settings = resolve_settings(method_cls, prev_record.settings if prev_record else {}, req.options)
     seed = req.seed if req.seed is not None else (prev_record.seed if prev_record else 0)
     step = prev_record.step + 1 if prev_record else 1

@@ -17,12 +17,13 @@ from cli_runner import run_cli
 from daemon_harness import DaemonProcess, wait_for
 from engine_checks import leftovers
 from mlflow_server import free_port
+from nufilt_daemon.config import Settings
 from nufilt_daemon.intake import Arrival
 from nufilt_daemon.states import JobState
 from ray_head import LOOPBACK_ENV, RayHead
 from worker_harness import make_worker, run_until
 
-from nufilt_core.errors import LineageError
+from nufilt_core.errors import LineageError, NufiltError
 from nufilt_core.merge import MergeRequest, MergeResult, ScoreRequest, merge_step
 
 
@@ -125,3 +126,14 @@ def test_the_daemon_s_merge_child_uses_the_ray_executor(ray_head: RayHead, tiny:
     local = merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=tmp_path / "local",
                                     options={"iters": 2}))
     assert weights_hash(store.production().path) == weights_hash(local.output)
+
+
+def test_only_a_parallel_safe_method_runs_on_ray(tiny: dict[str, Path], tmp_path: Path):
+    """OPCM merges its matrices in order: refused with the reason, by the daemon's settings and by a merge step
+    (before any tensor is read)."""
+    with pytest.raises(ValueError, match=r"executor ray merges with a parallel-safe method \(nufilt\), not opcm"):
+        Settings(base_model=tiny["base"], method="opcm", executor="ray", ray_address="127.0.0.1:1")
+    with pytest.raises(NufiltError, match=r"the ray executor merges with a parallel-safe method \(nufilt\); opcm"):
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=tmp_path / "m1", method="opcm",
+                                executor="ray", ray_address=f"127.0.0.1:{free_port()}"))
+    assert not (tmp_path / "m1").exists()

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
+from nufilt_core.matrix_pool import Executor
+
 from .config import GateSettings
 from .states import GateOutcome
 
@@ -35,7 +37,7 @@ class ChildRequest(_Message):
     seed: int
     device: str
     threads: int | None
-    executor: Literal["local", "ray"]
+    executor: Executor
     ray_address: str | None
     max_shard_bytes: int | None  # None: sharded as the base
     gate: GateSettings

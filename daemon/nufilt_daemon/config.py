@@ -30,6 +30,7 @@ from pydantic_settings import (
 )
 
 from nufilt_core.errors import NufiltError, SettingsError
+from nufilt_core.matrix_pool import Executor
 from nufilt_core.methods import get_method, resolve_settings
 from nufilt_core.plausibility import DEFAULT_MAX_RELATIVE_DISTANCE
 
@@ -132,7 +133,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=None, ge=1, description="CPU threads of a merge (default: the cores the "
                                 "daemon may use): NUFILT merges that many matrices at once, one thread each; on a "
                                 "shared host, the cores really free")
-    executor: Literal["local", "ray"] = Field(
+    executor: Executor = Field(
         default="local", description="where a merge's matrices are merged: local (the daemon host's cores, `threads`) "
         "or ray (Ray tasks on the cluster at ray_address; nufilt only; needs nufilt[ray]); the same bytes either way")
     ray_address: str | None = Field(

@@ -16,12 +16,15 @@ and the observers' verdicts before publishing: each input byte is read once.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -343,16 +346,30 @@ def _preflight(s: _Step, report: Callable[[str, int, int, str], None]) -> dict[s
         return None
     inputs = [("base", s.base), ("checkpoint", s.new)] + ([("previous", s.previous)] if s.previous else [])
     total = sum(len(c.tensors) for _, c in inputs)
-    done = 0
-    hashes: dict[str, str] = {}
-    for role, ckpt in inputs:
-        def tick(name: str, role: str = role) -> None:
-            nonlocal done
-            done += 1
-            report("check", done, total, f"{role}: {name}")
-        hashes[role] = scan_and_hash(ckpt, role, tick)
+    done = itertools.count(1)  # next() on it is atomic: the inputs are checked side by side
+    abandoned = threading.Event()
+
+    def check(role: str, ckpt: Checkpoint) -> str:
+        def tick(name: str) -> None:
+            if abandoned.is_set():
+                raise _Abandoned
+            report("check", next(done), total, f"{role}: {name}")
+        return scan_and_hash(ckpt, role, tick)
+
+    # one input per core: hashing (sha256) bounds this pass, and hashlib and reading release the GIL
+    with ThreadPoolExecutor(min(len(inputs), cpu_workers(s.req.workers)), thread_name_prefix="nufilt-check") as pool:
+        futures = [pool.submit(check, role, ckpt) for role, ckpt in inputs]
+        try:
+            hashes = {role: f.result() for (role, _), f in zip(inputs, futures, strict=True)}  # errors in input order
+        except BaseException:
+            abandoned.set()  # the other inputs' passes stop at their next tensor
+            raise
     _check_lineage(s, hashes)
     return hashes
+
+
+class _Abandoned(Exception):
+    """An input's check pass stops: another input's failed."""
 
 
 def _check_lineage(s: _Step, hashes: dict[str, str]) -> None:
@@ -431,27 +448,58 @@ def _begin(s: _Step, method: MergeMethod, name: str, stored: list[torch.Tensor] 
 def _merge_pass(s: _Step, method: MergeMethod, tmp: Path,
                 report: Callable[[str, int, int, str], None]) -> tuple[str, dict[str, str]]:
     """The output's tensors, written in the base's order into `tmp`; returns the output's content hash and
-    its tensors' hash lines. Reading and writing stay in order; with a pool, up to its slots of tensors are
-    merged at once (each holding its inputs: the peak grows by about one layer per slot)."""
+    its tensors' hash lines. Reading and writing stay in order. With a pool, the method's heavy tensors are
+    merged on it, the rest here; tensors wait to be written within a window of elements (see `_Window`), so
+    that a long matrix at the head does not leave the other workers idle."""
     plan = [(n, i.dtype, i.shape) for n, i in s.base.tensors.items()]
     writer = StreamingWriter(tmp, plan, output_shard_bytes(s.req.max_shard_bytes, s.base))
     pending: deque[tuple[int, str, Callable[[], torch.Tensor]]] = deque()
 
-    def write_oldest() -> None:
-        i, name, finish = pending.popleft()
-        writer.write(name, finish())
-        report("merge", i, len(plan), name)
-
     with torch.no_grad(), matrix_pool(method, s.req.executor, s.workers, s.req.ray_address) as pool:
-        in_flight = pool.slots if pool else 0
+        heavy = {n: pool is not None and i.is_float and method.heavy(n, i.shape) for n, i in s.base.tensors.items()}
+        window = _Window(pool.slots if pool else 0,
+                         max((s.base.tensors[n].numel for n, h in heavy.items() if h), default=0))
+
+        def write_oldest() -> None:
+            i, name, finish = pending.popleft()
+            writer.write(name, finish())
+            window.remove(s.base.tensors[name].numel, heavy[name])
+            report("merge", i, len(plan), name)
+
         for i, (name, stored) in enumerate(read_ahead(list(s.base.tensors), partial(s.stored, writing=True),
                                                       partial(s.stored_bytes, writing=True)), 1):
-            pending.append((i, name, _begin(s, method, name, stored, pool)))
-            while len(pending) > in_flight:
+            numel = s.base.tensors[name].numel
+            while pending and not window.fits(numel, heavy[name]):
                 write_oldest()
+            pending.append((i, name, _begin(s, method, name, stored, pool if heavy[name] else None)))
+            window.add(numel, heavy[name])
         while pending:
             write_oldest()
     return writer.close(), writer.digests
+
+
+class _Window:
+    """Which tensors may be merged or waiting to be written at once, counted in elements. Heavy ones (on the
+    pool) hold three inputs and the method's work space: at most `slots` of the largest at once, the peak of
+    a pool with a matrix per slot; all together at most one such matrix more (finished cheap ones waiting
+    behind a heavy one). With equal matrices that is a matrix per slot, as a count would allow; with
+    unequal ones (a Vision Transformer's fc2 beside its attention) the small ones go on while a big one
+    runs. Without a pool nothing waits: each tensor is written before the next is read."""
+
+    def __init__(self, slots: int, largest: int):
+        self.heavy_limit, self.total_limit = slots * largest, (slots + 1) * largest if slots else 0
+        self.heavy = self.total = 0
+
+    def fits(self, numel: int, heavy: bool) -> bool:
+        return (self.total + numel <= self.total_limit
+                and (not heavy or self.heavy + numel <= self.heavy_limit))
+
+    def add(self, numel: int, heavy: bool) -> None:
+        self.total += numel
+        self.heavy += numel if heavy else 0
+
+    def remove(self, numel: int, heavy: bool) -> None:
+        self.add(-numel, heavy)
 
 
 def _publish(tmp: Path, output: Path) -> None:

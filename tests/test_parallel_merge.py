@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from engine_checks import leftovers
+from models import base_state, finetune, write_model
 from peft_models import lora_adapter, tiny_bert
 
-from nufilt_core.errors import NufiltError
-from nufilt_core.merge import MergeRequest, ScoreRequest, merge_step
+from nufilt_core.errors import CheckpointError, NufiltError
+from nufilt_core.merge import MergeRequest, ScoreRequest, _Window, merge_step
 from nufilt_core.methods.nufilt import Nufilt
 
 
@@ -68,3 +69,38 @@ def test_a_failing_matrix_in_a_worker_fails_the_step_and_leaves_nothing(tiny: di
         merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=tmp_path / "m2",
                                 previous=tmp_path / "m1", workers=2))
     assert not (tmp_path / "m2").exists() and leftovers(tmp_path) == []
+
+
+def test_the_window_keeps_a_matrix_per_slot_and_lets_small_ones_pass_a_big_one():
+    equal = _Window(slots=2, largest=100)
+    for numel, heavy in [(100, True), (4, False), (100, True), (4, False)]:  # weight, bias, weight, bias
+        assert equal.fits(numel, heavy)
+        equal.add(numel, heavy)
+    assert not equal.fits(100, True)  # a third matrix waits for the first
+    assert equal.fits(4, False)  # a bias does not
+    uneven = _Window(slots=2, largest=400)
+    uneven.add(400, True)  # a wide matrix at the head
+    for _ in range(4):  # the next block's four narrow ones run meanwhile
+        assert uneven.fits(100, True)
+        uneven.add(100, True)
+    assert not uneven.fits(100, True)
+    uneven.remove(400, True)
+    assert uneven.fits(400, True)
+    assert not _Window(slots=0, largest=0).fits(1, False)  # no pool: each tensor written before the next
+
+
+def test_the_check_pass_reads_the_inputs_side_by_side_and_names_the_first_bad_one(tmp_path: Path):
+    """With two workers the inputs are checked at once; NaN in the base and the checkpoint is reported as the
+    base's, as a pass over one input at a time would, and nothing is written."""
+    base = base_state()
+    bad_base, bad_new = dict(base), finetune(base, 1)
+    for state in (bad_base, bad_new):
+        state["encoder.layer.1.attention.self.key.weight"] = state["encoder.layer.1.attention.self.key.weight"].clone()
+        state["encoder.layer.1.attention.self.key.weight"][3, 4] = float("nan")
+    write_model(bad_base, tmp_path / "base")
+    write_model(bad_new, tmp_path / "new")
+    with pytest.raises(CheckpointError, match="base holds NaN") as err:
+        merge_step(MergeRequest(base=tmp_path / "base", checkpoint=tmp_path / "new", output=tmp_path / "out",
+                                workers=2))
+    assert "base/model.safetensors" in str(err.value)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

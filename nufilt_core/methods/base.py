@@ -93,6 +93,11 @@ class MergeMethod(ABC, Generic[S]):
     # its results not depending on the order): the engine then merges matrices in parallel
     parallel_safe: ClassVar[bool] = False
 
+    def heavy(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether merging this tensor is worth a worker of a parallel pool: for a parallel-safe method the engine
+        merges only such tensors on its workers, and the cheap rest (element-wise) in its own thread."""
+        return True
+
     def merge_low_rank(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
                        factors: LowRank) -> torch.Tensor:
         """`merge` when the new task vector is also known as factors, new − base = left @ right (a LoRA

@@ -296,6 +296,9 @@ class Nufilt(MergeMethod[NufiltSettings]):
     def is_filtered(self, name: str, shape: tuple[int, ...]) -> bool:
         return self.selection.is_filtered(name, shape)
 
+    def heavy(self, name: str, shape: tuple[int, ...]) -> bool:
+        return self.is_filtered(name, shape)  # the rest follows the policy: element-wise
+
     def _update(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
                 factors: LowRank | None) -> MatrixResult:
         a_init = adapter_init(self.settings.lora_rank, base.shape[1], self.ctx.seed, name, self.ctx.step)

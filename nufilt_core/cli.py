@@ -88,7 +88,8 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     m = p.add_argument_group("method (default: the previous step's, else nufilt)")
     m.add_argument("--method", choices=list(METHODS))
     m.add_argument("--seed", type=int, help="seed of NUFILT's adapter init (default: previous step's, else 0)")
-    m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N; with --executor "
+                   "ray the tasks': cpu (auto) or cuda (one GPU each, assigned by the cluster)")
     m.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use): NUFILT "
                    "merges that many matrices at once, one thread each, with the same output for any number; other "
                    "methods use them inside each matrix. On a shared host give only the free cores")

@@ -10,6 +10,8 @@ import torch
 
 from .errors import SettingsError
 
+CPU = torch.device("cpu")
+
 
 def resolve_device(spec: str = "auto") -> torch.device:
     if spec == "auto":

@@ -10,6 +10,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from .devices import CPU
 from .methods.base import LowRank, MergeMethod
 from .ray_executor import RayPool
 
@@ -46,12 +47,12 @@ class ThreadPool:
 
 
 @contextmanager
-def matrix_pool(method: MergeMethod, executor: Executor, workers: int,
-                ray_address: str | None) -> Iterator[MatrixPool | None]:
-    """The step's pool, closed on the way out (on an error too)."""
+def matrix_pool(method: MergeMethod, executor: Executor, workers: int, ray_address: str | None,
+                ray_device: torch.device = CPU) -> Iterator[MatrixPool | None]:
+    """The step's pool, closed on the way out (on an error too); `ray_device`: where Ray tasks merge."""
     pool: MatrixPool
     if executor == "ray":
-        pool = RayPool(ray_address, method)
+        pool = RayPool(ray_address, method, ray_device)
     elif workers > 1:
         pool = ThreadPool(method, workers)
     else:

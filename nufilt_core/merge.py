@@ -37,7 +37,7 @@ import torch
 from . import interrupts
 from ._version import __version__
 from .checkpoint import Checkpoint, all_finite
-from .devices import cpu_workers, resolve_device, torch_threads
+from .devices import CPU, cpu_workers, resolve_device, torch_threads
 from .errors import CheckpointError, LineageError, NufiltError, SettingsError
 from .fsutil import fsync_dir
 from .linalg import one_blas_thread
@@ -107,7 +107,8 @@ class MergeRequest:
     # output's bytes do not depend on it. None: the cores this process may use. Other methods and CUDA: one
     workers: int | None = None
     # where those matrices are merged: this process's threads (local), or Ray tasks (ray_executor.py) on the
-    # cluster at ray_address (None: RAY_ADDRESS, else a Ray instance started on this host); same bytes
+    # cluster at ray_address (None: RAY_ADDRESS, else a Ray instance started on this host); same bytes on CPUs.
+    # With ray, `device` is the tasks': cpu (auto) or cuda (a GPU per task)
     executor: Executor = "local"
     ray_address: str | None = None
 
@@ -174,6 +175,7 @@ class _Step:
     digests: dict[str, dict[str, str]] | None = None
     watchers: dict[str, list[TensorObserver]] = field(default_factory=dict)  # float tensor → observers wanting it
     workers: int = 1  # tensors merged at once (MergeRequest.workers, for a parallel-safe method on the CPU)
+    ray_device: torch.device = CPU  # where the ray executor's tasks merge
 
     def __post_init__(self) -> None:
         if not self.req.check_first:
@@ -300,13 +302,9 @@ def _resolve(req: MergeRequest) -> _Step:
     """Part 1: open the inputs (headers only), read the lineage, resolve method, settings, seed and step."""
     if Path(req.output).exists() and not req.overwrite:
         raise NufiltError(f"{req.output}: already exists (pass --overwrite to replace it)")
-    device = resolve_device(req.device)
     if req.executor not in EXECUTORS:
         raise SettingsError(f"executor {req.executor!r}: use one of {', '.join(EXECUTORS)}")
-    if req.executor == "ray":
-        if device.type != "cpu":
-            raise SettingsError(f"the ray executor merges on the cluster's CPUs; this step's device is {device} "
-                                "(--device cpu, or the local executor for a GPU)")
+    device, ray_device = _devices(req)
     base, new = Checkpoint.open(req.base), Checkpoint.open(req.checkpoint)
     previous = Checkpoint.open(req.previous) if req.previous else None
     for role, opened in (("the base", base), ("--previous", previous)):
@@ -332,7 +330,18 @@ def _resolve(req: MergeRequest) -> _Step:
     scores = _score_observer(req, method_cls, settings, names)
     observers = [*req.observers, *([scores] if scores else [])]
     return _Step(req, base, new, previous, prev_record, method_name, method_cls, settings, seed, step, device,
-                 untouched, observers, scores)
+                 untouched, observers, scores, ray_device=ray_device)
+
+
+def _devices(req: MergeRequest) -> tuple[torch.device, torch.device]:
+    """(this process's device, the Ray tasks' device). With the ray executor this process only reads, checks and
+    writes, on its CPU, and `cuda` asks the cluster for a GPU per task (the cluster assigns them: no index)."""
+    if req.executor != "ray":
+        return resolve_device(req.device), CPU
+    if req.device not in ("auto", "cpu", "cuda"):
+        raise SettingsError(f"--device {req.device}: with the ray executor use cpu or cuda (a GPU per task, "
+                            "assigned by the cluster); auto means cpu there")
+    return CPU, torch.device("cuda") if req.device == "cuda" else CPU
 
 
 def _preflight(s: _Step, report: Callable[[str, int, int, str], None]) -> dict[str, str] | None:
@@ -455,7 +464,8 @@ def _merge_pass(s: _Step, method: MergeMethod, tmp: Path,
     writer = StreamingWriter(tmp, plan, output_shard_bytes(s.req.max_shard_bytes, s.base))
     pending: deque[tuple[int, str, Callable[[], torch.Tensor]]] = deque()
 
-    with torch.no_grad(), matrix_pool(method, s.req.executor, s.workers, s.req.ray_address) as pool:
+    with torch.no_grad(), matrix_pool(method, s.req.executor, s.workers, s.req.ray_address,
+                                           s.ray_device) as pool:
         heavy = {n: pool is not None and i.is_float and method.heavy(n, i.shape) for n, i in s.base.tensors.items()}
         window = _Window(pool.slots if pool else 0,
                          max((s.base.tensors[n].numel for n, h in heavy.items() if h), default=0))
@@ -541,7 +551,8 @@ def _write(s: _Step, method: MergeMethod, hashes: dict[str, str] | None,
                                        s.new.adapter.config.base_model_name_or_path if s.new.adapter else None)],
             model_sha256=model_sha, method_state=method.state(), summary=method.summary(),
             tool=f"nufilt {__version__}", created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            device=str(s.device), duration_seconds=round(time.perf_counter() - started, 3),
+            device=str(s.device) if s.req.executor == "local" else f"ray tasks on {s.ray_device.type}",
+            duration_seconds=round(time.perf_counter() - started, 3),
             peak_rss_bytes=peak_rss_bytes())
         record.write(tmp)
         fsync_dir(tmp)

@@ -8,6 +8,11 @@ object (`MergeMethod.tensor_state` / `keep_tensor_state`). The output's bytes ar
 CPUs of the same kind (one thread's arithmetic either way). A worker lost mid-task is retried by Ray; a method's
 own error is not retried and reaches the caller as that error.
 
+GPUs: with device `cuda` each task asks Ray for one GPU (`num_gpus=1`; Ray makes it the task's only visible
+device), merges there and returns its results on the CPU; the driver needs no GPU. A cluster without GPUs is
+refused at the start, a worker whose torch has no CUDA at its first task (`ClusterError`, exit 78). GPU and CPU
+arithmetic differ in rounding, so such a step's bytes are not the CPU's (the engine's CUDA parity: 1e-4).
+
 Addresses: HOST:PORT of a running cluster's head (`ray start --head`), `ray://HOST:PORT` for Ray Client, or
 none: the RAY_ADDRESS environment variable, else a Ray instance started for this step on this host, bound to
 loopback. A head that cannot be reached is an error at once (`ClusterError`, exit 78), never a wait.
@@ -26,7 +31,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from .devices import torch_threads
+from .devices import CPU, torch_threads
 from .errors import ClusterError, NufiltError
 from .linalg import one_blas_thread
 from .methods.base import LowRank, MergeMethod
@@ -92,19 +97,39 @@ def import_ray(address: str | None) -> ModuleType:
     return ray
 
 
+def on_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor in it (nested in tuples, lists and dicts) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(on_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: on_device(v, device) for k, v in value.items()}
+    return value
+
+
 def merge_matrix_task(method: MergeMethod, name: str, loaded: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                      factors: LowRank | None) -> tuple[torch.Tensor, Any]:
-    """One matrix's merge in a Ray worker, on one torch and one BLAS thread as the local executor's workers."""
+                      factors: LowRank | None, device: str = "cpu") -> tuple[torch.Tensor, Any]:
+    """One matrix's merge in a Ray worker, on one torch and one BLAS thread as the local executor's workers, or on
+    the GPU Ray gave the task; the results come back on the CPU."""
+    where = torch.device(device)
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ClusterError(f"the Ray worker on {socket.gethostname()} was given a GPU, but its torch "
+                           f"({torch.__version__}) cannot use CUDA; install a CUDA build of torch there, or merge "
+                           "with --device cpu")
     with torch_threads(1), one_blas_thread():
-        merged = method.merge_tensor(name, *loaded, factors)
-    return merged, method.tensor_state(name)
+        base, previous, new = on_device(loaded, where)
+        merged = method.merge_tensor(name, base, previous, new, on_device(factors, where))
+    return merged.cpu(), on_device(method.tensor_state(name), CPU)
 
 
 class RayPool:
     """The step's connection to Ray: `submit` starts one matrix's task and returns the call that waits for it."""
 
-    def __init__(self, address: str | None, method: MergeMethod):
+    def __init__(self, address: str | None, method: MergeMethod, device: torch.device = CPU):
         check_ray(address)
+        self.device = device
+        self.resource = "GPU" if device.type == "cuda" else "CPU"  # what a task takes one of
         self.ray = import_ray(address)
         self.started = not self.ray.is_initialized()
         if self.started:
@@ -119,21 +144,25 @@ class RayPool:
         self.method = method
         self.pending: set[Any] = set()
         try:
+            if self.resource == "GPU" and self.ray.cluster_resources().get("GPU", 0) < 1:
+                raise ClusterError(f"the Ray cluster at {address or 'RAY_ADDRESS/local'} has no GPUs (resources: "
+                                   f"{self.ray.cluster_resources()}); merge with --device cpu, or add nodes with "
+                                   "GPUs (`ray start --num-gpus N`)")
             self.method_ref = self.ray.put(method)
-            self.task = self.ray.remote(num_cpus=1, max_retries=TASK_RETRIES,
-                                        retry_exceptions=False)(merge_matrix_task)
+            self.task = self.ray.remote(num_cpus=1, num_gpus=1 if self.resource == "GPU" else 0,
+                                        max_retries=TASK_RETRIES, retry_exceptions=False)(merge_matrix_task)
         except BaseException:
             self.close()  # never left connected: an error leaving a process joined to Ray hangs in Ray's excepthook
             raise
 
     @property
     def slots(self) -> int:
-        """Tasks worth having in flight: the cluster's CPUs."""
-        return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
+        """Tasks worth having in flight: the cluster's CPUs, or GPUs."""
+        return max(1, int(self.ray.cluster_resources().get(self.resource, 1)))
 
     def submit(self, name: str, loaded: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                factors: LowRank | None) -> Callable[[], torch.Tensor]:
-        ref = self.task.remote(self.method_ref, name, loaded, factors)
+        ref = self.task.remote(self.method_ref, name, loaded, factors, self.device.type)
         self.pending.add(ref)
 
         def result() -> torch.Tensor:

@@ -50,8 +50,8 @@ def process_title(pid: int) -> str:
 
 
 class RayHead:
-    def __init__(self, cpus: int = 2, object_store_bytes: int = 100_000_000):
-        self.cpus = cpus
+    def __init__(self, cpus: int = 2, object_store_bytes: int = 100_000_000, gpus: int = 0):
+        self.cpus, self.gpus = cpus, gpus  # gpus: a resource Ray schedules by, whether or not the host has them
         self.object_store_bytes = object_store_bytes  # Ray's default, 30 % of memory, is a lot for a test
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -63,7 +63,7 @@ class RayHead:
         ray = str(Path(sys.executable).with_name("ray"))
         proc = subprocess.Popen(
             [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}", f"--num-cpus={self.cpus}",
-             "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+             f"--num-gpus={self.gpus}", "--include-dashboard=false", "--disable-usage-stats",
              f"--object-store-memory={self.object_store_bytes}", f"--temp-dir={self.temp}"],
             env={**os.environ, **LOOPBACK_ENV}, start_new_session=True, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)

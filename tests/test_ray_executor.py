@@ -23,7 +23,7 @@ from nufilt_daemon.states import JobState
 from ray_head import LOOPBACK_ENV, RayHead
 from worker_harness import make_worker, run_until
 
-from nufilt_core.errors import LineageError, NufiltError
+from nufilt_core.errors import ClusterError, LineageError, NufiltError
 from nufilt_core.merge import MergeRequest, MergeResult, ScoreRequest, merge_step
 
 
@@ -137,3 +137,22 @@ def test_only_a_parallel_safe_method_runs_on_ray(tiny: dict[str, Path], tmp_path
         merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=tmp_path / "m1", method="opcm",
                                 executor="ray", ray_address=f"127.0.0.1:{free_port()}"))
     assert not (tmp_path / "m1").exists()
+
+
+def test_gpu_tasks_need_gpus_in_the_cluster_and_cuda_in_its_workers(ray_head: RayHead, tiny: dict[str, Path],
+                                                                  tmp_path: Path):
+    """--device cuda with ray: a GPU per task. A cluster without GPUs is refused before any task; a worker given a GPU
+    whose torch cannot use CUDA (here: a head that declares a GPU this host lacks) fails the step naming that. The
+    driver needs no GPU; nothing is written either way."""
+    request = {"base": tiny["base"], "checkpoint": tiny["t1"], "executor": "ray", "device": "cuda",
+               "options": {"iters": 2}}
+    with pytest.raises(ClusterError, match=f"the Ray cluster at {ray_head.address} has no GPUs") as no_gpus:
+        merge_step(MergeRequest(output=tmp_path / "m1", ray_address=ray_head.address, **request))
+    assert no_gpus.value.exit_code == 78
+    with RayHead(cpus=1, gpus=1) as gpu_head:
+        with pytest.raises(ClusterError, match=r"was given a GPU, but its torch .* cannot use CUDA"):
+            merge_step(MergeRequest(output=tmp_path / "m2", ray_address=gpu_head.address, **request))
+    with pytest.raises(NufiltError, match="with the ray executor use cpu or cuda"):
+        merge_step(MergeRequest(output=tmp_path / "m3", ray_address=ray_head.address,
+                                **{**request, "device": "cuda:1"}))
+    assert not any((tmp_path / f"m{i}").exists() for i in (1, 2, 3)) and leftovers(tmp_path) == []

@@ -129,7 +129,8 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(
         default=9180, ge=0, le=65535, description="0: any free port (see STATE/daemon.json)")
-    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, cuda:N; with executor ray "
+                        "the tasks': cpu (auto) or cuda (a GPU per task)")
     threads: int | None = Field(default=None, ge=1, description="CPU threads of a merge (default: the cores the "
                                 "daemon may use): NUFILT merges that many matrices at once, one thread each; on a "
                                 "shared host, the cores really free")
@@ -195,6 +196,9 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.executor == "ray" and not get_method(self.method).parallel_safe:
             raise ValueError(f"executor ray merges with a parallel-safe method (nufilt), not {self.method}")
+        if self.executor == "ray" and self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device {self.device!r} with executor ray: use cpu or cuda (a GPU per task, assigned by "
+                             "the cluster); auto means cpu there")
         m = self.mlflow
         if m.tracking_uri and not (m.source_model or m.target_model):
             raise ValueError("mlflow.tracking_uri is set but neither mlflow.source_model nor mlflow.target_model")

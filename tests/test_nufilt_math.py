@@ -382,3 +382,52 @@ def test_a_flat_spectrum_keeps_low_rank_task_vectors_out_of_the_rounding_noise(t
         span, _ = torch.linalg.qr(torch.cat(cols[n], dim=1).double())  # the tasks' column space, rank 4
         inside = float((span @ (span.T @ delta)).norm() ** 2 / delta.norm() ** 2)
         assert inside > 0.98, (n, inside)  # without the noise floor: 0.44 (fp32), 0.06 (bf16)
+
+
+def _orthonormal(n: int, k: int, seed: int) -> list[torch.Tensor]:
+    q = torch.linalg.qr(seeded_normal((n, k), seed).double()).Q
+    return [q[:, i] for i in range(k)]
+
+
+@pytest.mark.parametrize("shape", [(24, 16), (16, 24)])
+def test_overlap_calibration_removes_what_pushing_together_added(shape):
+    """Along an output direction both push the same way the singular value becomes the orthogonal sum's; where they
+    are orthogonal or conflict, nothing changes."""
+    from nufilt_core.methods.overlap_calibration import calibrate_overlap
+    d_out, d_in = shape
+    u1, u2, u3 = _orthonormal(d_out, 3, 1)
+    v1, v2, v3 = _orthonormal(d_in, 3, 2)
+    aligned = torch.outer(u1, v1)  # both push u1 along v1: σ = 3 + 4 = 7 → √(9 + 16) = 5
+    earlier = 3 * aligned + 2 * torch.outer(u2, v2)
+    update = 4 * aligned + 2 * torch.outer(u3, v3)  # u2 and u3: one part each, orthogonal
+    merged = earlier + calibrate_overlap(earlier, update)
+    sigma = torch.linalg.svdvals(merged)
+    assert torch.allclose(sigma[:3], torch.tensor([5.0, 2.0, 2.0], dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(merged @ v1, 5 * u1, atol=1e-9)  # the direction itself is kept
+    conflict = calibrate_overlap(3 * aligned, -1 * aligned)  # pulling against each other: left as it is
+    assert torch.allclose(conflict, -1 * aligned, atol=1e-12)
+    assert torch.equal(calibrate_overlap(torch.zeros(shape, dtype=torch.float64), update), update)  # step 1
+
+
+def test_a_smoothed_spectrum_lies_between_the_flat_and_the_original_one():
+    from nufilt_core.methods.flat_spectrum import flatten_spectrum
+    delta = torch.diag(torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
+    assert torch.allclose(flatten_spectrum(delta, power=1.0), delta, atol=1e-12)
+    half = torch.linalg.svdvals(flatten_spectrum(delta, power=0.5))
+    expected = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    assert torch.allclose(half, expected * delta.norm() / expected.norm(), atol=1e-12)
+
+
+def test_the_levers_under_study_run_through_the_engine(tiny, tmp_path):
+    """smooth_tau and calibrate_overlap change a plus-iso lineage's second step, and only the filtered matrices."""
+    got = {}
+    for name, extra in (("plain", {}), ("smooth", {"smooth_tau": 0.5}), ("calibrated", {"calibrate_overlap": True})):
+        first = tmp_path / f"{name}1"
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=first,
+                                options={"iters": 2, **extra}))
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=tmp_path / f"{name}2",
+                                previous=first))
+        got[name] = load(tmp_path / f"{name}2")
+    for name in ("smooth", "calibrated"):
+        changed = [k for k in got["plain"] if not torch.equal(got["plain"][k], got[name][k])]
+        assert changed and all(k.endswith("weight") and got["plain"][k].dim() == 2 for k in changed), name

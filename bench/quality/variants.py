@@ -71,6 +71,10 @@ LEVER_GRID = (
               f"plus with trust radius {r:g} per matrix") for r in (0.01, 0.02)),
     Variant("nufilt_plus_iso_null_only", "nufilt", {"profile": "plus-iso", "lora_rank": 0}, "lever",
             "profile plus-iso without the adapter (r_l = 0): the filtered τ_t alone, then rescaled and flattened"),
+    Variant("nufilt_plus_iso_smooth05", "nufilt", {"profile": "plus-iso", "smooth_tau": 0.5}, "lever",
+            "plus-iso with τ_t's spectrum smoothed (σ^0.5, norm kept) before the filter"),
+    Variant("nufilt_plus_iso_svc", "nufilt", {"profile": "plus-iso", "calibrate_overlap": True}, "lever",
+            "plus-iso with each step's over-accumulated singular values calibrated"),
 )
 FULL_RUN_LEVERS = (PLUS, PLUS_ISO, "nufilt_all_linear_avg_rp32", "nufilt_all_linear_avg", "nufilt_rp32",
                    "nufilt_radius03")

@@ -43,6 +43,7 @@ from ..selection import Selection
 from . import retired_settings
 from .base import LowRank, MergeMethod, MethodSettings, ScoredRule, Source, StepContext, UntouchedRule, every_tensor
 from .flat_spectrum import flatten_spectrum, rounding_floor
+from .overlap_calibration import calibrate_overlap
 from .profiles import DEFAULT_PROFILE, PROFILES, Profile
 from .trust_radius import TrustRadius
 
@@ -74,6 +75,11 @@ class NufiltSettings(MethodSettings):
                                        "fused at full size, as the paper does")
     flat_spectrum: bool = Field(False, description="flatten the spectrum of the merged task vectors the "
                                 "rescaling shrank, their norm kept (flat_spectrum.py; needs trust_radius)")
+    smooth_tau: float | None = Field(None, ge=0, le=1, description="lever under study: τ_t = UΣVᵀ smoothed to "
+                                     "c·UΣ^p Vᵀ, its norm kept, before the filter (flat_spectrum.py); None: as it is")
+    calibrate_overlap: bool = Field(False, description="lever under study: remove what the earlier tasks and this "
+                                    "step's update add to a singular value by pushing together "
+                                    "(overlap_calibration.py)")
 
     @field_validator("include")
     @classmethod
@@ -320,13 +326,18 @@ class Nufilt(MergeMethod[NufiltSettings]):
                factors: LowRank | None) -> torch.Tensor:
         if not self.is_filtered(name, tuple(base.shape)):
             return self._policy(base, previous, new)
+        floor = rounding_floor(base, self.ctx.eps.get(name, torch.finfo(base.dtype).eps))
+        if self.settings.smooth_tau is not None:
+            new, factors = base + flatten_spectrum(new - base, floor, self.settings.smooth_tau), None
         update = self._update(name, base, previous, new, factors).update
+        if self.settings.calibrate_overlap:
+            lam_prev = self.rescaling.previous_lambda(name) if self.rescaling is not None else 1.0
+            update = calibrate_overlap(lam_prev * (previous - base), update, floor)
         if self.rescaling is None:
             return previous + update  # the paper: fused at full size
         merged = self.rescaling.apply(name, base, previous, new, update)
         if not self.settings.flat_spectrum or self.ctx.step == 1 or not self.rescaling.shrank(name):
             return merged  # nothing was shrunk: the merged task vector keeps every task at full size
-        floor = rounding_floor(base, self.ctx.eps.get(name, torch.finfo(base.dtype).eps))
         return base + flatten_spectrum(merged - base, floor)
 
     def _policy(self, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,10 @@ class TrustRadius:
         self.lambdas[name] = lam
         return base + u / lam
 
+    def previous_lambda(self, name: str) -> float:
+        """λ_{t-1} of a matrix: the merged task vector as accumulated is λ_{t-1} (W^m_{t-1} − W_0)."""
+        return self.previous.get(name, (1.0, []))[0]
+
     def shrank(self, name: str) -> bool:
         return self.lambdas.get(name, 1.0) > 1.0
 

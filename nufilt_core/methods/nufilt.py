@@ -326,19 +326,22 @@ class Nufilt(MergeMethod[NufiltSettings]):
                factors: LowRank | None) -> torch.Tensor:
         if not self.is_filtered(name, tuple(base.shape)):
             return self._policy(base, previous, new)
-        floor = rounding_floor(base, self.ctx.eps.get(name, torch.finfo(base.dtype).eps))
         if self.settings.smooth_tau is not None:
-            new, factors = base + flatten_spectrum(new - base, floor, self.settings.smooth_tau), None
+            new, factors = base + flatten_spectrum(new - base, self._floor(name, base), self.settings.smooth_tau), None
         update = self._update(name, base, previous, new, factors).update
         if self.settings.calibrate_overlap:
             lam_prev = self.rescaling.previous_lambda(name) if self.rescaling is not None else 1.0
-            update = calibrate_overlap(lam_prev * (previous - base), update, floor)
+            update = calibrate_overlap(lam_prev * (previous - base), update, self._floor(name, base))
         if self.rescaling is None:
             return previous + update  # the paper: fused at full size
         merged = self.rescaling.apply(name, base, previous, new, update)
         if not self.settings.flat_spectrum or self.ctx.step == 1 or not self.rescaling.shrank(name):
             return merged  # nothing was shrunk: the merged task vector keeps every task at full size
-        return base + flatten_spectrum(merged - base, floor)
+        return base + flatten_spectrum(merged - base, self._floor(name, base))
+
+    def _floor(self, name: str, base: torch.Tensor) -> float:
+        """The singular value below which a difference of the step's models is rounding noise (flat_spectrum.py)."""
+        return rounding_floor(base, self.ctx.eps.get(name, torch.finfo(base.dtype).eps))
 
     def _policy(self, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         t = self.ctx.step

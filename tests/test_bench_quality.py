@@ -231,3 +231,8 @@ def test_a_long_stream_s_order_and_metrics_follow_their_definitions() -> None:
     # a: 81 − 85 (its second arrival), b: 72 − 75; c arrives last, so it is not counted
     assert bwt(record) == pytest.approx(((81 - 85) + (72 - 75)) / 2)
     assert round_accs(record) == pytest.approx([70.0, (81 + 72 + 88) / 3])
+
+    from bench.quality.report import individual_curve
+    refs = {"individual": {"per_task": {"a": 90.0, "b": 80.0, "c": 70.0}}}
+    curve = individual_curve([{"order": ["a", "b", "c", "b@2", "a@2", "c@2"], "curve": True}], refs)
+    assert curve == pytest.approx([90, 85, 80, 80, 80, 80])  # a retrained task is not a new one

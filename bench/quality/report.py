@@ -15,6 +15,7 @@ from typing import Any
 
 from .cache import write_json
 from .config import BenchConfig
+from .merging import arrival_task
 from .metrics import acc, bwt, final_acc, mean_std, round_accs, seen_curve
 from .variants import Variant
 
@@ -85,7 +86,9 @@ def individual_curve(records: list[dict], refs: dict[str, Any]) -> list[float] |
     if not curves:
         return None
     ind = refs["individual"]["per_task"]
-    return [statistics.fmean(statistics.fmean(ind[t] for t in o[:i]) for o in curves)
+    # a long stream's later arrivals (T@2) are tasks already seen: each counts once, with its first fine-tune
+    return [statistics.fmean(statistics.fmean(ind[t] for t in dict.fromkeys(map(arrival_task, o[:i])))
+                             for o in curves)
             for i in range(1, len(curves[0]) + 1)]
 
 
@@ -196,16 +199,18 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {n} | {m['orders']} | {_f(m['acc_mean'])} ± {_f(m['acc_std'])} | "
                      f"{_f(m['bwt_mean'])} ± {_f(m['bwt_std'])} | {_f(m['normalised_acc'])} | "
                      f"{_f(m['gap_kept'])} | {_f(m['merge_seconds_per_step'], 2)} |")
-    rounds = r["config"]["merge"].get("rounds", 1)
-    if rounds > 1 and main:
-        lines += ["", f"## ACC after each round ({len(r['tasks'])} arrivals a round, every task scored; mean over "
-                  "orders)", "", "| method | " + " | ".join(f"after round {i + 1}" for i in range(rounds)) +
-                  " | last − first |", "|---|" + "---|" * (rounds + 1)]
-        for n, m in sorted(main.items(), key=lambda kv: -kv[1]["acc_mean"]):
-            accs = m["round_acc_mean"]
-            lines.append(f"| {n} | " + " | ".join(_f(a) for a in accs) + f" | {_f(accs[-1] - accs[0])} |")
     lines += [f"| θ0 + heads | | {_f(refs['theta0_heads']['mean'])} | | | 0 | |",
               f"| individual | | {_f(refs['individual']['mean'])} | | 100 | 100 | |"]
+    rounds = r["config"]["merge"].get("rounds", 1)
+    streamed = {n: m for n, m in r["methods"].items() if m["group"] in ("method", "lever")}  # with the profiles
+    if rounds > 1 and streamed:
+        lines += ["", f"## ACC after each round ({len(r['tasks'])} arrivals a round, every task scored; mean over "
+                  "orders)", "", "| method | orders | " + " | ".join(f"after round {i + 1}" for i in range(rounds)) +
+                  " | last − first | BWT |", "|---|---|" + "---|" * (rounds + 2)]
+        for n, m in sorted(streamed.items(), key=lambda kv: -kv[1]["acc_mean"]):
+            accs = m["round_acc_mean"]
+            lines.append(f"| {n} | {m['orders']} | " + " | ".join(_f(a) for a in accs) +
+                         f" | {_f(accs[-1] - accs[0])} | {_f(m['bwt_mean'])} |")
     lines += ["", "## Final per-task accuracy (mean over orders)", "",
               "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for n, m in r["methods"].items():

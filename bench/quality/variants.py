@@ -75,6 +75,8 @@ LEVER_GRID = (
             "plus-iso with τ_t's spectrum smoothed (σ^0.5, norm kept) before the filter"),
     Variant("nufilt_plus_iso_svc", "nufilt", {"profile": "plus-iso", "calibrate_overlap": True}, "lever",
             "plus-iso with each step's over-accumulated singular values calibrated"),
+    Variant("nufilt_plus_iso_r00", "nufilt", {"profile": "plus-iso", "trust_radius": 0.0}, "lever",
+            "plus-iso rescaled to OPCM's target, the mean norm of the task vectors (trust radius 0)"),
 )
 FULL_RUN_LEVERS = (PLUS, PLUS_ISO, "nufilt_all_linear_avg_rp32", "nufilt_all_linear_avg", "nufilt_rp32",
                    "nufilt_radius03")

@@ -431,3 +431,20 @@ def test_the_levers_under_study_run_through_the_engine(tiny, tmp_path):
     for name in ("smooth", "calibrated"):
         changed = [k for k in got["plain"] if not torch.equal(got["plain"][k], got[name][k])]
         assert changed and all(k.endswith("weight") and got["plain"][k].dim() == 2 for k in changed), name
+
+
+def test_the_two_sided_filter_removes_only_the_earlier_singular_pairs():
+    """With r_l = 0: τ_t − U_p U_pᵀ τ_t V̂p V̂pᵀ. A part of τ_t along an earlier input direction but on a new output
+    direction stays (the one-sided filter removes it); a part on an earlier pair goes."""
+    u1, u2 = _orthonormal(12, 2, 3)
+    v1, v2 = _orthonormal(10, 2, 4)
+    tau_prev = 5 * torch.outer(u1, v1)
+    tau_new = 2 * torch.outer(u1, v1) + 3 * torch.outer(u2, v1) + torch.outer(u2, v2)
+    both = NufiltSettings(profile="paper", lora_rank=0, null_rank=1, two_sided_filter=True)
+    one = NufiltSettings(profile="paper", lora_rank=0, null_rank=1)
+    two_sided = nufilt_matrix(tau_prev, tau_new, None, both).update
+    one_sided = nufilt_matrix(tau_prev, tau_new, None, one).update
+    assert torch.allclose(two_sided, 3 * torch.outer(u2, v1) + torch.outer(u2, v2), atol=1e-12)
+    assert torch.allclose(one_sided, torch.outer(u2, v2), atol=1e-12)
+    with pytest.raises(ValueError, match="two_sided_filter needs lora_rank 0"):
+        NufiltSettings(two_sided_filter=True)

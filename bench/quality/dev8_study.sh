@@ -12,7 +12,7 @@ TASKS=rotten,debates,fortunes_b,wn_verb,bbc,fortunes_c,roget,moral  # config.DEV
 # plus-iso without the adapter, plus-iso with τ_t smoothed, with its over-accumulation calibrated and rescaled to
 # OPCM's target (the levers that lost here were removed: bench/quality/README.md)
 VARIANTS=nufilt,nufilt_plus,nufilt_plus_iso,nufilt_radius03,nufilt_radius05,opcm,nufilt_plus_iso_null_only
-VARIANTS=$VARIANTS,nufilt_plus_iso_smooth05,nufilt_plus_iso_svc,nufilt_plus_iso_r00
+VARIANTS=$VARIANTS,nufilt_plus_iso_smooth05,nufilt_plus_iso_svc,nufilt_plus_iso_r00,nufilt_plus_iso_two_sided
 presets=("$@")
 [ ${#presets[@]} -gt 0 ] || presets=(paper-protocol paper-protocol-gentle)
 for p in "${presets[@]}"; do

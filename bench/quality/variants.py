@@ -77,6 +77,8 @@ LEVER_GRID = (
             "plus-iso with each step's over-accumulated singular values calibrated"),
     Variant("nufilt_plus_iso_r00", "nufilt", {"profile": "plus-iso", "trust_radius": 0.0}, "lever",
             "plus-iso rescaled to OPCM's target, the mean norm of the task vectors (trust radius 0)"),
+    Variant("nufilt_plus_iso_two_sided", "nufilt", {"profile": "plus-iso", "lora_rank": 0, "two_sided_filter": True},
+            "lever", "plus-iso without the adapter, filtering only τ_t's part on the earlier singular pairs"),
 )
 FULL_RUN_LEVERS = (PLUS, PLUS_ISO, "nufilt_all_linear_avg_rp32", "nufilt_all_linear_avg", "nufilt_rp32",
                    "nufilt_radius03")

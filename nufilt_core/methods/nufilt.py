@@ -80,6 +80,9 @@ class NufiltSettings(MethodSettings):
     calibrate_overlap: bool = Field(False, description="lever under study: remove what the earlier tasks and this "
                                     "step's update add to a singular value by pushing together "
                                     "(overlap_calibration.py)")
+    two_sided_filter: bool = Field(False, description="lever under study: remove only τ_t's part on the earlier "
+                                   "tasks' singular pairs, U_p U_pᵀ τ_t V̂p V̂pᵀ (as OPCM's projection), not every "
+                                   "row's part along V̂p; needs lora_rank 0")
 
     @field_validator("include")
     @classmethod
@@ -101,6 +104,14 @@ class NufiltSettings(MethodSettings):
             if profile in PROFILES:
                 return {**PROFILES[profile], **data}
         return data
+
+    @model_validator(mode="after")
+    def _two_sided_without_adapter(self) -> NufiltSettings:
+        # the adapter's loss (Eq. 16-17) is written for the one-sided filter P
+        if self.two_sided_filter and self.lora_rank:
+            raise ValueError("two_sided_filter needs lora_rank 0 (the adapter's loss is defined for the one-sided "
+                             "filter)")
+        return self
 
     @model_validator(mode="after")
     def _flat_needs_a_radius(self) -> NufiltSettings:
@@ -256,6 +267,10 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
     v_filter = v_prev if s.null_space else v_prev[:, :0]  # ablation "adapter only": P = I
     tau_vf = tau_vhat[:, k_t : k_t + v_filter.shape[1]]  # τ_t V̂p
     filtered = tau_new - tau_vf @ v_filter.T  # τ_t P, P = I − V̂p V̂pᵀ (Eq. 8) never formed
+    if s.two_sided_filter:  # only the part on the earlier singular pairs: U_p = τ_{≤t-1} V̂p / σ_p
+        prev_vf = prev_vhat[:, k_t : k_t + v_filter.shape[1]]
+        u_prev = prev_vf / prev_vf.norm(dim=0)
+        filtered = tau_new - u_prev @ (u_prev.T @ tau_vf) @ v_filter.T
 
     # 𝒯 − M V̂ (Eq. 16–17) with M V̂ = τ_{≤t-1} V̂ + τ_t V̂ − (τ_t V̂p)(V̂pᵀ V̂); with the filter on, its V̂p
     # block is 0 in exact arithmetic (P V̂p = 0): the adapter is only penalised there

@@ -9,10 +9,11 @@ cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 TASKS=rotten,debates,fortunes_b,wn_verb,bbc,fortunes_c,roget,moral  # config.DEV_TASKS + config.PROXY_TASKS
 # the paper's NUFILT, profiles plus and plus-iso, the trust radius alone (0.03, 0.05), OPCM, and
-# plus-iso without the adapter, plus-iso with τ_t smoothed, with its over-accumulation calibrated and rescaled to
-# OPCM's target (the levers that lost here were removed: bench/quality/README.md)
+# plus-iso without the adapter, plus-iso with τ_t smoothed, with its over-accumulation calibrated, rescaled to
+# OPCM's target, with a two-sided filter, and both (the levers that lost here were removed: bench/quality/README.md)
 VARIANTS=nufilt,nufilt_plus,nufilt_plus_iso,nufilt_radius03,nufilt_radius05,opcm,nufilt_plus_iso_null_only
 VARIANTS=$VARIANTS,nufilt_plus_iso_smooth05,nufilt_plus_iso_svc,nufilt_plus_iso_r00,nufilt_plus_iso_two_sided
+VARIANTS=$VARIANTS,nufilt_plus_iso_two_sided_r00
 presets=("$@")
 [ ${#presets[@]} -gt 0 ] || presets=(paper-protocol paper-protocol-gentle)
 for p in "${presets[@]}"; do

@@ -79,6 +79,9 @@ LEVER_GRID = (
             "plus-iso rescaled to OPCM's target, the mean norm of the task vectors (trust radius 0)"),
     Variant("nufilt_plus_iso_two_sided", "nufilt", {"profile": "plus-iso", "lora_rank": 0, "two_sided_filter": True},
             "lever", "plus-iso without the adapter, filtering only τ_t's part on the earlier singular pairs"),
+    Variant("nufilt_plus_iso_two_sided_r00", "nufilt",
+            {"profile": "plus-iso", "lora_rank": 0, "two_sided_filter": True, "trust_radius": 0.0}, "lever",
+            "the two-sided filter at OPCM's rescale target (trust radius 0)"),
 )
 FULL_RUN_LEVERS = (PLUS, PLUS_ISO, "nufilt_all_linear_avg_rp32", "nufilt_all_linear_avg", "nufilt_rp32",
                    "nufilt_radius03")

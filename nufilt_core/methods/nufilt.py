@@ -266,11 +266,12 @@ def nufilt_matrix(tau_prev: torch.Tensor, tau_new: torch.Tensor, a_init: torch.T
     prev_vhat = tau_prev @ v_hat
     v_filter = v_prev if s.null_space else v_prev[:, :0]  # ablation "adapter only": P = I
     tau_vf = tau_vhat[:, k_t : k_t + v_filter.shape[1]]  # τ_t V̂p
-    filtered = tau_new - tau_vf @ v_filter.T  # τ_t P, P = I − V̂p V̂pᵀ (Eq. 8) never formed
     if s.two_sided_filter:  # only the part on the earlier singular pairs: U_p = τ_{≤t-1} V̂p / σ_p
         prev_vf = prev_vhat[:, k_t : k_t + v_filter.shape[1]]
         u_prev = prev_vf / prev_vf.norm(dim=0)
         filtered = tau_new - u_prev @ (u_prev.T @ tau_vf) @ v_filter.T
+    else:
+        filtered = tau_new - tau_vf @ v_filter.T  # τ_t P, P = I − V̂p V̂pᵀ (Eq. 8) never formed
 
     # 𝒯 − M V̂ (Eq. 16–17) with M V̂ = τ_{≤t-1} V̂ + τ_t V̂ − (τ_t V̂p)(V̂pᵀ V̂); with the filter on, its V̂p
     # block is 0 in exact arithmetic (P V̂p = 0): the adapter is only penalised there

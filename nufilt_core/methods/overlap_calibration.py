@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..linalg import gram64
+from .flat_spectrum import significant
 
 
 def calibrate_overlap(merged_before: torch.Tensor, update: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
@@ -23,7 +24,7 @@ def calibrate_overlap(merged_before: torch.Tensor, update: torch.Tensor, floor: 
     evals, vectors = torch.linalg.eigh(gram64(total))  # of the smaller side
     sigma = evals.clamp_min(0).sqrt()
     wide = total.shape[1] > total.shape[0]  # then the Gram matrix is total totalᵀ: its vectors are the left ones
-    keep = sigma > max(float(sigma.max()) * 1e-7, floor) if sigma.numel() else sigma.bool()
+    keep = significant(sigma, floor)
     if not bool(keep.any()):
         return update
     sigma = sigma[keep]

@@ -101,6 +101,18 @@ def finetune_task(cache: Path, task: TaskData, data: DataConfig, cfg: TrainConfi
     folder = finetune_dir(cache, task.name, data, cfg)
     if (folder / "metrics.json").exists():
         return folder
+    threads = torch.get_num_threads()
+    # one thread, however the benchmark was started: torch splits its reductions by thread count, so a
+    # fine-tune rebuilt with another count differs in its last bits, and the merge results kept under the
+    # configuration's key would no longer describe the cached fine-tunes
+    torch.set_num_threads(1)
+    try:
+        return _finetune(folder, task, cfg, theta0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _finetune(folder: Path, task: TaskData, cfg: TrainConfig, theta0: torch.nn.Module | None) -> Path:
     t0 = time.perf_counter()
     theta0 = theta0 or new_encoder()
     x_train, x_test = features(theta0, task.train), features(theta0, task.test)
@@ -122,7 +134,7 @@ def finetune_task(cache: Path, task: TaskData, data: DataConfig, cfg: TrainConfi
             "task": task.name, "classes": len(task.classes), "n_train": len(task.train), "n_test": len(task.test),
             "probe_acc": probe_acc, "finetune_acc": ft_acc, "gain": ft_acc - probe_acc,
             "steps": info["steps"], "last_epoch_loss": info["last_epoch_loss"],
-            "probe_seconds": round(t_probe, 1), "seconds": round(time.perf_counter() - t0, 1),
+            "probe_seconds": round(t_probe, 1), "seconds": round(time.perf_counter() - t0, 1), "threads": 1,
             "config": cfg.__dict__}, indent=1))
     return folder
 

@@ -11,6 +11,7 @@ from models import base_state, finetune, load, write_model
 
 from nufilt_core.linalg import adapter_seed, seeded_normal, top_right_singular_vectors
 from nufilt_core.merge import MergeRequest, merge_step
+from nufilt_core.methods.layer_scale import block_index, layer_scales
 from nufilt_core.methods.nufilt import ADAPTER_INIT_SCALE, NufiltSettings, nufilt_matrix, paper_loss
 
 PAPER = {"profile": "paper"}
@@ -448,3 +449,47 @@ def test_the_two_sided_filter_removes_only_the_earlier_singular_pairs():
     assert torch.allclose(one_sided, torch.outer(u2, v2), atol=1e-12)
     with pytest.raises(ValueError, match="two_sided_filter needs lora_rank 0"):
         NufiltSettings(two_sided_filter=True)
+
+
+@pytest.mark.parametrize(("name", "block"), [
+    ("encoder.layer.3.attention.self.query.weight", 3), ("model.layers.11.mlp.up_proj.weight", 11),
+    ("transformer.h.0.attn.c_attn.weight", 0), ("vision_model.encoder.layers.7.mlp.fc1.weight", 7),
+    ("visual.transformer.resblocks.2.attn.in_proj_weight", 2), ("decoder.block.4.layer.1.DenseReluDense.wi.weight", 4),
+    ("embeddings.word_embeddings.weight", None), ("lm_head.weight", None), ("model.norm.weight", None),
+])
+def test_the_block_of_a_tensor_is_read_from_its_name(name, block):
+    assert block_index(name) == block
+
+
+def test_the_layer_scale_tiers_cut_the_blocks_into_thirds_by_depth():
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(6)] + ["model.embed_tokens.weight"]
+    scales = layer_scales(names, (0.5, 1.0, 2.0))
+    assert [scales[n] for n in names[:6]] == [0.5, 0.5, 1.0, 1.0, 2.0, 2.0]
+    assert "model.embed_tokens.weight" not in scales  # outside the blocks: τ_t as it is
+
+
+def test_a_layer_scale_merges_as_the_checkpoints_with_their_task_vectors_scaled(tiny, tmp_path):
+    """A plus-iso lineage with layer_scale gives the model the same lineage without it gives when every filtered
+    matrix's τ_t arrives scaled by its tier's factor (2 blocks: block 0 in the first third, block 1 in the middle)."""
+    factor = {"encoder.layer.0.": 0.5, "encoder.layer.1.": 2.0}
+    base = load(tiny["base"])
+
+    def scaled(ft: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(ft)
+        for k, v in ft.items():
+            f = next((f for p, f in factor.items() if k.startswith(p)), None)
+            if f is not None and v.dim() == 2:
+                out[k] = base[k] + f * (v - base[k])
+        return out
+
+    pre = {t: write_model(scaled(load(tiny[t])), tmp_path / f"scaled-{t}") for t in ("t1", "t2")}
+    for lineage, inputs, options in (("lever", tiny, {"layer_scale": (0.5, 2.0, 1.0)}), ("pre", pre, {})):
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=inputs["t1"], output=tmp_path / f"{lineage}1",
+                                options={"iters": 3, **options}))
+        merge_step(MergeRequest(base=tiny["base"], checkpoint=inputs["t2"], output=tmp_path / f"{lineage}2",
+                                previous=tmp_path / f"{lineage}1"))
+    lever, pre_scaled = load(tmp_path / "lever2"), load(tmp_path / "pre2")
+    for k in lever:
+        assert torch.allclose(lever[k], pre_scaled[k], atol=1e-6), k
+    with pytest.raises(ValueError, match="greater than 0"):
+        NufiltSettings(layer_scale=(0.0, 1.0, 1.0))

@@ -29,7 +29,7 @@ from statistics import fmean
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PositiveFloat, field_validator, model_validator
 
 from ..interrupts import check_for_stop
 from ..linalg import (
@@ -43,6 +43,7 @@ from ..selection import Selection
 from . import retired_settings
 from .base import LowRank, MergeMethod, MethodSettings, ScoredRule, Source, StepContext, UntouchedRule, every_tensor
 from .flat_spectrum import flatten_spectrum, rounding_floor
+from .layer_scale import layer_scales
 from .overlap_calibration import calibrate_overlap
 from .profiles import DEFAULT_PROFILE, PROFILES, Profile
 from .trust_radius import TrustRadius
@@ -83,6 +84,9 @@ class NufiltSettings(MethodSettings):
     two_sided_filter: bool = Field(False, description="lever under study: remove only τ_t's part on the earlier "
                                    "tasks' singular pairs, U_p U_pᵀ τ_t V̂p V̂pᵀ (as OPCM's projection), not every "
                                    "row's part along V̂p; needs lora_rank 0")
+    layer_scale: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = Field(
+        None, description="lever under study: τ_t of the filtered matrices in the first, middle and last third of "
+        "the blocks multiplied by these factors before the merge (layer_scale.py); None: as it is")
 
     @field_validator("include")
     @classmethod
@@ -314,6 +318,7 @@ class Nufilt(MergeMethod[NufiltSettings]):
         self._subspaces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # V̂p, V̂t until `subspaces` takes them
         self.rescaling = (TrustRadius(settings.trust_radius, ctx.step, ctx.previous_state)
                           if settings.trust_radius is not None else None)
+        self.layer_scales = layer_scales(ctx.names, settings.layer_scale) if settings.layer_scale else {}
 
     def is_filtered(self, name: str, shape: tuple[int, ...]) -> bool:
         return self.selection.is_filtered(name, shape)
@@ -342,6 +347,9 @@ class Nufilt(MergeMethod[NufiltSettings]):
                factors: LowRank | None) -> torch.Tensor:
         if not self.is_filtered(name, tuple(base.shape)):
             return self._policy(base, previous, new)
+        scale = self.layer_scales.get(name, 1.0)
+        if scale != 1.0:
+            new, factors = base + scale * (new - base), (scale * factors[0], factors[1]) if factors else None
         if self.settings.smooth_tau is not None:
             new, factors = base + flatten_spectrum(new - base, self._floor(name, base), self.settings.smooth_tau), None
         update = self._update(name, base, previous, new, factors).update

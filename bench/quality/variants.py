@@ -82,6 +82,9 @@ LEVER_GRID = (
     Variant("nufilt_plus_iso_two_sided_r00", "nufilt",
             {"profile": "plus-iso", "lora_rank": 0, "two_sided_filter": True, "trust_radius": 0.0}, "lever",
             "the two-sided filter at OPCM's rescale target (trust radius 0)"),
+    Variant("nufilt_plus_two_sided_r00", "nufilt",
+            {"profile": "plus", "lora_rank": 0, "two_sided_filter": True, "trust_radius": 0.0}, "lever",
+            "the two-sided filter at OPCM's rescale target, without the flat spectrum (profile plus)"),
     Variant("nufilt_plus_iso_layers", "nufilt", {"profile": "plus-iso", "layer_scale": (0.8, 1.0, 1.2)}, "lever",
             "plus-iso with τ_t scaled per layer: 0.8 in the first third of the blocks, 1.2 in the last"),
 )

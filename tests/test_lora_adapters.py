@@ -92,26 +92,41 @@ def dense_twin(base: Path, adapter: Path, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("method,options", [("nufilt", {"profile": "plus-iso", "iters": 20}), ("opcm", {}),
-                                            ("ties", {})])
-def test_merging_adapters_equals_merging_their_dense_twins(method: str, options: dict, bases: dict[str, Path],
-                                                           tmp_path: Path):
+# the default profile merges adapter arrivals two-sided at the mean-norm target: what its explicit settings do
+TWO_SIDED = {"profile": "plus", "lora_rank": 0, "two_sided_filter": True, "trust_radius": 0.0}
+
+
+@pytest.mark.parametrize("method,options,dense_options", [
+    ("nufilt", {"profile": "plus-iso", "adapter_arrivals": "as-full", "iters": 20}, None), ("opcm", {}, None),
+    ("ties", {}, None), ("nufilt", {}, TWO_SIDED)])
+def test_merging_adapters_equals_merging_their_dense_twins(method: str, options: dict, dense_options: dict | None,
+                                                           bases: dict[str, Path], tmp_path: Path):
+    """The same lineage from adapters and from their dense twins; the default profile treats the adapters as its
+    adapter rule (adapter_arrivals) says, i.e. as the twins with that rule's settings."""
     base = bases["tiny_bert"]
     config = dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
     adapters = [lora_adapter(base, tmp_path / f"a{i}", seed=i, **config) for i in (1, 2, 3)]
     twins = [dense_twin(base, a, tmp_path / f"d{i}") for i, a in enumerate(adapters, 1)]
     outputs = {}
-    for kind, inputs in (("adapter", adapters), ("dense", twins)):
+    for kind, inputs, first in (("adapter", adapters, options), ("dense", twins, dense_options or options)):
         previous = None
         for t, ckpt in enumerate(inputs, 1):
             out = tmp_path / f"{kind}-{t}"
             merge_step(MergeRequest(base=base, checkpoint=ckpt, output=out, previous=previous,
-                                    method=method if t == 1 else None, options=options if t == 1 else {},
+                                    method=method if t == 1 else None, options=first if t == 1 else {},
                                     check_first=t != 2))  # the one-pass and the check-first paths
             previous = out
         outputs[kind] = load_file(previous / "model.safetensors")
     for name, want in outputs["dense"].items():
         torch.testing.assert_close(outputs["adapter"][name], want, rtol=1e-5, atol=1e-6, msg=name)
+    if dense_options:  # the rule is not the dense one: as-full, the same adapters merge otherwise
+        as_full = [tmp_path / "full-1", tmp_path / "full-2"]
+        merge_step(MergeRequest(base=base, checkpoint=adapters[0], output=as_full[0],
+                                options={"adapter_arrivals": "as-full"}))
+        merge_step(MergeRequest(base=base, checkpoint=adapters[1], output=as_full[1], previous=as_full[0]))
+        twice = load_file(tmp_path / "adapter-2" / "model.safetensors")
+        q = "encoder.layer.0.attention.self.query.weight"
+        assert not torch.allclose(load_file(as_full[1] / "model.safetensors")[q], twice[q], atol=1e-4)
 
 
 def test_the_adapter_is_recorded_in_the_lineage_and_its_files_stay_out_of_the_model(bases: dict[str, Path],
@@ -288,3 +303,29 @@ def test_a_targeted_module_the_wrapped_model_lacked_is_left_as_it_is(bases: dict
     base.check_same_layout(adapter, "checkpoint")
     assert adapter.adapter is not None and "pooler.dense.weight" not in adapter.adapter.targets
     assert torch.equal(adapter.model_tensor("pooler.dense.weight", base), base.read("pooler.dense.weight"))
+
+
+def test_a_lineage_recorded_before_the_adapter_rule_continues_as_it_was_merged(bases: dict[str, Path],
+                                                                               tmp_path: Path):
+    """A plus-iso record written before `adapter_arrivals` existed merged adapters as full fine-tunes: it goes on
+    doing so (an upgrade never changes a running lineage), while a new plus-iso lineage takes the adapter rule."""
+    from nufilt_core.checkpoint import LINEAGE_NAME
+    from nufilt_core.methods.nufilt import NufiltSettings
+
+    base = bases["tiny_bert"]
+    config = dict(r=4, lora_alpha=8, target_modules=["query", "value"])
+    a1, a2 = (lora_adapter(base, tmp_path / f"a{i}", seed=i, **config) for i in (1, 2))
+    for lineage, options in (("old", {}), ("as-full", {"adapter_arrivals": "as-full"}), ("new", {})):
+        merge_step(MergeRequest(base=base, checkpoint=a1, output=tmp_path / f"{lineage}1", options=options))
+    record_path = tmp_path / "old1" / LINEAGE_NAME
+    record = json.loads(record_path.read_text())
+    assert record["settings"].pop("adapter_arrivals") == "two-sided"
+    record_path.write_text(json.dumps({**record, "record_sha256": ""}))
+    for lineage in ("old", "as-full", "new"):
+        merge_step(MergeRequest(base=base, checkpoint=a2, output=tmp_path / f"{lineage}2",
+                                previous=tmp_path / f"{lineage}1"))
+    weights = {k: (tmp_path / f"{k}2" / "model.safetensors").read_bytes() for k in ("old", "as-full", "new")}
+    assert weights["old"] == weights["as-full"] != weights["new"]
+    assert json.loads((tmp_path / "old2" / LINEAGE_NAME).read_text())["settings"]["adapter_arrivals"] == "as-full"
+    with pytest.raises(ValueError, match="needs trust_radius"):
+        NufiltSettings(profile="paper", adapter_arrivals="two-sided")

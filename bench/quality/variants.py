@@ -52,11 +52,15 @@ SETTINGS = (
 # lists them with their figures). FULL_RUN_LEVERS are the rows every preset's full run reports.
 PLUS = "nufilt_plus"
 PLUS_ISO = "nufilt_plus_iso"  # the default
+# plus-iso as it was before its adapter rule (adapter_arrivals): the base of the levers studied on top of it, so
+# that on adapter presets they are measured against the rule they were built for
+PLUS_ISO_AS_FULL = {"profile": "plus-iso", "adapter_arrivals": "as-full"}
 LEVER_GRID = (
     Variant(PLUS, "nufilt", {"profile": "plus"}, "lever",
             "profile plus: all-linear, other tensors averaged, trust radius 0.03 per matrix, r_p = 32"),
     Variant(PLUS_ISO, "nufilt", {"profile": "plus-iso"}, "lever",
-            "profile plus-iso (the default): plus with a flat spectrum on the matrices its rescaling shrank"),
+            "profile plus-iso (the default): plus with a flat spectrum on the matrices its rescaling shrank, "
+            "adapter arrivals filtered two-sided at the mean-norm target"),
     Variant("nufilt_radius03", "nufilt", {**PAPER, "trust_radius": 0.03}, "lever",
             "rescale per matrix, never below a trust radius 0.03‖W0‖"),
     Variant("nufilt_radius05", "nufilt", {**PAPER, "trust_radius": 0.05}, "lever",
@@ -69,23 +73,25 @@ LEVER_GRID = (
             "all-linear, other tensors averaged, r_p = 32 (plus without its trust radius)"),
     *(Variant(f"nufilt_plus_r{round(r * 100):02d}", "nufilt", {"profile": "plus", "trust_radius": r}, "lever",
               f"plus with trust radius {r:g} per matrix") for r in (0.01, 0.02)),
-    Variant("nufilt_plus_iso_null_only", "nufilt", {"profile": "plus-iso", "lora_rank": 0}, "lever",
+    Variant("nufilt_plus_iso_as_full", "nufilt", PLUS_ISO_AS_FULL, "lever",
+            "plus-iso merging adapter arrivals as full fine-tunes (plus-iso before its adapter rule)"),
+    Variant("nufilt_plus_iso_null_only", "nufilt", {**PLUS_ISO_AS_FULL, "lora_rank": 0}, "lever",
             "profile plus-iso without the adapter (r_l = 0): the filtered τ_t alone, then rescaled and flattened"),
-    Variant("nufilt_plus_iso_smooth05", "nufilt", {"profile": "plus-iso", "smooth_tau": 0.5}, "lever",
+    Variant("nufilt_plus_iso_smooth05", "nufilt", {**PLUS_ISO_AS_FULL, "smooth_tau": 0.5}, "lever",
             "plus-iso with τ_t's spectrum smoothed (σ^0.5, norm kept) before the filter"),
-    Variant("nufilt_plus_iso_svc", "nufilt", {"profile": "plus-iso", "calibrate_overlap": True}, "lever",
+    Variant("nufilt_plus_iso_svc", "nufilt", {**PLUS_ISO_AS_FULL, "calibrate_overlap": True}, "lever",
             "plus-iso with each step's over-accumulated singular values calibrated"),
-    Variant("nufilt_plus_iso_r00", "nufilt", {"profile": "plus-iso", "trust_radius": 0.0}, "lever",
+    Variant("nufilt_plus_iso_r00", "nufilt", {**PLUS_ISO_AS_FULL, "trust_radius": 0.0}, "lever",
             "plus-iso rescaled to OPCM's target, the mean norm of the task vectors (trust radius 0)"),
-    Variant("nufilt_plus_iso_two_sided", "nufilt", {"profile": "plus-iso", "lora_rank": 0, "two_sided_filter": True},
+    Variant("nufilt_plus_iso_two_sided", "nufilt", {**PLUS_ISO_AS_FULL, "lora_rank": 0, "two_sided_filter": True},
             "lever", "plus-iso without the adapter, filtering only τ_t's part on the earlier singular pairs"),
     Variant("nufilt_plus_iso_two_sided_r00", "nufilt",
-            {"profile": "plus-iso", "lora_rank": 0, "two_sided_filter": True, "trust_radius": 0.0}, "lever",
+            {**PLUS_ISO_AS_FULL, "lora_rank": 0, "two_sided_filter": True, "trust_radius": 0.0}, "lever",
             "the two-sided filter at OPCM's rescale target (trust radius 0)"),
     Variant("nufilt_plus_two_sided_r00", "nufilt",
             {"profile": "plus", "lora_rank": 0, "two_sided_filter": True, "trust_radius": 0.0}, "lever",
             "the two-sided filter at OPCM's rescale target, without the flat spectrum (profile plus)"),
-    Variant("nufilt_plus_iso_layers", "nufilt", {"profile": "plus-iso", "layer_scale": (0.8, 1.0, 1.2)}, "lever",
+    Variant("nufilt_plus_iso_layers", "nufilt", {**PLUS_ISO_AS_FULL, "layer_scale": (0.8, 1.0, 1.2)}, "lever",
             "plus-iso with τ_t scaled per layer: 0.8 in the first third of the blocks, 1.2 in the last"),
 )
 FULL_RUN_LEVERS = (PLUS, PLUS_ISO, "nufilt_all_linear_avg_rp32", "nufilt_all_linear_avg", "nufilt_rp32",

@@ -37,6 +37,8 @@ def resolve_settings(method_cls: type[MergeMethod[Any]], inherited: dict[str, An
     the old profile's, and would otherwise override the new profile's."""
     if "profile" in options and inherited.get("profile") != options["profile"]:
         inherited = {}
+    if inherited:  # a lineage record: what it lacks, it was merged without
+        inherited = {**method_cls.Settings.added_since_records, **inherited}
     try:
         return method_cls.Settings(**{**inherited, **options})
     except ValidationError as e:

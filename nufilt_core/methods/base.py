@@ -47,6 +47,9 @@ class MethodSettings(BaseModel):
     """Base for method hyper-parameters: unknown keys and wrong types are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # settings added after lineage records were first written, with the value a record that lacks them was
+    # merged with (a profile may now default them otherwise: an upgrade never changes a running lineage)
+    added_since_records: ClassVar[dict[str, Any]] = {}
 
 
 @dataclass

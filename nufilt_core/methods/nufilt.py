@@ -26,7 +26,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import fmean
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, PositiveFloat, field_validator, model_validator
@@ -84,9 +84,16 @@ class NufiltSettings(MethodSettings):
     two_sided_filter: bool = Field(False, description="lever under study: remove only τ_t's part on the earlier "
                                    "tasks' singular pairs, U_p U_pᵀ τ_t V̂p V̂pᵀ (as OPCM's projection), not every "
                                    "row's part along V̂p; needs lora_rank 0")
+    adapter_arrivals: Literal["as-full", "two-sided"] = Field(
+        "as-full", description="how a matrix that arrives as a PEFT LoRA adapter's factors is merged: as a full "
+        "fine-tune's, or two-sided: only its part on the earlier tasks' singular pairs removed, no data-free "
+        "adapter, rescaled to the task vectors' mean norm (trust radius 0), no flat spectrum (plus-iso's; needs "
+        "trust_radius)")
     layer_scale: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = Field(
         None, description="lever under study: τ_t of the filtered matrices in the first, middle and last third of "
         "the blocks multiplied by these factors before the merge (layer_scale.py); None: as it is")
+
+    added_since_records: ClassVar[dict[str, Any]] = {"adapter_arrivals": "as-full"}
 
     @field_validator("include")
     @classmethod
@@ -122,7 +129,17 @@ class NufiltSettings(MethodSettings):
         # the flat spectrum applies where the rescaling shrank a matrix: without rescaling it never would
         if self.flat_spectrum and self.trust_radius is None:
             raise ValueError("flat_spectrum needs trust_radius (it flattens the matrices the rescaling shrank)")
+        # a lineage rescales from its first step or never (trust_radius.py): adapter arrivals cannot start it
+        if self.adapter_arrivals == "two-sided" and self.trust_radius is None:
+            raise ValueError("adapter_arrivals = 'two-sided' needs trust_radius (it rescales adapter arrivals)")
         return self
+
+    def for_adapter_arrivals(self) -> NufiltSettings:
+        """The settings a matrix that arrives as a LoRA adapter's factors is merged with."""
+        if self.adapter_arrivals == "as-full":
+            return self
+        return self.model_copy(update={"lora_rank": 0, "two_sided_filter": True, "trust_radius": 0.0,
+                                       "flat_spectrum": False})
 
 
 @dataclass
@@ -319,6 +336,7 @@ class Nufilt(MergeMethod[NufiltSettings]):
         self.rescaling = (TrustRadius(settings.trust_radius, ctx.step, ctx.previous_state)
                           if settings.trust_radius is not None else None)
         self.layer_scales = layer_scales(ctx.names, settings.layer_scale) if settings.layer_scale else {}
+        self.adapter_rule = settings.for_adapter_arrivals()
 
     def is_filtered(self, name: str, shape: tuple[int, ...]) -> bool:
         return self.selection.is_filtered(name, shape)
@@ -327,11 +345,11 @@ class Nufilt(MergeMethod[NufiltSettings]):
         return self.is_filtered(name, shape)  # the rest follows the policy: element-wise
 
     def _update(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
-                factors: LowRank | None) -> MatrixResult:
-        a_init = adapter_init(self.settings.lora_rank, base.shape[1], self.ctx.seed, name, self.ctx.step)
+                factors: LowRank | None, rule: NufiltSettings) -> MatrixResult:
+        a_init = adapter_init(rule.lora_rank, base.shape[1], self.ctx.seed, name, self.ctx.step)
         if a_init is not None:
             a_init = a_init.to(device=base.device, dtype=base.dtype)
-        result = nufilt_matrix(previous - base, new - base, a_init, self.settings, factors)
+        result = nufilt_matrix(previous - base, new - base, a_init, rule, factors)
         self.results[name] = (result.loss_before, result.loss_after, result.v_prev.shape[1])
         self._subspaces[name] = (result.v_prev, result.v_new)
         return result
@@ -347,19 +365,20 @@ class Nufilt(MergeMethod[NufiltSettings]):
                factors: LowRank | None) -> torch.Tensor:
         if not self.is_filtered(name, tuple(base.shape)):
             return self._policy(base, previous, new)
+        rule = self.settings if factors is None else self.adapter_rule
         scale = self.layer_scales.get(name, 1.0)
         if scale != 1.0:
             new, factors = base + scale * (new - base), (scale * factors[0], factors[1]) if factors else None
-        if self.settings.smooth_tau is not None:
-            new, factors = base + flatten_spectrum(new - base, self._floor(name, base), self.settings.smooth_tau), None
-        update = self._update(name, base, previous, new, factors).update
-        if self.settings.calibrate_overlap:
+        if rule.smooth_tau is not None:
+            new, factors = base + flatten_spectrum(new - base, self._floor(name, base), rule.smooth_tau), None
+        update = self._update(name, base, previous, new, factors, rule).update
+        if rule.calibrate_overlap:
             lam_prev = self.rescaling.previous_lambda(name) if self.rescaling is not None else 1.0
             update = calibrate_overlap(lam_prev * (previous - base), update, self._floor(name, base))
-        if self.rescaling is None:
+        if self.rescaling is None or rule.trust_radius is None:
             return previous + update  # the paper: fused at full size
-        merged = self.rescaling.apply(name, base, previous, new, update)
-        if not self.settings.flat_spectrum or self.ctx.step == 1 or not self.rescaling.shrank(name):
+        merged = self.rescaling.apply(name, base, previous, new, update, rule.trust_radius)
+        if not rule.flat_spectrum or self.ctx.step == 1 or not self.rescaling.shrank(name):
             return merged  # nothing was shrunk: the merged task vector keeps every task at full size
         return base + flatten_spectrum(merged - base, self._floor(name, base))
 

@@ -41,8 +41,9 @@ class TrustRadius:
         return {k: (float(v["lambda"]), [float(n) for n in v["norms"]]) for k, v in scales.items()}
 
     def apply(self, name: str, base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor,
-              update: torch.Tensor) -> torch.Tensor:
-        """W^m_t of one filtered matrix from this step's fused update; records λ_t and ‖τ_t‖."""
+              update: torch.Tensor, radius: float | None = None) -> torch.Tensor:
+        """W^m_t of one filtered matrix from this step's fused update; records λ_t and ‖τ_t‖. `radius`: κ for
+        this matrix at this step, if not the lineage's (an adapter arrival's rule)."""
         if self.previous and name not in self.previous:
             raise LineageError(f"{name}: the previous lineage record holds no rescale state for this matrix (it "
                                f"was not filtered at the earlier steps); start a new lineage (step 1)")
@@ -52,7 +53,8 @@ class TrustRadius:
         self.norms[name] = [*norms, new_norm]
         lam = 1.0
         if self.step > 1:  # step 1: λ_1 = 1, only ‖τ_1‖ is recorded
-            target = max(fmean(self.norms[name]), self.radius * math.sqrt(float(base.double().square().sum())))
+            kappa = self.radius if radius is None else radius
+            target = max(fmean(self.norms[name]), kappa * math.sqrt(float(base.double().square().sum())))
             merged = math.sqrt(float(u.double().square().sum()))
             lam = max(1.0, merged / target) if target > 0 else 1.0
         self.lambdas[name] = lam

@@ -22,10 +22,15 @@ from make_models import CACHE, ensure_models
 from measure import add_run_args, run_child, side_by_side
 from nufilt_step import engine_args
 
+from nufilt_core.lineage import LineageRecord
+from nufilt_core.methods.nufilt import NufiltSettings
+
 
 def first_step(models: dict[str, Path], work: Path, profile: str, threads: int) -> Path:
     """Step 1 of a lineage with NUFILT profile `profile` (fine-tune 1 into the base), made once under `work`."""
     first = work / f"merged-1-profile-{profile}"
+    if first.exists() and LineageRecord.read(first).settings != NufiltSettings(profile=profile).model_dump(mode="json"):
+        shutil.rmtree(first)  # made by a version whose profile differed: its lineage would go on with those settings
     if not first.exists():
         print(f"step 1 of the {profile} lineage (once): {first}", file=sys.stderr)
         run_child(engine_args(models["base"], models["ft-1"], first, None, "cpu", [f"profile={profile}"]), threads)

@@ -103,8 +103,10 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--profile", choices=list(PROFILES),
                    help=f"named settings: {DEFAULT_PROFILE} (default), the paper's method with every Linear weight "
                    "filtered, the rest averaged, r_p 32, each merged task vector rescaled with a trust radius of "
-                   "0.03 and flattened where shrunk (--set trust_radius=0.05, --set flat_spectrum=false); plus, "
-                   "without the flattening; paper, the paper's NUFILT. Explicit settings override it")
+                   "0.03 and flattened where shrunk (--set trust_radius=0.05, --set flat_spectrum=false), and "
+                   "LoRA adapter arrivals filtered two-sided at the mean-norm target (--set "
+                   "adapter_arrivals=as-full: as full fine-tunes); plus, without the flattening and the adapter "
+                   "rule; paper, the paper's NUFILT. Explicit settings override it")
     n.add_argument("--null-rank", type=int, dest="null_rank",
                    help="r_p, earlier-task directions filtered (paper 128, plus 32)")
     n.add_argument("--lora-rank", type=int, dest="lora_rank", help="r_l, adapter rank; 0 = filter only (64)")

@@ -390,26 +390,6 @@ def _orthonormal(n: int, k: int, seed: int) -> list[torch.Tensor]:
     return [q[:, i] for i in range(k)]
 
 
-@pytest.mark.parametrize("shape", [(24, 16), (16, 24)])
-def test_overlap_calibration_removes_what_pushing_together_added(shape):
-    """Along an output direction both push the same way the singular value becomes the orthogonal sum's; where they
-    are orthogonal or conflict, nothing changes."""
-    from nufilt_core.methods.overlap_calibration import calibrate_overlap
-    d_out, d_in = shape
-    u1, u2, u3 = _orthonormal(d_out, 3, 1)
-    v1, v2, v3 = _orthonormal(d_in, 3, 2)
-    aligned = torch.outer(u1, v1)  # both push u1 along v1: σ = 3 + 4 = 7 → √(9 + 16) = 5
-    earlier = 3 * aligned + 2 * torch.outer(u2, v2)
-    update = 4 * aligned + 2 * torch.outer(u3, v3)  # u2 and u3: one part each, orthogonal
-    merged = earlier + calibrate_overlap(earlier, update)
-    sigma = torch.linalg.svdvals(merged)
-    assert torch.allclose(sigma[:3], torch.tensor([5.0, 2.0, 2.0], dtype=torch.float64), atol=1e-9)
-    assert torch.allclose(merged @ v1, 5 * u1, atol=1e-9)  # the direction itself is kept
-    conflict = calibrate_overlap(3 * aligned, -1 * aligned)  # pulling against each other: left as it is
-    assert torch.allclose(conflict, -1 * aligned, atol=1e-12)
-    assert torch.equal(calibrate_overlap(torch.zeros(shape, dtype=torch.float64), update), update)  # step 1
-
-
 def test_a_smoothed_spectrum_lies_between_the_flat_and_the_original_one():
     from nufilt_core.methods.flat_spectrum import flatten_spectrum
     delta = torch.diag(torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
@@ -420,18 +400,21 @@ def test_a_smoothed_spectrum_lies_between_the_flat_and_the_original_one():
 
 
 def test_the_levers_under_study_run_through_the_engine(tiny, tmp_path):
-    """smooth_tau and calibrate_overlap change a plus-iso lineage's second step, and only the filtered matrices."""
+    """smooth_tau changes a plus-iso lineage's second step, and only the filtered matrices; calibrate_overlap,
+    retired, is refused when it mattered."""
     got = {}
-    for name, extra in (("plain", {}), ("smooth", {"smooth_tau": 0.5}), ("calibrated", {"calibrate_overlap": True})):
+    for name, extra in (("plain", {}), ("smooth", {"smooth_tau": 0.5})):
         first = tmp_path / f"{name}1"
         merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t1"], output=first,
                                 options={"iters": 2, **extra}))
         merge_step(MergeRequest(base=tiny["base"], checkpoint=tiny["t2"], output=tmp_path / f"{name}2",
                                 previous=first))
         got[name] = load(tmp_path / f"{name}2")
-    for name in ("smooth", "calibrated"):
-        changed = [k for k in got["plain"] if not torch.equal(got["plain"][k], got[name][k])]
-        assert changed and all(k.endswith("weight") and got["plain"][k].dim() == 2 for k in changed), name
+    changed = [k for k in got["plain"] if not torch.equal(got["plain"][k], got["smooth"][k])]
+    assert changed and all(k.endswith("weight") and got["plain"][k].dim() == 2 for k in changed)
+    assert "calibrate_overlap" not in NufiltSettings(calibrate_overlap=False).model_dump()
+    with pytest.raises(ValueError, match="no longer has calibrate_overlap = True"):
+        NufiltSettings(calibrate_overlap=True)
 
 
 def test_the_two_sided_filter_removes_only_the_earlier_singular_pairs():

@@ -79,8 +79,6 @@ LEVER_GRID = (
             "profile plus-iso without the adapter (r_l = 0): the filtered τ_t alone, then rescaled and flattened"),
     Variant("nufilt_plus_iso_smooth05", "nufilt", {**PLUS_ISO_AS_FULL, "smooth_tau": 0.5}, "lever",
             "plus-iso with τ_t's spectrum smoothed (σ^0.5, norm kept) before the filter"),
-    Variant("nufilt_plus_iso_svc", "nufilt", {**PLUS_ISO_AS_FULL, "calibrate_overlap": True}, "lever",
-            "plus-iso with each step's over-accumulated singular values calibrated"),
     Variant("nufilt_plus_iso_r00", "nufilt", {**PLUS_ISO_AS_FULL, "trust_radius": 0.0}, "lever",
             "plus-iso rescaled to OPCM's target, the mean norm of the task vectors (trust radius 0)"),
     Variant("nufilt_plus_iso_two_sided", "nufilt", {**PLUS_ISO_AS_FULL, "lora_rank": 0, "two_sided_filter": True},

@@ -44,7 +44,6 @@ from . import retired_settings
 from .base import LowRank, MergeMethod, MethodSettings, ScoredRule, Source, StepContext, UntouchedRule, every_tensor
 from .flat_spectrum import flatten_spectrum, rounding_floor
 from .layer_scale import layer_scales
-from .overlap_calibration import calibrate_overlap
 from .profiles import DEFAULT_PROFILE, PROFILES, Profile
 from .trust_radius import TrustRadius
 
@@ -78,9 +77,6 @@ class NufiltSettings(MethodSettings):
                                 "rescaling shrank, their norm kept (flat_spectrum.py; needs trust_radius)")
     smooth_tau: float | None = Field(None, ge=0, le=1, description="lever under study: τ_t = UΣVᵀ smoothed to "
                                      "c·UΣ^p Vᵀ, its norm kept, before the filter (flat_spectrum.py); None: as it is")
-    calibrate_overlap: bool = Field(False, description="lever under study: remove what the earlier tasks and this "
-                                    "step's update add to a singular value by pushing together "
-                                    "(overlap_calibration.py)")
     two_sided_filter: bool = Field(False, description="lever under study: remove only τ_t's part on the earlier "
                                    "tasks' singular pairs, U_p U_pᵀ τ_t V̂p V̂pᵀ (as OPCM's projection), not every "
                                    "row's part along V̂p; needs lora_rank 0")
@@ -372,9 +368,6 @@ class Nufilt(MergeMethod[NufiltSettings]):
         if rule.smooth_tau is not None:
             new, factors = base + flatten_spectrum(new - base, self._floor(name, base), rule.smooth_tau), None
         update = self._update(name, base, previous, new, factors, rule).update
-        if rule.calibrate_overlap:
-            lam_prev = self.rescaling.previous_lambda(name) if self.rescaling is not None else 1.0
-            update = calibrate_overlap(lam_prev * (previous - base), update, self._floor(name, base))
         if self.rescaling is None or rule.trust_radius is None:
             return previous + update  # the paper: fused at full size
         merged = self.rescaling.apply(name, base, previous, new, update, rule.trust_radius)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 # removed setting → the value at which it changed nothing
-INERT = {"rescale_growth": 0.0, "adapter_span": False, "null_energy": None, "task_energy": None}
+INERT = {"rescale_growth": 0.0, "adapter_span": False, "null_energy": None, "task_energy": None,
+         "calibrate_overlap": False}
 _ABSENT = object()
 
 

@@ -236,3 +236,24 @@ def test_a_long_stream_s_order_and_metrics_follow_their_definitions() -> None:
     refs = {"individual": {"per_task": {"a": 90.0, "b": 80.0, "c": 70.0}}}
     curve = individual_curve([{"order": ["a", "b", "c", "b@2", "a@2", "c@2"], "curve": True}], refs)
     assert curve == pytest.approx([90, 85, 80, 80, 80, 80])  # a retrained task is not a new one
+
+
+def test_the_runs_table_recomputes_the_report_from_the_committed_results_alone(small_run, tmp_path: Path) -> None:
+    """Without any fine-tune on disk, the table's ACC and BWT are the report's, and --orders keeps only those."""
+    tmp, _ = small_run
+    report = json.loads((tmp / "results" / "small.json").read_text())
+    runs = next((tmp / "results" / "runs").iterdir())
+    proc = subprocess.run([sys.executable, "-m", "bench.quality.runs_table", str(runs)], cwd=ROOT, env=BENCH_ENV,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| nufilt |"))
+    acc, bwt = row.split(" | ")[2:4]
+    assert float(acc.split(" ± ")[0]) == pytest.approx(report["methods"]["nufilt"]["acc_mean"], abs=0.005)
+    assert float(bwt) == pytest.approx(report["methods"]["nufilt"]["bwt_mean"], abs=0.005)
+
+    from bench.quality.runs_table import rows
+    only_first = next(r for r in rows(runs, {0}) if r["variant"] == "nufilt")
+    assert only_first["orders"] == [0] and len(only_first["per_order"]) == 1
+    empty = subprocess.run([sys.executable, "-m", "bench.quality.runs_table", str(runs), "--orders", "99"], cwd=ROOT,
+                           env=BENCH_ENV, capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 1 and "no order-*.json" in empty.stderr

@@ -24,11 +24,6 @@ def rounding_floor(base: torch.Tensor, eps: float) -> float:
     return eps * float(base.double().norm()) / math.sqrt(m * n) * (math.sqrt(m) + math.sqrt(n))
 
 
-def significant(sigma: torch.Tensor, floor: float) -> torch.Tensor:
-    """Which singular values count: above `floor` (the rounding noise) and 1e-7 σ_1."""
-    return sigma > max(float(sigma.max()) * 1e-7, floor) if sigma.numel() else sigma.bool()
-
-
 def flatten_spectrum(delta: torch.Tensor, floor: float = 0.0, power: float = 0.0) -> torch.Tensor:
     """delta = U Σ Vᵀ → c · U Σ^power Vᵀ over its singular values above `floor` (and 1e-7 σ_1), c keeping ‖delta‖_F:
     power 0 flattens the spectrum, between 0 and 1 smooths it (the directions below the floor are dropped).
@@ -46,7 +41,7 @@ def flatten_spectrum(delta: torch.Tensor, floor: float = 0.0, power: float = 0.0
     else:
         evals, v = torch.linalg.eigh(gram64(x))  # x is already fp64 with the short side last
         sigma = evals.clamp_min(0).sqrt()
-    keep = significant(sigma, floor)
+    keep = sigma > max(float(sigma.max()) * 1e-7, floor) if sigma.numel() else sigma.bool()
     if not bool(keep.any()):
         return delta
     shaped = sigma[keep] ** power

@@ -29,8 +29,12 @@ def store_bytes(store: Path) -> list[bytes]:
     for root, _, files in os.walk(store):
         for f in files:
             p = Path(root) / f
-            if not p.is_symlink():
+            if p.is_symlink():
+                continue
+            try:
                 out.append(p.read_bytes())
+            except FileNotFoundError:  # the running daemon's own short-lived files (its write check)
+                continue
     return out
 
 

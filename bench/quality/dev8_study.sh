@@ -9,12 +9,12 @@ cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 TASKS=rotten,debates,fortunes_b,wn_verb,bbc,fortunes_c,roget,moral  # config.DEV_TASKS + config.PROXY_TASKS
 # the paper's NUFILT, profiles plus and plus-iso, the trust radius alone (0.03, 0.05), OPCM, and on top of
-# plus-iso as it merges full fine-tunes: without the adapter, τ_t smoothed, τ_t scaled per layer, rescaled to
-# OPCM's target, a two-sided filter, and both; the two-sided filter at OPCM's target without the flat spectrum
+# plus-iso as it merges full fine-tunes: without the adapter, rescaled to OPCM's target, a two-sided filter,
+# and both; the two-sided filter at OPCM's target without the flat spectrum
 # (plus-iso's adapter rule); with adapters, plus-iso merging them as full fine-tunes beside it (the levers that
 # lost here were removed: bench/quality/README.md)
 VARIANTS=nufilt,nufilt_plus,nufilt_plus_iso,nufilt_radius03,nufilt_radius05,opcm,nufilt_plus_iso_null_only
-VARIANTS=$VARIANTS,nufilt_plus_iso_smooth05,nufilt_plus_iso_layers,nufilt_plus_iso_r00,nufilt_plus_iso_two_sided
+VARIANTS=$VARIANTS,nufilt_plus_iso_r00,nufilt_plus_iso_two_sided
 VARIANTS=$VARIANTS,nufilt_plus_iso_two_sided_r00,nufilt_plus_two_sided_r00
 presets=("$@")
 [ ${#presets[@]} -gt 0 ] || presets=(paper-protocol paper-protocol-gentle)

@@ -77,8 +77,6 @@ LEVER_GRID = (
             "plus-iso merging adapter arrivals as full fine-tunes (plus-iso before its adapter rule)"),
     Variant("nufilt_plus_iso_null_only", "nufilt", {**PLUS_ISO_AS_FULL, "lora_rank": 0}, "lever",
             "profile plus-iso without the adapter (r_l = 0): the filtered τ_t alone, then rescaled and flattened"),
-    Variant("nufilt_plus_iso_smooth05", "nufilt", {**PLUS_ISO_AS_FULL, "smooth_tau": 0.5}, "lever",
-            "plus-iso with τ_t's spectrum smoothed (σ^0.5, norm kept) before the filter"),
     Variant("nufilt_plus_iso_r00", "nufilt", {**PLUS_ISO_AS_FULL, "trust_radius": 0.0}, "lever",
             "plus-iso rescaled to OPCM's target, the mean norm of the task vectors (trust radius 0)"),
     Variant("nufilt_plus_iso_two_sided", "nufilt", {**PLUS_ISO_AS_FULL, "lora_rank": 0, "two_sided_filter": True},
@@ -89,8 +87,6 @@ LEVER_GRID = (
     Variant("nufilt_plus_two_sided_r00", "nufilt",
             {"profile": "plus", "lora_rank": 0, "two_sided_filter": True, "trust_radius": 0.0}, "lever",
             "the two-sided filter at OPCM's rescale target, without the flat spectrum (profile plus)"),
-    Variant("nufilt_plus_iso_layers", "nufilt", {**PLUS_ISO_AS_FULL, "layer_scale": (0.8, 1.0, 1.2)}, "lever",
-            "plus-iso with τ_t scaled per layer: 0.8 in the first third of the blocks, 1.2 in the last"),
 )
 FULL_RUN_LEVERS = (PLUS, PLUS_ISO, "nufilt_all_linear_avg_rp32", "nufilt_all_linear_avg", "nufilt_rp32",
                    "nufilt_radius03")

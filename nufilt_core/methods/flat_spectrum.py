@@ -24,9 +24,9 @@ def rounding_floor(base: torch.Tensor, eps: float) -> float:
     return eps * float(base.double().norm()) / math.sqrt(m * n) * (math.sqrt(m) + math.sqrt(n))
 
 
-def flatten_spectrum(delta: torch.Tensor, floor: float = 0.0, power: float = 0.0) -> torch.Tensor:
-    """delta = U Σ Vᵀ → c · U Σ^power Vᵀ over its singular values above `floor` (and 1e-7 σ_1), c keeping ‖delta‖_F:
-    power 0 flattens the spectrum, between 0 and 1 smooths it (the directions below the floor are dropped).
+def flatten_spectrum(delta: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """delta = U Σ Vᵀ → c · U Vᵀ over its singular values above `floor` (and 1e-7 σ_1), c keeping ‖delta‖_F
+    (the directions below the floor are dropped).
 
     fp32 and narrower go through the eigendecomposition of the fp64 Gram matrix of the smaller side, as
     top_right_singular_vectors does (1.5-3.9× cheaper than an fp64 SVD, bench/speed/flatten.py; fp32's
@@ -44,8 +44,7 @@ def flatten_spectrum(delta: torch.Tensor, floor: float = 0.0, power: float = 0.0
     keep = sigma > max(float(sigma.max()) * 1e-7, floor) if sigma.numel() else sigma.bool()
     if not bool(keep.any()):
         return delta
-    shaped = sigma[keep] ** power
-    shaped = shaped * (x.norm() / shaped.norm())
+    level = x.norm() / math.sqrt(int(keep.sum()))  # every kept direction at one level, ‖delta‖_F kept
     vk = v[:, keep]
-    out = ((x @ vk) * (shaped / sigma[keep])) @ vk.T
+    out = ((x @ vk) * (level / sigma[keep])) @ vk.T
     return (out.T if wide else out).to(delta.dtype)

@@ -29,7 +29,7 @@ from statistics import fmean
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, PositiveFloat, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..interrupts import check_for_stop
 from ..linalg import (
@@ -43,7 +43,6 @@ from ..selection import Selection
 from . import retired_settings
 from .base import LowRank, MergeMethod, MethodSettings, ScoredRule, Source, StepContext, UntouchedRule, every_tensor
 from .flat_spectrum import flatten_spectrum, rounding_floor
-from .layer_scale import layer_scales
 from .profiles import DEFAULT_PROFILE, PROFILES, Profile
 from .trust_radius import TrustRadius
 
@@ -75,19 +74,15 @@ class NufiltSettings(MethodSettings):
                                        "fused at full size, as the paper does")
     flat_spectrum: bool = Field(False, description="flatten the spectrum of the merged task vectors the "
                                 "rescaling shrank, their norm kept (flat_spectrum.py; needs trust_radius)")
-    smooth_tau: float | None = Field(None, ge=0, le=1, description="lever under study: τ_t = UΣVᵀ smoothed to "
-                                     "c·UΣ^p Vᵀ, its norm kept, before the filter (flat_spectrum.py); None: as it is")
-    two_sided_filter: bool = Field(False, description="lever under study: remove only τ_t's part on the earlier "
-                                   "tasks' singular pairs, U_p U_pᵀ τ_t V̂p V̂pᵀ (as OPCM's projection), not every "
-                                   "row's part along V̂p; needs lora_rank 0")
+    two_sided_filter: bool = Field(False, description="remove only τ_t's part on the earlier tasks' singular "
+                                   "pairs, U_p U_pᵀ τ_t V̂p V̂pᵀ (as OPCM's projection), not every row's part along "
+                                   "V̂p; needs lora_rank 0 (plus-iso's rule for adapter arrivals; on dense arrivals "
+                                   "it lost on the dev split)")
     adapter_arrivals: Literal["as-full", "two-sided"] = Field(
         "as-full", description="how a matrix that arrives as a PEFT LoRA adapter's factors is merged: as a full "
         "fine-tune's, or two-sided: only its part on the earlier tasks' singular pairs removed, no data-free "
         "adapter, rescaled to the task vectors' mean norm (trust radius 0), no flat spectrum (plus-iso's; needs "
         "trust_radius)")
-    layer_scale: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = Field(
-        None, description="lever under study: τ_t of the filtered matrices in the first, middle and last third of "
-        "the blocks multiplied by these factors before the merge (layer_scale.py); None: as it is")
 
     added_since_records: ClassVar[dict[str, Any]] = {"adapter_arrivals": "as-full"}
 
@@ -331,7 +326,6 @@ class Nufilt(MergeMethod[NufiltSettings]):
         self._subspaces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # V̂p, V̂t until `subspaces` takes them
         self.rescaling = (TrustRadius(settings.trust_radius, ctx.step, ctx.previous_state)
                           if settings.trust_radius is not None else None)
-        self.layer_scales = layer_scales(ctx.names, settings.layer_scale) if settings.layer_scale else {}
         self.adapter_rule = settings.for_adapter_arrivals()
 
     def is_filtered(self, name: str, shape: tuple[int, ...]) -> bool:
@@ -362,11 +356,6 @@ class Nufilt(MergeMethod[NufiltSettings]):
         if not self.is_filtered(name, tuple(base.shape)):
             return self._policy(base, previous, new)
         rule = self.settings if factors is None else self.adapter_rule
-        scale = self.layer_scales.get(name, 1.0)
-        if scale != 1.0:
-            new, factors = base + scale * (new - base), (scale * factors[0], factors[1]) if factors else None
-        if rule.smooth_tau is not None:
-            new, factors = base + flatten_spectrum(new - base, self._floor(name, base), rule.smooth_tau), None
         update = self._update(name, base, previous, new, factors, rule).update
         if self.rescaling is None or rule.trust_radius is None:
             return previous + update  # the paper: fused at full size

@@ -13,7 +13,7 @@ from typing import Any
 
 # removed setting → the value at which it changed nothing
 INERT = {"rescale_growth": 0.0, "adapter_span": False, "null_energy": None, "task_energy": None,
-         "calibrate_overlap": False}
+         "calibrate_overlap": False, "smooth_tau": None, "layer_scale": None}
 _ABSENT = object()
 
 

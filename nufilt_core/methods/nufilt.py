@@ -77,7 +77,7 @@ class NufiltSettings(MethodSettings):
     two_sided_filter: bool = Field(False, description="remove only τ_t's part on the earlier tasks' singular "
                                    "pairs, U_p U_pᵀ τ_t V̂p V̂pᵀ (as OPCM's projection), not every row's part along "
                                    "V̂p; needs lora_rank 0 (plus-iso's rule for adapter arrivals; on dense arrivals "
-                                   "it lost on the dev split)")
+                                   "it did not lead on the dev split)")
     adapter_arrivals: Literal["as-full", "two-sided"] = Field(
         "as-full", description="how a matrix that arrives as a PEFT LoRA adapter's factors is merged: as a full "
         "fine-tune's, or two-sided: only its part on the earlier tasks' singular pairs removed, no data-free "
